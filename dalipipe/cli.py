@@ -1,0 +1,68 @@
+"""The ``dalipipe`` command: one sub-command per stage or tool.
+
+    dalipipe --help
+    dalipipe extract SOURCE --out DIR
+
+Each sub-command lives in its own module, which exposes ``main(argv: list[str]) -> int``;
+modules are imported only when their command runs, so a missing optional dependency of one
+stage never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "acquire-synthetic": ("dalipipe.data.synthetic", "generate the synthetic audiovisual world (MP4 clips)"),
+    "acquire-local": ("dalipipe.data.local", "list a folder or CSV of local media files as clips"),
+    "acquire-audioset": ("dalipipe.data.download", "download AudioSet segments with yt-dlp (one part)"),
+    "gather-manifests": ("dalipipe.data.gather", "merge per-part manifests and count statuses"),
+    "audioset-select": ("dalipipe.data.audioset", "select AudioSet segments by split, class and count"),
+    "extract": ("dalipipe.data.extract", "frames, 16 kHz WAV and filterbank for each clip"),
+    "features": ("dalipipe.data.fbank", "raw or normalised Kaldi filterbank of one media file"),
+    "filter": ("dalipipe.data.filter", "caption frames and score clips against their labels (one part)"),
+    "filter-merge": ("dalipipe.data.filter_merge", "merge filter parts and keep the best-matching clips"),
+    "shard": ("dalipipe.data.shard", "write webdataset shards of extracted clips"),
+    "make-tiny": ("dalipipe.models.tiny", "write tiny LLaVA, BLIP-2, GPT-2 and CAV-MAE checkpoints"),
+    "bootstrap": ("dalipipe.models.bootstrap", "train the miniature LLaVA-class captioner on frames"),
+    "prefix": ("dalipipe.caption.prefix", "learn the prefix tokens on (frame, audio caption) pairs"),
+    "align": ("dalipipe.align.train", "train an audio encoder to match the image-token distribution"),
+    "pseudolabel": ("dalipipe.caption.pseudolabel", "caption the pseudo-label pool from audio+image"),
+    "distill": ("dalipipe.caption.distill", "fine-tune the audio projector on the pseudo-labels"),
+    "caption": ("dalipipe.caption.describe", "describe the sound of audio or video files"),
+    "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),
+    "score": ("dalipipe.evaluate.metrics", "caption metrics for predictions against references"),
+    "fetch-metric-assets": ("dalipipe.evaluate.assets", "download the Stanford CoreNLP jars SPICE needs"),
+    "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: dalipipe COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from dalipipe import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dalipipe: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Small helpers every stage shares: atomic outputs, logging, seeds, devices, JSON lines.
+
+A stage writes to a temporary sibling and renames it when complete, so an interrupted job
+never leaves an output that looks finished (DESIGN.md, "Stages and their artifacts").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("dalipipe")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr; Snakemake rules redirect stderr to the rule's log file."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() and not final.is_symlink() else final.unlink()
+    os.replace(tmp, final)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a deterministic run."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto"):
+    """``auto`` picks CUDA when present; nothing else in the code assumes a GPU or a CPU."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def parse_params(text: str | None) -> dict:
+    """Stage parameters arrive from the workflow as one JSON object (a config section)."""
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    params = json.loads(text)
+    if not isinstance(params, dict):
+        raise ValueError(f"--params must be a JSON object, got {type(params).__name__}")
+    return params
