@@ -2,10 +2,12 @@
 import json
 import os
 
-from snakemake.utils import validate
+from dalipipe.config import ConfigError, validate_config
 
-
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+try:
+    validate_config(config)
+except ConfigError as error:
+    raise WorkflowError(str(error)) from None
 
 RUN = f"results/{config['run']}"
 

@@ -1,0 +1,7 @@
+"""Repository-wide pytest set-up: no test may reach a model hub (offline machines, CI)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

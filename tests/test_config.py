@@ -1,0 +1,78 @@
+"""The workflow refuses an invalid config before any job starts, naming the offending key.
+
+Runs `snakemake -n` (a dry run: nothing executes) on copies of config.yaml with one fault each.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dalipipe.config import config_problems
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def dry_run(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [*SNAKEMAKE, "-n", "--cores", "1", "--configfile", str(path), "-d", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    result.output = result.stdout
+    return result
+
+
+@pytest.fixture
+def config() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_default_config_is_valid(tmp_path, config):
+    result = dry_run(tmp_path, config)
+    assert result.returncode == 0, result.output
+
+
+def test_unknown_key_is_named(tmp_path, config):
+    config["extract"]["frame_shortside"] = 64
+    result = dry_run(tmp_path, config)
+    assert result.returncode != 0
+    assert "frame_shortside" in result.output
+
+
+def test_wrong_type_is_named(tmp_path, config):
+    config["shard"]["samples_per_shard"] = "many"
+    result = dry_run(tmp_path, config)
+    assert result.returncode != 0
+    assert "samples_per_shard" in result.output and "'many'" in result.output
+
+
+def test_unknown_source_is_refused(tmp_path, config):
+    config["acquire"]["source"] = "youtube"
+    result = dry_run(tmp_path, config)
+    assert result.returncode != 0
+    assert "source" in result.output
+
+
+def test_missing_required_key_is_named(config):
+    # --configfile extends the default config.yaml, so a missing key is checked directly.
+    del config["extract"]
+    del config["run"]
+    problems = config_problems(config)
+    assert problems == [
+        "(top level): 'run' is a required property",
+        "(top level): 'extract' is a required property",
+    ]
+
+
+def test_every_config_in_the_repository_is_valid():
+    for path in [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]:
+        assert config_problems(yaml.safe_load(path.read_text())) == [], path
