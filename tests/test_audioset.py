@@ -1,0 +1,115 @@
+"""AudioSet selection on the real segment CSVs, class index and ontology in ../shared/data."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dalipipe.data import audioset
+
+DATA = Path("/work/shared/data")
+AS = DATA / "audioset"
+pytestmark = pytest.mark.skipif(not AS.exists(), reason="needs the shared AudioSet files")
+
+
+@pytest.fixture(scope="module")
+def class_index():
+    return audioset.read_class_index(AS / "class_labels_indices.csv")
+
+
+def test_real_files_parse_completely(class_index):
+    assert len(class_index) == 527
+    assert class_index["/m/09x0r"] == "Speech"
+    segments, problems = audioset.read_segments(
+        AS / "balanced_train_segments.csv", "balanced_train", class_index
+    )
+    assert problems == []
+    assert len(segments) == 22160  # the header says num_segs=22160
+    first = segments[0]
+    assert (first.youtube_id, first.start_s, first.end_s) == ("--PJHxphWEs", 30.0, 40.0)
+    assert first.labels == ["Speech", "Gush"]
+    assert first.clip_id == "--PJHxphWEs_30000"
+
+
+def test_malformed_rows_are_reported_by_line_and_skipped(tmp_path, class_index):
+    csv_path = tmp_path / "segments.csv"
+    csv_path.write_text(
+        "# Segments csv\n"
+        "# YTID, start_seconds, end_seconds, positive_labels\n"
+        '--PJHxphWEs, 30.000, 40.000, "/m/09x0r"\n'  # line 3: fine
+        'bad id!, 0.000, 10.000, "/m/09x0r"\n'  # line 4
+        'abcdefghijk, ten, 20.000, "/m/09x0r"\n'  # line 5
+        'abcdefghijk, 20.000, 10.000, "/m/09x0r"\n'  # line 6
+        'abcdefghijk, 0.000, 10.000, "/m/nonexistent"\n'  # line 7
+        "abcdefghijk, 0.000, 10.000\n"  # line 8
+        'ABCDEFGHIJK, 23.700, 33.700, "/m/09x0r,/m/05tny_"\n'  # line 9: fine, fractional start
+    )
+    segments, problems = audioset.read_segments(csv_path, "eval", class_index)
+    assert [s.clip_id for s in segments] == ["--PJHxphWEs_30000", "ABCDEFGHIJK_23700"]
+    assert segments[1].labels == ["Speech", "Bark"]
+    assert [p.split(":")[1] for p in problems] == ["4", "5", "6", "7", "8"]
+    assert "bad YouTube id" in problems[0] and "not in the class index" in problems[3]
+
+
+def test_class_names_expand_through_the_ontology(class_index):
+    ontology = audioset.read_ontology(AS / "ontology.json")
+    dog = audioset.resolve_classes(["dog"], class_index, ontology)
+    assert {"/m/0bt9lr", "/m/05tny_", "/m/07r_k2n", "/m/07srf8z"} <= dog  # Dog, Bark, Yip, Bay
+    assert len(dog) == 8
+    assert audioset.resolve_classes(["/m/05tny_"], class_index, ontology) == {"/m/05tny_"}
+    with pytest.raises(ValueError, match="unknown AudioSet class 'Dragon'"):
+        audioset.resolve_classes(["Dragon"], class_index, ontology)
+
+
+def test_audiocaps_ids_are_read_for_exclusion():
+    val = audioset.read_id_list(DATA / "audiocaps" / "val.csv")
+    test = audioset.read_id_list(DATA / "audiocaps" / "test.csv")
+    assert (len(val), len(test)) == (495, 975)
+    assert "7fmOlUlwoNg" in test
+
+
+def test_selection_by_class_count_seed_and_exclusion(tmp_path, class_index):
+    segments, _ = audioset.read_segments(AS / "eval_segments.csv", "eval", class_index)
+    ontology = audioset.read_ontology(AS / "ontology.json")
+    wanted = audioset.resolve_classes(["Dog"], class_index, ontology)
+    pool = [s for s in segments if wanted.intersection(s.mids)]
+    excluded = {s.youtube_id for s in pool[:7]}
+    kw = dict(wanted_mids=wanted, exclude_ids=excluded, max_clips=50)
+    chosen, counts = audioset.select_segments(segments, seed=3, **kw)
+    again, _ = audioset.select_segments(list(reversed(segments)), seed=3, **kw)
+    other, _ = audioset.select_segments(segments, seed=4, **kw)
+    assert [s.clip_id for s in chosen] == [s.clip_id for s in again]  # CSV order does not matter
+    assert [s.clip_id for s in chosen] != [s.clip_id for s in other]
+    assert len(chosen) == 50 and counts["excluded_eval_ids"] == 7
+    assert counts["not_in_classes"] == len(segments) - len(pool)
+    assert not excluded & {s.youtube_id for s in chosen}
+    parts = audioset.split_parts(chosen, 3)
+    assert [len(p) for p in parts] == [17, 17, 16]
+    assert sorted(s.clip_id for p in parts for s in p) == sorted(s.clip_id for s in chosen)
+
+
+def test_command_writes_parts_and_summary(tmp_path):
+    ids = tmp_path / "eval_ids.txt"
+    ids.write_text("--4gqARaEJE\n")  # the first row of eval_segments.csv
+    params = {
+        "seed": 0,
+        "acquire": {
+            "parts": 2,
+            "audioset": {
+                "segments": {"eval": str(AS / "eval_segments.csv")},
+                "class_index": str(AS / "class_labels_indices.csv"),
+                "ontology": str(AS / "ontology.json"),
+                "split": "eval",
+                "classes": ["Dog"],
+                "max_clips": None,
+            },
+        },
+        "filter": {"exclude_id_lists": [str(ids)]},
+    }
+    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / "sel")]) == 0
+    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
+    rows = [audioset.read_selection(tmp_path / "sel" / f"part-{i}.jsonl") for i in range(2)]
+    assert summary["parts"] == [len(rows[0]), len(rows[1])]
+    assert summary["excluded_eval_ids"] == 1  # --4gqARaEJE is labelled Dog
+    assert all(r.split == "eval" and r.youtube_id != "--4gqARaEJE" for p in rows for r in p)
+    assert sum(summary["parts"]) == summary["selected"] > 100
