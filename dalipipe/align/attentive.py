@@ -1,0 +1,68 @@
+"""Attentive OT: token weights from cross-attention, and their entropy schedule (paper App. F).
+
+    scorer = AttentiveWeights(dim=1024)
+    a, b = scorer(audio, image)                  # (B,Na), (B,Nv): each row sums to one
+    lam = entropy_weight(epoch, params)          # None while the scorer is frozen (epoch 1)
+
+As in the authors' code (notes §4.3): each side has an extra Linear for query, key and value in
+front of an 8-head ``nn.MultiheadAttention``; the attention output is averaged over features,
+divided by tau = 20 and soft-maxed over tokens, then mixed half and half with uniform weights,
+so no token ever gets less than half of its uniform share. The scorer minimises OT - lambda*H:
+it is pushed towards high entropy, away from putting all the mass on a few tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_LAMBDAS = (500.0, 400.0, 300.0, 200.0)
+DEFAULT_FINAL_LAMBDA = 100.0
+
+
+class AttentiveWeights(nn.Module):
+    def __init__(self, dim: int, heads: int = 8, tau: float = 20.0, uniform_mix: float = 0.5):
+        super().__init__()
+        self.tau, self.uniform_mix = tau, uniform_mix
+        self.a_q, self.a_k, self.a_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.i_q, self.i_k, self.i_v = (nn.Linear(dim, dim) for _ in range(3))
+        # image_scorer weighs audio tokens by attending to the image, audio_scorer the reverse.
+        self.image_scorer = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.audio_scorer = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def _weights(self, attended: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(attended.float().mean(-1) / self.tau, dim=-1)
+        uniform = 1.0 / scores.shape[-1]
+        return (1 - self.uniform_mix) * scores + self.uniform_mix * uniform
+
+    def forward(
+        self, audio: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        on_audio, _ = self.image_scorer(
+            self.a_q(audio), self.i_k(image), self.i_v(image), need_weights=False
+        )
+        on_image, _ = self.audio_scorer(
+            self.i_q(image), self.a_k(audio), self.a_v(audio), need_weights=False
+        )
+        return self._weights(on_audio), self._weights(on_image)
+
+
+def entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each row of probability weights."""
+    return -(weights * weights.clamp_min(1e-30).log()).sum(-1)
+
+
+def entropy_weight(
+    epoch: int,
+    frozen_epochs: int = 1,
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
+    final: float = DEFAULT_FINAL_LAMBDA,
+) -> float | None:
+    """lambda for a 1-based epoch: None while the scorer is frozen, then the schedule, then final.
+
+    Authors' defaults: epoch 1 frozen, epochs 2-5 get 500/400/300/200, epoch 6 on gets 100.
+    """
+    if epoch <= frozen_epochs:
+        return None
+    index = epoch - frozen_epochs - 1
+    return float(lambdas[index]) if index < len(lambdas) else float(final)
