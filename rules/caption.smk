@@ -1,0 +1,76 @@
+# Captioning stages: prefix tuning, pseudo-labels and audiovisual distillation (one per method).
+#   snakemake --cores 2 results/miniature/distill/ot_att
+# The commands live in dalipipe/caption/; see DEVELOPING.md for the artifacts they write.
+
+CAPTIONER = f"{RUN}/models/llava"
+
+
+rule prefix:
+    input:
+        pairs=config["prefix"].get("pairs") or f"{RUN}/shards/prefix",
+        captioner=CAPTIONER,
+    output:
+        directory(f"{RUN}/prefix"),
+    params:
+        p=stage_params("prefix"),
+    log:
+        "logs/prefix.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "dalipipe prefix --params {params.p:q} --pairs {input.pairs:q}"
+        " --captioner {input.captioner:q} --out {output:q} > {log} 2>&1"
+
+
+rule pseudolabel:
+    input:
+        pool=f"{RUN}/shards/pseudolabel",
+        encoder=f"{RUN}/align/{{method}}",
+        prefix=f"{RUN}/prefix",
+        captioner=CAPTIONER,
+    output:
+        f"{RUN}/pseudolabel/{{method}}.jsonl",
+    wildcard_constraints:
+        method="[A-Za-z0-9_-]+",
+    params:
+        p=stage_params("pseudolabel"),
+    log:
+        "logs/pseudolabel/{method}.log",
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=600,
+        gpu=1,
+    shell:
+        "dalipipe pseudolabel --params {params.p:q} --pool {input.pool:q}"
+        " --encoder {input.encoder:q} --prefix {input.prefix:q}"
+        " --captioner {input.captioner:q} --out {output:q} > {log} 2>&1"
+
+
+rule distill:
+    input:
+        pseudolabels=f"{RUN}/pseudolabel/{{method}}.jsonl",
+        pool=f"{RUN}/shards/pseudolabel",
+        encoder=f"{RUN}/align/{{method}}",
+        prefix=f"{RUN}/prefix",
+        captioner=CAPTIONER,
+    output:
+        directory(f"{RUN}/distill/{{method}}"),
+    wildcard_constraints:
+        method="[A-Za-z0-9_-]+",
+    params:
+        p=stage_params("distill", "extract"),
+    log:
+        "logs/distill/{method}.log",
+    threads: 2
+    resources:
+        mem_mb=64000,
+        runtime=480,
+        gpu=1,
+    shell:
+        "dalipipe distill --params {params.p:q} --pseudolabels {input.pseudolabels:q}"
+        " --pool {input.pool:q} --encoder {input.encoder:q} --prefix {input.prefix:q}"
+        " --captioner {input.captioner:q} --out {output:q} > {log} 2>&1"
