@@ -1,0 +1,206 @@
+"""Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE and SPIDEr, as in pycocoevalcap.
+
+    dalipipe score --predictions P.json --references R.json [--per-clip FILE] [--out FILE]
+                   [--embedding] [--no-spice]
+
+P.json maps clip id -> caption (or holds that map under "captions"); R.json maps clip id -> list
+of reference captions. Captions and references are PTB-tokenised by Stanford's tokenizer (Java),
+as the COCO caption toolkit and the audio-captioning literature do. SPICE (and so SPIDEr =
+(CIDEr-D + SPICE) / 2) needs the Stanford CoreNLP 3.6.0 jars (`dalipipe fetch-metric-assets`);
+without them both are reported as null with the reason, never estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+from dalipipe.common import setup_logging, write_json
+from dalipipe.evaluate import assets
+
+log = logging.getLogger(__name__)
+
+METRICS = [
+    "bleu_1",
+    "bleu_2",
+    "bleu_3",
+    "bleu_4",
+    "meteor",
+    "rouge_l",
+    "cider_d",
+    "spice",
+    "spider",
+]
+EMBEDDING_METRIC = "minilm_cosine"  # sentence-transformers all-MiniLM-L6-v2, mean cosine to refs
+
+
+def load_predictions(path: str | Path) -> dict[str, str]:
+    """Clip id -> caption, from ``{"id": "caption"}`` or ``{"captions": {...}}``."""
+    data = _read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("captions"), dict):
+        data = data["captions"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object clip id -> caption")
+    for clip_id, caption in data.items():
+        if not isinstance(caption, str):
+            raise ValueError(f"{path}: caption of clip {clip_id!r} is not a string")
+    return data
+
+
+def load_references(path: str | Path) -> dict[str, list[str]]:
+    """Clip id -> list of reference captions."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object clip id -> list of references")
+    for clip_id, refs in data.items():
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise ValueError(
+                f"{path}: references of clip {clip_id!r} must be a non-empty list of str"
+            )
+    return data
+
+
+def _read_json(path: str | Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def ptb_tokenize(
+    predictions: dict[str, str], references: dict[str, list[str]]
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Lower-cased PTB tokens without punctuation, in one Java call for both sides."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # One key space for both sides: a prefix keeps a prediction apart from its references.
+    joined = {f"p:{k}": [{"caption": v}] for k, v in predictions.items()}
+    joined |= {f"r:{k}": [{"caption": r} for r in refs] for k, refs in references.items()}
+    tokens = PTBTokenizer().tokenize(joined)
+    res = {k: tokens[f"p:{k}"] for k in predictions}
+    gts = {k: tokens[f"r:{k}"] for k in predictions}
+    return res, gts
+
+
+def score_captions(
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+    *,
+    spice: bool = True,
+    embedding: bool = False,
+) -> tuple[dict, dict[str, dict], dict[str, str]]:
+    """Corpus scores, per-clip scores and a note for every metric not computed.
+
+    Every clip with a prediction must have references; clips with references but no prediction
+    are an error too, so a missing caption can never raise a score.
+    """
+    missing_refs = sorted(set(predictions) - set(references))
+    if missing_refs:
+        raise ValueError(f"no references for {len(missing_refs)} clip(s), e.g. {missing_refs[:3]}")
+    missing_preds = sorted(set(references) - set(predictions))
+    if missing_preds:
+        raise ValueError(
+            f"no prediction for {len(missing_preds)} clip(s), e.g. {missing_preds[:3]}"
+        )
+    if not predictions:
+        raise ValueError("no captions to score")
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    res, gts = ptb_tokenize(predictions, references)
+    ids = list(res)
+    corpus: dict[str, float | None] = {}
+    per_clip: dict[str, dict] = {k: {} for k in ids}
+    notes: dict[str, str] = {}
+
+    def keep(name, score, scores):
+        corpus[name] = float(score)
+        for k, s in zip(ids, scores):
+            per_clip[k][name] = float(s)
+
+    bleu, bleu_clips = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        keep(f"bleu_{n + 1}", bleu[n], bleu_clips[n])
+    keep("meteor", *_meteor(gts, res))
+    keep("rouge_l", *Rouge().compute_score(gts, res))
+    # pycocoevalcap's Cider is CIDEr-D: clipped n-gram counts and a length penalty (sigma 6).
+    keep("cider_d", *Cider().compute_score(gts, res))
+
+    reason = assets.spice_missing_reason() if spice else "not requested (--no-spice)"
+    if reason is None:
+        from pycocoevalcap.spice.spice import Spice
+
+        score, scores = Spice().compute_score(gts, res)
+        keep("spice", score, [s["All"]["f"] for s in scores])
+        corpus["spider"] = (corpus["cider_d"] + corpus["spice"]) / 2
+        for k in ids:
+            per_clip[k]["spider"] = (per_clip[k]["cider_d"] + per_clip[k]["spice"]) / 2
+    else:
+        for name in ("spice", "spider"):
+            corpus[name] = None
+            notes[name] = f"not computed: {reason}"
+            for k in ids:
+                per_clip[k][name] = None
+
+    if embedding:
+        from dalipipe.evaluate.embedding import caption_similarity
+
+        sims = caption_similarity([predictions[k] for k in ids], [references[k] for k in ids])
+        keep(EMBEDDING_METRIC, sum(sims) / len(sims), sims)
+    corpus = {k: (None if v is not None and math.isnan(v) else v) for k, v in corpus.items()}
+    return corpus, per_clip, notes
+
+
+def _meteor(gts, res):
+    """METEOR 1.5 in a Java subprocess; always reaped, even when scoring fails."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        return scorer.compute_score(gts, res)
+    finally:
+        scorer.meteor_p.stdin.close()
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+        scorer.meteor_p.stdout.close()
+        scorer.meteor_p.stderr.close()
+
+
+def format_scores(corpus: dict, notes: dict[str, str]) -> str:
+    """One line per metric, the reason in place of a value that was not computed."""
+    lines = []
+    for name, value in corpus.items():
+        lines.append(
+            f"{name:14s} {notes.get(name, 'null')}" if value is None else f"{name:14s} {value:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--predictions", required=True, help="JSON: clip id -> caption")
+    parser.add_argument("--references", required=True, help="JSON: clip id -> list of captions")
+    parser.add_argument("--per-clip", help="write per-clip scores to this JSON file")
+    parser.add_argument("--out", help="write corpus scores (and notes) to this JSON file")
+    parser.add_argument("--embedding", action="store_true", help="add MiniLM cosine similarity")
+    parser.add_argument("--no-spice", action="store_true", help="skip SPICE even if available")
+    args = parser.parse_args(argv)
+    setup_logging()
+    predictions = load_predictions(args.predictions)
+    references = load_references(args.references)
+    corpus, per_clip, notes = score_captions(
+        predictions, references, spice=not args.no_spice, embedding=args.embedding
+    )
+    print(format_scores(corpus, notes))
+    if args.out:
+        write_json(args.out, {"scores": corpus, "notes": notes, "n_clips": len(predictions)})
+    if args.per_clip:
+        write_json(args.per_clip, per_clip)
+    return 0

@@ -1,0 +1,177 @@
+"""Caption metrics against values that are known independently of this code.
+
+HF_HUB_OFFLINE=1 pytest tests/test_metrics.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+
+import pytest
+
+from dalipipe.evaluate import assets, metrics
+
+# Papineni et al. 2002, "BLEU: a Method for Automatic Evaluation of Machine Translation", §2.1:
+# candidate 1 and its three references. The paper gives the unigram precision 17/18; NLTK
+# documents sentence_bleu on this quadruple as 0.5045666840058485 (nltk/translate/bleu_score.py,
+# modified precisions 17/18, 10/17, 7/16, 4/15, brevity penalty 1).
+PAPINENI_CANDIDATE = "It is a guide to action which ensures that the military always obeys the commands of the party."
+PAPINENI_REFERENCES = [
+    "It is a guide to action that ensures that the military will forever heed Party commands.",
+    "It is the guiding principle which guarantees the military forces always being under the "
+    "command of the Party.",
+    "It is the practical guide for the army always to heed the directions of the party.",
+]
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """One Java round trip for most checks: three clips with known answers."""
+    predictions = {
+        "papineni": PAPINENI_CANDIDATE,
+        "dog": "A dog barks loudly",
+        "rain": "",  # an untrained captioner can say nothing; that must score 0, not crash
+    }
+    references = {
+        "papineni": PAPINENI_REFERENCES,
+        "dog": ["The dog barks."],
+        "rain": ["Rain falls on a tin roof.", "Heavy rain on a roof"],
+    }
+    return metrics.score_captions(predictions, references)
+
+
+def test_bleu_matches_published_papineni_example(scored):
+    _, per_clip, _ = scored
+    clip = per_clip["papineni"]
+    assert clip["bleu_1"] == pytest.approx(17 / 18, abs=1e-6)
+    assert clip["bleu_2"] == pytest.approx(math.sqrt(17 / 18 * 10 / 17), abs=1e-6)
+    assert clip["bleu_4"] == pytest.approx(0.5045666840058485, abs=1e-6)
+
+
+def test_rouge_l_is_the_lcs_f_measure_with_beta_1_2(scored):
+    # Lin 2004: LCS("a dog barks loudly", "the dog barks") = 2, P = 2/4, R = 2/3, beta = 1.2.
+    _, per_clip, _ = scored
+    p, r, b2 = 2 / 4, 2 / 3, 1.2**2
+    assert per_clip["dog"]["rouge_l"] == pytest.approx((1 + b2) * p * r / (r + b2 * p), abs=1e-9)
+
+
+def test_empty_caption_scores_zero_and_spice_is_reported_missing(scored, monkeypatch, tmp_path):
+    corpus, per_clip, notes = scored
+    assert per_clip["rain"]["bleu_4"] == pytest.approx(0, abs=1e-6)
+    assert per_clip["rain"]["cider_d"] == 0
+    assert per_clip["rain"]["meteor"] == 0
+    assert set(corpus) == set(metrics.METRICS)
+    if assets.spice_missing_reason() is not None:
+        assert corpus["spice"] is None and corpus["spider"] is None
+        assert notes["spider"].startswith("not computed: Stanford CoreNLP 3.6.0 missing")
+
+
+def test_cider_d_of_a_perfect_caption_is_ten():
+    # With disjoint vocabularies across two clips every n-gram has idf log(2), and a caption
+    # equal to all its references has cosine 1 at each n = 1..4 and no length penalty: 10 * 1.
+    # Two words have only 1- and 2-grams: 10 * 2/4.
+    predictions = {"a": "a dog barks loudly", "b": "heavy rain falls softly", "c": "wind blows"}
+    references = {
+        "a": ["a dog barks loudly"] * 2,
+        "b": ["heavy rain falls softly"] * 2,
+        "c": ["wind blows"] * 2,
+    }
+    corpus, per_clip, _ = metrics.score_captions(predictions, references, spice=False)
+    assert per_clip["a"]["cider_d"] == pytest.approx(10.0, abs=1e-9)
+    assert per_clip["b"]["cider_d"] == pytest.approx(10.0, abs=1e-9)
+    assert per_clip["c"]["cider_d"] == pytest.approx(10.0 * 2 / 4, abs=1e-9)
+    assert per_clip["a"]["meteor"] > 0.5
+
+
+def test_spice_missing_message_names_the_jar(tmp_path):
+    reason = assets.spice_missing_reason(tmp_path)
+    assert reason.startswith("Stanford CoreNLP 3.6.0 missing")
+    assert str(tmp_path / "stanford-corenlp-3.6.0.jar") in reason
+    for name in assets.CORENLP_JARS:
+        (tmp_path / name).write_bytes(b"jar")
+    assert assets.spice_missing_reason(tmp_path) is None
+
+
+def test_missing_prediction_is_an_error_naming_the_clip():
+    with pytest.raises(ValueError, match="no prediction for 1 clip.*'b'"):
+        metrics.score_captions({"a": "x"}, {"a": ["x"], "b": ["y"]})
+
+
+def test_bad_files_name_the_file(tmp_path):
+    bad = tmp_path / "refs.json"
+    bad.write_text('{"a": "not a list"}')
+    with pytest.raises(ValueError, match=r"refs\.json: references of clip 'a'"):
+        metrics.load_references(bad)
+    broken = tmp_path / "preds.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match=r"preds\.json: not valid JSON"):
+        metrics.load_predictions(broken)
+
+
+def test_score_command_writes_per_clip_scores(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(assets, "spice_lib_dir", lambda: tmp_path / "nolib")
+    preds = tmp_path / "p.json"
+    refs = tmp_path / "r.json"
+    preds.write_text(json.dumps({"captions": {"x": "a bird sings", "y": "a car passes"}}))
+    refs.write_text(json.dumps({"x": ["a bird sings"], "y": ["an engine hums"]}))
+    per_clip = tmp_path / "per_clip.json"
+    out = tmp_path / "scores.json"
+    rc = metrics.main(
+        [
+            "--predictions",
+            str(preds),
+            "--references",
+            str(refs),
+            "--per-clip",
+            str(per_clip),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "spider         not computed: Stanford CoreNLP 3.6.0 missing" in printed
+    clips = json.loads(per_clip.read_text())
+    assert clips["x"]["bleu_1"] == pytest.approx(1.0, abs=1e-6)
+    assert clips["y"]["bleu_1"] < 0.5
+    saved = json.loads(out.read_text())
+    assert saved["scores"]["spice"] is None and saved["n_clips"] == 2
+
+
+def test_asset_paths_and_extraction(tmp_path):
+    assert (
+        assets.CORENLP_URL
+        == "http://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip"
+    )
+    assert assets.spice_lib_dir().name == "lib"
+    assert (assets.spice_lib_dir().parent / "spice-1.0.jar").is_file()
+    archive = tmp_path / "corenlp.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for member in assets.members_in_archive():
+            zf.writestr(member, f"content of {member}")
+        zf.writestr("stanford-corenlp-full-2015-12-09/README.txt", "other files are left out")
+    dest = tmp_path / "lib"
+    written = assets.extract_jars(archive, dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(assets.CORENLP_JARS)
+    assert written[1].read_text().endswith("stanford-corenlp-3.6.0-models.jar")
+
+
+def test_fetch_failure_message_says_what_to_do(tmp_path):
+    with pytest.raises(ConnectionError, match="could not download file:///.*needs internet access"):
+        assets.fetch(f"file://{tmp_path}/absent.zip", dest=tmp_path / "lib")
+    not_zip = tmp_path / "x.zip"
+    not_zip.write_text("html error page")
+    with pytest.raises(ValueError, match=r"x\.zip: not a zip archive"):
+        assets.extract_jars(not_zip, tmp_path / "lib")
+
+
+def test_minilm_similarity_ranks_a_paraphrase_above_an_unrelated_caption():
+    from dalipipe.evaluate.embedding import caption_similarity
+
+    close, far = caption_similarity(
+        ["a dog is barking", "a violin plays a melody"],
+        [["a dog barks loudly"], ["a dog barks loudly"]],
+    )
+    assert close > 0.6 and far < 0.3
