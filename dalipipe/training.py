@@ -1,0 +1,161 @@
+"""Checkpoints that resume a training loop exactly, and a SIGTERM flag for Slurm pre-emption.
+
+    ckpt = TrainCheckpoint(f"{out}.ckpt")
+    catch_sigterm()
+    saved = ckpt.load()                       # None on a fresh start; restores the RNG states
+    if saved:
+        states, step = saved
+        model.load_state_dict(states["model"])
+    for ...:
+        ...
+        if step % every == 0 or sigterm_requested():
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict()}, step)
+        if sigterm_requested():
+            raise Preempted(step)             # the job exits non-zero; a rerun resumes
+
+A checkpoint is a directory holding ``state.safetensors`` (every tensor) and ``state.json`` (the
+nested structure, with each tensor replaced by its name), so nothing is ever unpickled. The
+Python, NumPy and torch (CPU and CUDA) random states are saved with it. It is written to a
+temporary directory and renamed, so a kill during a save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dalipipe.common import atomic_path
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
+_sigterm = {"requested": False}
+
+
+class Preempted(RuntimeError):
+    """Raised by a loop after it checkpointed on SIGTERM; the stage exits non-zero."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    log.warning("SIGTERM received: checkpointing after the current step, then exiting")
+    _sigterm["requested"] = True
+
+
+def catch_sigterm() -> None:
+    """From now on SIGTERM only sets a flag that the training loop polls between steps."""
+    _sigterm["requested"] = False
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def sigterm_requested() -> bool:
+    return _sigterm["requested"]
+
+
+# --- nested state <-> (tensors, JSON) ---------------------------------------------------------
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able skeleton of obj; tensors go to ``tensors`` under generated names.
+
+    Dict keys keep their type (optimizer state is keyed by int), tuples stay tuples.
+    """
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": _flatten(torch.from_numpy(obj.copy()), tensors)}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"checkpoint: cannot store a value of type {type(obj).__name__}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return _unflatten(obj["__ndarray__"], tensors).numpy()
+    if "__tuple__" in obj:
+        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+
+
+def capture_rng() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainCheckpoint:
+    """The latest checkpoint of one training run, in ``directory`` (e.g. ``<output>.ckpt``)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.latest = self.directory / "latest"
+
+    def exists(self) -> bool:
+        return (self.latest / "state.json").is_file()
+
+    def save(self, states: dict[str, Any], step: int) -> None:
+        """Store ``states`` (state_dicts or plain values), the RNG states and ``step``."""
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _flatten({"states": states, "rng": capture_rng(), "step": step}, tensors)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.latest, directory=True) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(skeleton))
+        log.info("checkpoint at step %d written to %s", step, self.latest)
+
+    def load(self, restore_random_state: bool = True) -> tuple[dict[str, Any], int] | None:
+        """(states, step) of the latest checkpoint, or None if there is none."""
+        if not self.exists():
+            return None
+        try:
+            tensors = load_file(str(self.latest / "state.safetensors"))
+            saved = _unflatten(json.loads((self.latest / "state.json").read_text()), tensors)
+        except Exception as err:
+            raise ValueError(
+                f"{self.latest}: unreadable checkpoint ({err}); delete it to restart"
+            ) from err
+        if restore_random_state:
+            restore_rng(saved["rng"])
+        log.info("resuming from %s at step %d", self.latest, saved["step"])
+        return saved["states"], saved["step"]
+
+    def remove(self) -> None:
+        """Drop the checkpoints once the stage's output is complete."""
+        shutil.rmtree(self.directory, ignore_errors=True)
