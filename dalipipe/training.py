@@ -1,21 +1,20 @@
 """Checkpoints that resume a training loop exactly, and a SIGTERM flag for Slurm pre-emption.
 
-    ckpt = TrainCheckpoint(f"{out}.ckpt")
-    catch_sigterm()
+    ckpt = TrainCheckpoint(f"{out}.ckpt")     # also starts catching SIGTERM
     saved = ckpt.load()                       # None on a fresh start; restores the RNG states
     if saved:
-        states, step = saved
-        model.load_state_dict(states["model"])
+        model.load_state_dict(saved["model"])
+        start = saved["step"]
     for ...:
         ...
         if step % every == 0 or sigterm_requested():
-            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict()}, step)
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict()}, step=step)
         if sigterm_requested():
-            raise Preempted(step)             # the job exits non-zero; a rerun resumes
+            raise SystemExit(PREEMPTED_EXIT_CODE)   # non-zero; a rerun resumes
 
 A checkpoint is a directory holding ``state.safetensors`` (every tensor) and ``state.json`` (the
 nested structure, with each tensor replaced by its name), so nothing is ever unpickled. The
-Python, NumPy and torch (CPU and CUDA) random states are saved with it. It is written to a
+Python, NumPy and torch (CPU and CUDA) random states are saved with it and restored by load. It is written to a
 temporary directory and renamed, so a kill during a save leaves the previous checkpoint intact.
 """
 
@@ -26,6 +25,7 @@ import logging
 import random
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,7 @@ from dalipipe.common import atomic_path
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
-_sigterm = {"requested": False}
-
-
-class Preempted(RuntimeError):
-    """Raised by a loop after it checkpointed on SIGTERM; the stage exits non-zero."""
+_sigterm = {"requested": False, "installed": False}
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -51,12 +47,19 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def catch_sigterm() -> None:
-    """From now on SIGTERM only sets a flag that the training loop polls between steps."""
-    _sigterm["requested"] = False
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """From now on SIGTERM only sets a flag that the training loop polls between steps.
+
+    Called by ``TrainCheckpoint()`` and ``sigterm_requested()``; a no-op outside the main
+    thread, where Python cannot install signal handlers.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm["installed"] = True
 
 
 def sigterm_requested() -> bool:
+    if not _sigterm["installed"]:
+        catch_sigterm()
     return _sigterm["requested"]
 
 
@@ -126,22 +129,28 @@ class TrainCheckpoint:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.latest = self.directory / "latest"
+        if not _sigterm["installed"]:
+            catch_sigterm()
 
     def exists(self) -> bool:
         return (self.latest / "state.json").is_file()
 
-    def save(self, states: dict[str, Any], step: int) -> None:
-        """Store ``states`` (state_dicts or plain values), the RNG states and ``step``."""
+    def save(self, states: dict[str, Any], step: int | None = None) -> None:
+        """Store ``states`` (state_dicts, tensors or plain values) and the RNG states.
+
+        ``step``, if given, is stored as ``states["step"]``.
+        """
+        states = dict(states) if step is None else {**states, "step": step}
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = _flatten({"states": states, "rng": capture_rng(), "step": step}, tensors)
+        skeleton = _flatten({"states": states, "rng": capture_rng()}, tensors)
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.latest, directory=True) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(skeleton))
-        log.info("checkpoint at step %d written to %s", step, self.latest)
+        log.info("checkpoint (step %s) written to %s", states.get("step"), self.latest)
 
-    def load(self, restore_random_state: bool = True) -> tuple[dict[str, Any], int] | None:
-        """(states, step) of the latest checkpoint, or None if there is none."""
+    def load(self, restore_random_state: bool = True) -> dict[str, Any] | None:
+        """The states of the latest checkpoint, or None if there is none."""
         if not self.exists():
             return None
         try:
@@ -153,8 +162,8 @@ class TrainCheckpoint:
             ) from err
         if restore_random_state:
             restore_rng(saved["rng"])
-        log.info("resuming from %s at step %d", self.latest, saved["step"])
-        return saved["states"], saved["step"]
+        log.info("resuming from %s (step %s)", self.latest, saved["states"].get("step"))
+        return saved["states"]
 
     def remove(self) -> None:
         """Drop the checkpoints once the stage's output is complete."""

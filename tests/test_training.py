@@ -34,8 +34,12 @@ def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
     )
     expected_draws = (random.random(), np.random.rand(), torch.rand(2))
 
-    states, step = ckpt.load()
-    assert step == 3 and states["progress"] == {"epoch": 2, "losses": [0.5, 0.25], "name": "ot"}
+    states = ckpt.load()
+    assert states["step"] == 3 and states["progress"] == {
+        "epoch": 2,
+        "losses": [0.5, 0.25],
+        "name": "ot",
+    }
     assert (random.random(), np.random.rand()) == expected_draws[:2]
     assert torch.equal(torch.rand(2), expected_draws[2])
 
@@ -68,6 +72,8 @@ def test_sigterm_sets_the_flag_instead_of_killing():
         catch_sigterm()
         assert not sigterm_requested()
         os.kill(os.getpid(), signal.SIGTERM)
+        assert sigterm_requested()
+        TrainCheckpoint("unused")  # creating a checkpoint re-installs the handler, keeps the flag
         assert sigterm_requested()
     finally:
         signal.signal(signal.SIGTERM, previous)
