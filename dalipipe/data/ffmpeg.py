@@ -1,0 +1,187 @@
+"""The ffmpeg binary, media probing and audio decoding, shared by every media stage.
+
+    from dalipipe.data.ffmpeg import probe, decode_audio
+    info = probe("clip.mp4")                  # MediaInfo(duration=10.0, has_audio=True, ...)
+    wave = decode_audio("clip.mp4", 16000)    # float32 mono, first channel
+
+The ffmpeg binary is the static one shipped by imageio-ffmpeg (set IMAGEIO_FFMPEG_EXE to use
+another). There is no ffprobe in that package, so `probe` parses the stream summary that
+`ffmpeg -i` prints. Paths are passed as argument lists with a `file:` prefix, never through a
+shell, so names with spaces, colons, leading dashes or non-ASCII letters are safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class MediaError(Exception):
+    """A media file that cannot be used, with the reason in words."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    duration: float | None  # seconds, None when the container does not say
+    has_audio: bool
+    has_video: bool
+    sample_rate: int | None  # of the first audio stream
+    channels: int | None
+    width: int | None  # of the first video stream, as displayed (rotation applied)
+    height: int | None
+    fps: float | None = None
+    rotation: int = 0  # degrees, from the display matrix
+
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def file_url(path: str | os.PathLike) -> str:
+    """`file:` stops ffmpeg reading a colon as a protocol or a leading dash as an option."""
+    return "file:" + os.fspath(path)
+
+
+# Named layouts whose channel count is not written as "X.Y" in their name.
+_LAYOUT_CHANNELS = {
+    "mono": 1,
+    "stereo": 2,
+    "downmix": 2,
+    "quad": 4,
+    "hexagonal": 6,
+    "octagonal": 8,
+    "hexadecagonal": 16,
+}
+
+
+def _channels(layout: str) -> int | None:
+    layout = layout.strip()
+    match = re.match(r"(\d+) channels", layout)
+    if match:
+        return int(match.group(1))
+    match = re.match(r"(\d+)\.(\d+)", layout)  # 5.1 -> 6, 7.1(wide) -> 8, 22.2 -> 24
+    if match:
+        return int(match.group(1)) + int(match.group(2))
+    return _LAYOUT_CHANNELS.get(layout.split("(")[0])
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if "At least one output file" not in line]
+    return lines[-1] if lines else "ffmpeg printed nothing"
+
+
+def parse_info(text: str, path: str | os.PathLike) -> MediaInfo:
+    """Read a MediaInfo from what `ffmpeg -i` prints about input #0."""
+    start = text.find("Input #0")
+    if start < 0:
+        raise MediaError(path, f"not a readable media file ({_last_error_line(text)})")
+    text = text[start:]
+    end = re.search(r"^(Output #|Stream mapping:|Press \[q\])", text, re.M)
+    if end:
+        text = text[: end.start()]
+
+    duration = None
+    match = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
+    if match:
+        h, m, s = match.groups()
+        duration = int(h) * 3600 + int(m) * 60 + float(s)
+
+    # Split the summary into per-stream blocks; a block ends where the next stream starts.
+    blocks = re.split(r"^\s*Stream #0:", text, flags=re.M)[1:]
+    sample_rate = channels = width = height = None
+    fps = None
+    rotation = 0
+    has_audio = has_video = False
+    for block in blocks:
+        head = block.splitlines()[0]
+        if ": Audio:" in head and not has_audio:
+            has_audio = True
+            rate = re.search(r"(\d+) Hz(?:, ([^,]+))?", head)
+            if rate:
+                sample_rate = int(rate.group(1))
+                channels = _channels(rate.group(2) or "")
+        elif ": Video:" in head and not has_video and "attached pic" not in head:
+            size = re.search(r", (\d+)x(\d+)", head)
+            if not size:
+                continue
+            has_video = True
+            width, height = int(size.group(1)), int(size.group(2))
+            rate = re.search(r", (\d+(?:\.\d+)?)k? fps", head)
+            fps = float(rate.group(1)) if rate else None
+            turn = re.search(r"rotation of (-?\d+(?:\.\d+)?) degrees", block, re.I)
+            if turn:
+                rotation = int(round(float(turn.group(1)))) % 360
+                if rotation in (90, 270):  # ffmpeg auto-rotates frames when decoding
+                    width, height = height, width
+    return MediaInfo(
+        duration, has_audio, has_video, sample_rate, channels, width, height, fps, rotation
+    )
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """Fail early, with a plain reason, for a file that is missing or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(path, "file not found")
+    if not path.is_file():
+        raise MediaError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)")
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Streams, duration and formats of a media file."""
+    check_file(path)
+    result = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", file_url(path)],
+        capture_output=True,
+        timeout=120,
+    )
+    info = parse_info(result.stderr.decode("utf-8", "replace"), path)
+    if not (info.has_audio or info.has_video):
+        raise MediaError(path, "no audio or video stream")
+    return info
+
+
+def first_channel_filter(sample_rate: int) -> str:
+    """Keep the first channel, then resample with the SoX resampler (band-limited)."""
+    return f"pan=mono|c0=c0,aresample={sample_rate}:resampler=soxr"
+
+
+def decode_audio(
+    path: str | os.PathLike,
+    sample_rate: int = 16000,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+) -> np.ndarray:
+    """The first audio channel as float32 in [-1, 1], resampled to `sample_rate`."""
+    check_file(path)
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error"]
+    if start_s > 0:
+        cmd += ["-ss", f"{start_s:.6f}"]
+    if duration_s is not None:
+        cmd += ["-t", f"{duration_s:.6f}"]
+    cmd += ["-i", file_url(path), "-map", "0:a:0", "-af", first_channel_filter(sample_rate)]
+    cmd += ["-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]
+    result = subprocess.run(cmd, capture_output=True, timeout=600)
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace")
+        if "matches no streams" in message:
+            raise MediaError(path, "no audio stream")
+        raise MediaError(path, f"audio decoding failed ({_last_error_line(message)})")
+    return np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
