@@ -1,0 +1,208 @@
+"""The AudioSet downloader for real: yt-dlp against a local HTTP server serving generated MP4s.
+
+The server (threaded, on 127.0.0.1) answers byte ranges like a video host, and has ids that
+404, 403, fail once, stall, or cut the body short. yt-dlp's generic extractor reads them, and
+ffmpeg cuts the segment's 10 s out of a 20 s video whose tone changes from 440 Hz to 880 Hz
+at 10 s, so the test can hear where the cut fell.
+"""
+
+import csv
+import http.server
+import json
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dalipipe.data import download
+from dalipipe.data.audioset import Segment
+
+GOOD, SLOW, FLAKY = "goodVideo01", "slowVideo01", "flakyVideo1"
+MISSING, FORBIDDEN, STALL, TRUNC = "missingVid1", "forbidden01", "stallVideo1", "truncVideo1"
+
+
+def make_video(path):
+    import imageio_ffmpeg
+
+    tone = "sin(2*PI*if(lt(t\\,10)\\,440\\,880)*t)"
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y",
+         "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=20",
+         "-f", "lavfi", "-i", f"aevalsrc={tone}:s=16000:d=20",
+         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
+        check=True,
+    )  # fmt: skip
+
+
+class VideoHost(http.server.BaseHTTPRequestHandler):
+    video: bytes = b""
+    requests: Counter = Counter()
+    lock = threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        match = re.fullmatch(r"/v/([A-Za-z0-9_-]{11})\.mp4", self.path)
+        vid = match.group(1) if match else None
+        with self.lock:
+            self.requests[vid] += 1
+            count = self.requests[vid]
+        if vid in (None, MISSING):
+            return self.send_error(404)
+        if vid == FORBIDDEN:
+            return self.send_error(403)
+        if vid == FLAKY and count == 1:
+            return self.send_error(503)
+        if vid == SLOW:
+            time.sleep(0.5)
+        if vid == STALL:
+            time.sleep(3.0)  # longer than the socket timeout
+        data = self.video
+        start, end = 0, len(data) - 1
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if ranged:
+            start = int(ranged.group(1))
+            end = int(ranged.group(2)) if ranged.group(2) else end
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        if body:
+            chunk = data[start : end + 1]
+            if vid == TRUNC:
+                chunk = chunk[: len(chunk) // 3]  # promise everything, send a third, hang up
+            try:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (the stalled id): expected
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    path = tmp_path_factory.mktemp("host") / "video.mp4"
+    make_video(path)
+    VideoHost.video = path.read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), VideoHost)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v/{{youtube_id}}.mp4"
+    server.shutdown()
+    server.server_close()
+
+
+def segment(vid, start=5.0):
+    return Segment(
+        clip_id=f"{vid}_{round(start * 1000)}",
+        youtube_id=vid,
+        start_s=start,
+        end_s=start + 10.0,
+        mids=["/m/05tny_"],
+        labels=["Bark"],
+        split="balanced_train",
+    )
+
+
+def tone_hz(wave, sample_rate=16000):
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return np.argmax(spectrum) * sample_rate / len(wave)
+
+
+def test_segment_url_accepts_only_youtube_ids():
+    template = "https://www.youtube.com/watch?v={youtube_id}"
+    assert (
+        download.segment_url(template, "--PJHxphWEs")
+        == "https://www.youtube.com/watch?v=--PJHxphWEs"
+    )
+    for bad in ["../../etc/pa", "abc", "a b;rm -rf", "x" * 12, "$(reboot)00", None]:
+        with pytest.raises(ValueError, match="not a YouTube id"):
+            download.segment_url(template, bad)
+    with pytest.raises(ValueError, match="url_template"):
+        download.segment_url("https://example.org/watch", "--PJHxphWEs")
+
+
+def test_errors_are_classified_from_ytdlp_messages():
+    cases = {
+        "[youtube] abc: Private video. Sign in if you've been granted access": "private",
+        "[youtube] abc: Video unavailable. This video has been removed by the uploader": "removed",
+        "[youtube] abc: Sign in to confirm you're not a bot. Use --cookies": "blocked",
+        "[generic] x: Unable to download webpage: HTTP Error 404: Not Found": "unavailable",
+        "[youtube] abc: Video unavailable": "unavailable",
+        "ffmpeg exited with code 183": "error",
+    }
+    assert {m: download.classify_error(m) for m in cases} == cases
+
+
+def test_rate_limit_spaces_requests():
+    limiter = download.RateLimiter(per_minute=600)  # one every 0.1 s
+    start = time.monotonic()
+    for _ in range(4):
+        limiter.wait()
+    assert 0.29 < time.monotonic() - start < 1.0
+
+
+def test_download_part_against_local_host(host, tmp_path):
+    import shutil
+
+    from dalipipe.data.ffmpeg import decode_audio, probe
+
+    cfg = {"url_template": host, "retries": 1, "backoff_s": 0.05, "rate_limit": 0,
+           "socket_timeout": 1.5, "height": 240}  # fmt: skip
+    vids = [GOOD, SLOW, FLAKY, MISSING, FORBIDDEN, STALL, TRUNC]
+    segments = [segment(v) for v in vids]
+    out = tmp_path / "part-0"
+    rows = download.acquire_part(segments, cfg, out)
+    status = {r["clip_id"].split("_")[0]: r["status"] for r in rows}
+    assert status == {GOOD: "ok", SLOW: "ok", FLAKY: "ok", MISSING: "unavailable",
+                      FORBIDDEN: "blocked", STALL: "error", TRUNC: "error"}  # fmt: skip
+    assert VideoHost.requests[MISSING] == 1  # final: not retried
+    assert VideoHost.requests[FLAKY] >= 2
+
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    assert list(manifest[0]) == download.MANIFEST_FIELDS
+    assert [m["clip_id"] for m in manifest] == [s.clip_id for s in segments]
+    good = manifest[0]
+    assert good["path"] == str(out / "clips" / "goodVideo01_5000.mp4")
+    assert (good["split"], float(good["start_s"]), good["labels"]) == (
+        "balanced_train",
+        5.0,
+        "Bark",
+    )
+    assert "404" in manifest[3]["reason"] and manifest[3]["path"] == ""
+    assert "timed out" in manifest[5]["reason"] and "ffmpeg exited" in manifest[6]["reason"]
+    metadata = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert metadata[0] == {"clip_id": "goodVideo01_5000", "split": "balanced_train",
+                           "labels": ["Bark"], "start_s": 5.0, "end_s": 15.0,
+                           "youtube_id": GOOD, "mids": ["/m/05tny_"]}  # fmt: skip
+
+    info = probe(good["path"])
+    assert info.has_audio and info.has_video and abs(info.duration - 10.0) < 0.3
+    wave = decode_audio(good["path"], 16000)
+    assert abs(tone_hz(wave[: 3 * 16000]) - 440) < 5  # source seconds 5-8
+    assert abs(tone_hz(wave[-3 * 16000 :]) - 880) < 5  # source seconds 12-15
+
+    # A restart fetches only what is not final; a lost output dir is rebuilt without fetching.
+    before = Counter(VideoHost.requests)
+    shutil.rmtree(out)
+    rows_again = download.acquire_part(segments, cfg, out)
+    fetched = VideoHost.requests - before
+    assert set(fetched) == {FORBIDDEN, STALL, TRUNC}
+    assert [r["status"] for r in rows_again] == [r["status"] for r in rows]
+    assert (out / "clips" / "goodVideo01_5000.mp4").stat().st_size > 10_000
