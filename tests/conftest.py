@@ -1,0 +1,61 @@
+"""Shared pytest fixtures. `tiny_models`: the output of `dalipipe make-tiny`, built once.
+
+def test_something(tiny_models):
+    AudioCaptioner.from_base(tiny_models.llava, audio_encoder=tiny_models.audio_encoder())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    root: Path
+    llava: Path  # LlavaForConditionalGeneration + processor: 32 px frames, 16 image tokens of 32
+    llava_336: Path  # the same with LLaVA-1.5's geometry: 336 px, patch 14, 576 tokens
+    blip2: Path  # Blip2ForConditionalGeneration (OPT) + Blip2Processor
+    gpt2: Path  # GPT2LMHeadModel + tokenizer
+    cavmae: Path  # official-key-style .pth (module. prefix, no proj)
+    cavmae_config: Path  # its AudioEncoderConfig as JSON (fbank 64 x 32 -> 8 tokens of 32)
+
+    def audio_encoder_settings(self) -> dict:
+        """Sizes of the tiny CAV-MAE (config `models.audio_encoder` style)."""
+        return json.loads(self.cavmae_config.read_text())
+
+    def audio_encoder(self, checkpoint: bool = True):
+        """A CavMaeAudioEncoder fitting `llava` (out_dim 32), loaded from the tiny .pth."""
+        from dalipipe.models.cavmae import build_encoder
+
+        settings = self.audio_encoder_settings()
+        if checkpoint:
+            settings["checkpoint"] = str(self.cavmae)
+        return build_encoder(settings)
+
+    def __getitem__(self, name: str) -> Path:
+        return getattr(self, name)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    from dalipipe.models.tiny import make_all
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    paths = make_all(root)
+    return TinyModels(
+        root=root,
+        llava=paths["llava"],
+        llava_336=paths["llava_336"],
+        blip2=paths["blip2"],
+        gpt2=paths["gpt2"],
+        cavmae=paths["cavmae"],
+        cavmae_config=paths["cavmae"].with_suffix(".json"),
+    )
