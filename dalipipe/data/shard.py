@@ -1,0 +1,505 @@
+"""Webdataset shards of extracted clips, one directory per split, and the reader for them.
+
+    dalipipe shard --params P --extract results/r/extract/part-0 results/r/extract/part-1 \\
+        --metadata results/r/acquire/metadata.jsonl [--kept results/r/filter/kept.txt] \\
+        --split align --out results/r/shards/align
+
+Writes ``<split>-<nnnnnn>.tar`` (plain tar in webdataset layout: members ``<key>.frame<k>.jpg``,
+``<key>.fbank.npy``, optional ``<key>.audio.wav`` and ``<key>.json``, grouped by key and sorted
+by clip id), ``stats-<nnnnnn>.json`` beside each shard, and ``index.json`` (shards, counts, the
+clips skipped and why). Training code reads them with ``ShardReader``; small splits with
+``load_split``. Tars are byte-for-byte reproducible: fixed member order, mtimes and owners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import wave as wavefile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
+
+log = logging.getLogger(__name__)
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+FRAME_FILE = re.compile(r"^frame_(\d+)\.jpg$")  # in an extract clip directory
+FRAME_FIELD = re.compile(r"^frame(\d+)\.jpg$")  # in a shard sample
+DEFAULT_SAMPLES_PER_SHARD = 1000
+DEFAULT_REQUIRE_FRAMES = ("align",)
+
+
+def shard_key(clip_id: str) -> str:
+    """The webdataset key of a clip: its id with dots replaced, since a dot ends the key."""
+    key = clip_id.replace(".", "_")
+    if not KEY_PATTERN.match(key):
+        raise ValueError(f"clip id {clip_id!r}: a shard key may only hold letters, digits, _ and -")
+    return key
+
+
+class NoFrames(ValueError):
+    """A clip without frames, in a split that needs them."""
+
+
+@dataclass
+class Clip:
+    """The files of one extracted clip that go into a shard sample."""
+
+    clip_id: str
+    key: str
+    frames: list[Path]
+    fbank: Path
+    audio: Path | None
+    meta: dict
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, dict]:
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
+            if not isinstance(row, dict) or not isinstance(row.get("clip_id"), str):
+                raise ValueError(f"{path}:{line_no}: each line needs a string field 'clip_id'")
+            rows[row["clip_id"]] = row
+    return rows
+
+
+def read_extract_manifests(
+    extract_dirs: Sequence[str | os.PathLike],
+) -> dict[str, tuple[Path, dict]]:
+    """clip id -> (its part directory, its manifest row), over all extract parts."""
+    found: dict[str, tuple[Path, dict]] = {}
+    for part in map(Path, extract_dirs):
+        manifest = part / "manifest.csv"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest}: extract manifest missing")
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"clip_id", "status"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{manifest}: missing columns {sorted(missing)}")
+            for row in reader:
+                if row["clip_id"] in found:
+                    log.warning(
+                        "%s: clip %s also in %s; keeping the first",
+                        manifest,
+                        row["clip_id"],
+                        found[row["clip_id"]][0],
+                    )
+                    continue
+                found[row["clip_id"]] = (part, row)
+    return found
+
+
+def read_kept(path: str | os.PathLike) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        return {line.strip() for line in f if line.strip() and not line.startswith("#")}
+
+
+def check_clip_files(
+    directory: Path, need_frames: bool, keep_wav: bool
+) -> tuple[list[Path], Path, Path | None]:
+    """The clip's frames (in index order), fbank and audio; ValueError names what is wrong."""
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: clip directory missing")
+    numbered = [
+        (int(m.group(1)), p) for p in directory.iterdir() if (m := FRAME_FILE.match(p.name))
+    ]
+    frames = [p for _, p in sorted(numbered)]
+    if need_frames and not frames:
+        raise NoFrames(f"{directory}: no frames (frame_<kk>.jpg); this split needs them")
+    for frame in frames:
+        try:
+            with Image.open(frame) as image:
+                image.verify()
+        except Exception as err:
+            raise ValueError(f"{frame}: not a readable JPEG ({err})") from err
+    fbank = directory / "fbank.npy"
+    try:
+        array = np.load(fbank, allow_pickle=False)
+    except Exception as err:
+        raise ValueError(f"{fbank}: not a readable .npy ({err})") from err
+    if array.ndim != 2 or not np.all(np.isfinite(array)):
+        raise ValueError(f"{fbank}: expected a finite 2-D array, got shape {array.shape}")
+    audio = directory / "audio.wav"
+    if keep_wav and not audio.is_file():
+        raise ValueError(f"{audio}: missing and extract.keep_wav is set")
+    return frames, fbank, audio if keep_wav else None
+
+
+def collect_clips(
+    extract_dirs: Sequence[str | os.PathLike],
+    metadata: dict[str, dict],
+    split: str,
+    kept: set[str] | None = None,
+    need_frames: bool = False,
+    keep_wav: bool = False,
+) -> tuple[list[Clip], Counter, list[dict]]:
+    """The split's writable clips (sorted by id), counts per outcome, and the skipped clips."""
+    extracted = read_extract_manifests(extract_dirs)
+    counts: Counter = Counter()
+    skipped: list[dict] = []
+    clips: list[Clip] = []
+    keys: dict[str, str] = {}
+    fbank_shape = None
+    wanted = sorted(cid for cid, row in metadata.items() if row.get("split") == split)
+    for clip_id in tqdm(wanted, desc=f"check {split}", unit="clip", mininterval=5):
+        if kept is not None and clip_id not in kept:
+            counts["filtered_out"] += 1
+            continue
+        reason = None
+        if clip_id not in extracted:
+            reason, outcome = "not in any extract manifest", "not_extracted"
+        elif extracted[clip_id][1]["status"] != "ok":
+            row = extracted[clip_id][1]
+            reason, outcome = f"extract {row['status']}: {row.get('reason', '')}", "extract_failed"
+        else:
+            outcome = "broken"
+            try:
+                key = shard_key(clip_id)
+                if key in keys:
+                    raise ValueError(f"key {key!r} already used by clip {keys[key]!r}")
+                frames, fbank, audio = check_clip_files(
+                    extracted[clip_id][0] / clip_id, need_frames, keep_wav
+                )
+                shape = np.load(fbank, mmap_mode="r").shape
+                if fbank_shape is not None and shape != fbank_shape:
+                    raise ValueError(
+                        f"{fbank}: shape {shape} differs from the split's {fbank_shape}"
+                    )
+            except ValueError as err:
+                reason = str(err)
+                outcome = "no_frames" if isinstance(err, NoFrames) else "broken"
+        if reason is not None:
+            counts[outcome] += 1
+            skipped.append({"clip_id": clip_id, "reason": reason})
+            log.warning("skip %s: %s", clip_id, reason)
+            continue
+        fbank_shape = shape
+        keys[key] = clip_id
+        meta = {**metadata[clip_id], "n_frames": len(frames)}
+        clips.append(Clip(clip_id, key, frames, fbank, audio, meta))
+    counts["written"] = len(clips)
+    return clips, counts, skipped
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, clips: Sequence[Clip]) -> dict:
+    """One tar of ``clips``; returns its stats (fbank moments over all values of all clips)."""
+    total = total_sq = n_values = 0.0
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for clip in clips:
+            for k, frame in enumerate(clip.frames):
+                _add_member(tar, f"{clip.key}.frame{k}.jpg", frame.read_bytes())
+            fbank_bytes = clip.fbank.read_bytes()
+            _add_member(tar, f"{clip.key}.fbank.npy", fbank_bytes)
+            if clip.audio is not None:
+                _add_member(tar, f"{clip.key}.audio.wav", clip.audio.read_bytes())
+            meta = json.dumps(clip.meta, ensure_ascii=False, sort_keys=True).encode()
+            _add_member(tar, f"{clip.key}.json", meta)
+            values = np.load(io.BytesIO(fbank_bytes)).astype(np.float64)
+            total, total_sq, n_values = (
+                total + values.sum(),
+                total_sq + (values**2).sum(),
+                n_values + values.size,
+            )
+    mean = total / n_values
+    return {
+        "shard": path.name,
+        "count": len(clips),
+        "clip_ids": [c.clip_id for c in clips],
+        "frames_per_clip": [len(c.frames) for c in clips],
+        "fbank_mean": mean,
+        "fbank_std": float(np.sqrt(max(total_sq / n_values - mean**2, 0.0))),
+    }
+
+
+def write_split(
+    extract_dirs: Sequence[str | os.PathLike],
+    metadata_path: str | os.PathLike,
+    split: str,
+    out_dir: str | os.PathLike,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    kept_path: str | os.PathLike | None = None,
+    need_frames: bool | None = None,
+    keep_wav: bool = False,
+) -> dict:
+    """Shard one split into ``out_dir`` (written atomically); returns the index."""
+    if samples_per_shard < 1:
+        raise ValueError(f"shard.samples_per_shard must be >= 1, got {samples_per_shard}")
+    if need_frames is None:
+        need_frames = split in DEFAULT_REQUIRE_FRAMES
+    kept = None
+    if kept_path is not None:
+        if split == "align":
+            kept = read_kept(kept_path)
+        else:
+            log.warning(
+                "%s: the kept list applies to the align split only; ignored for %s",
+                kept_path,
+                split,
+            )
+    metadata = read_metadata(metadata_path)
+    clips, counts, skipped = collect_clips(
+        extract_dirs, metadata, split, kept, need_frames, keep_wav
+    )
+    if not clips:
+        raise RuntimeError(
+            f"split {split!r}: no clip to write ({dict(counts)}); see the skipped reasons above"
+        )
+
+    shards = []
+    with atomic_path(out_dir, directory=True) as tmp:
+        starts = range(0, len(clips), samples_per_shard)
+        for number, start in enumerate(tqdm(starts, desc=f"write {split}", unit="shard")):
+            stats = write_shard(
+                tmp / f"{split}-{number:06d}.tar", clips[start : start + samples_per_shard]
+            )
+            stats_name = f"stats-{number:06d}.json"
+            write_json(tmp / stats_name, stats)
+            shards.append({"file": stats["shard"], "count": stats["count"], "stats": stats_name})
+        index = {
+            "split": split,
+            "total": len(clips),
+            "samples_per_shard": samples_per_shard,
+            "fbank_shape": list(np.load(clips[0].fbank, mmap_mode="r").shape),
+            "shards": shards,
+            "counts": dict(sorted(counts.items())),
+            "skipped": skipped,
+        }
+        write_json(tmp / "index.json", index)
+    log.info("split %s: %s in %d shard(s) at %s", split, dict(counts), len(shards), out_dir)
+    return index
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def resolve_shards(shards) -> list[Path]:
+    """A shard directory (its index.json), one tar, or a list of tars."""
+    if isinstance(shards, (str, os.PathLike)):
+        path = Path(shards)
+        if path.is_dir():
+            index_file = path / "index.json"
+            if not index_file.is_file():
+                raise FileNotFoundError(f"{index_file}: shard index missing")
+            return [path / entry["file"] for entry in json.loads(index_file.read_text())["shards"]]
+        shards = [path]
+    paths = [Path(p) for p in shards]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: shard missing")
+    return paths
+
+
+def iter_raw_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) per sample, streaming the tar; a sample's members are adjacent."""
+    key, fields = None, {}
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            if "." not in name:
+                raise ValueError(f"{path}: member {member.name!r} has no field suffix")
+            member_key, field = name.split(".", 1)
+            if member_key != key:
+                if key is not None:
+                    yield key, fields
+                key, fields = member_key, {}
+            fields[field] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, fields
+
+
+def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """16-bit PCM WAV (what extract writes) -> float32 first channel in [-1, 1], sample rate."""
+    with wavefile.open(io.BytesIO(data)) as f:
+        if f.getsampwidth() != 2:
+            raise ValueError(f"audio.wav: expected 16-bit PCM, got {8 * f.getsampwidth()}-bit")
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").reshape(-1, f.getnchannels())
+        return pcm[:, 0].astype(np.float32) / 32768.0, f.getframerate()
+
+
+def decode_sample(
+    key: str, fields: dict[str, bytes], frame_indices: Sequence[int] | None = None
+) -> dict:
+    try:
+        meta = json.loads(fields["json"])
+        n_frames = sum(1 for name in fields if FRAME_FIELD.match(name))
+        wanted = (
+            range(n_frames) if frame_indices is None else [i for i in frame_indices if i < n_frames]
+        )
+        frames = [
+            np.asarray(Image.open(io.BytesIO(fields[f"frame{i}.jpg"])).convert("RGB"))
+            for i in wanted
+        ]
+        sample = {
+            "clip_id": meta.get("clip_id", key),
+            "frames": frames,
+            "fbank": np.load(io.BytesIO(fields["fbank.npy"]), allow_pickle=False).astype(
+                np.float32
+            ),
+            "meta": meta,
+        }
+        if "audio.wav" in fields:
+            sample["audio"], sample["audio_sample_rate"] = decode_wav(fields["audio.wav"])
+    except KeyError as err:
+        raise ValueError(f"shard sample {key!r}: field {err} missing") from err
+    return sample
+
+
+def distributed_rank_and_world() -> tuple[int, int]:
+    """torch.distributed when initialised, else RANK/WORLD_SIZE (torchrun, accelerate), else 0/1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """Iterate the samples of a set of shards as dicts: clip_id, frames, fbank, meta.
+
+    Each sample goes to exactly one consumer (rank x DataLoader worker). With at least as many
+    shards as consumers, consumers take whole shards (each reads only its own files, so counts
+    can differ by up to a shard); with fewer, every consumer streams all shards and keeps every
+    n-th sample (``split_by`` forces either). ``shuffle`` permutes the shard order with
+    (seed, epoch), identically on every rank so the split stays a partition, then passes the
+    samples through a ``buffer_size`` shuffle buffer seeded with (seed, epoch, consumer).
+    Without shuffle the order is the shards' order, then the order inside each shard.
+    ``rank``/``world_size`` default to the torch.distributed / launcher environment.
+    """
+
+    def __init__(
+        self,
+        shards,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        buffer_size: int = 1000,
+        split_by: str = "auto",
+        frame_indices: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.shards = resolve_shards(shards)
+        if split_by not in {"auto", "shard", "sample"}:
+            raise ValueError(f"split_by must be auto, shard or sample, got {split_by!r}")
+        detected_rank, detected_world = distributed_rank_and_world()
+        self.rank = detected_rank if rank is None else rank
+        self.world_size = detected_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
+        self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
+        self.split_by, self.frame_indices = split_by, frame_indices
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _consumer(self) -> tuple[int, int]:
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        return self.rank * workers + worker_id, self.world_size * workers
+
+    def _raw_stream(self, consumer: int, consumers: int) -> Iterator[tuple[str, dict]]:
+        shards = list(self.shards)
+        if self.shuffle:
+            np.random.default_rng([self.seed, self.epoch]).shuffle(shards)
+        by_shard = self.split_by == "shard" or (
+            self.split_by == "auto" and len(shards) >= consumers
+        )
+        if by_shard:
+            for path in shards[consumer::consumers]:
+                yield from iter_raw_samples(path)
+            return
+        position = 0
+        for path in shards:
+            for raw in iter_raw_samples(path):
+                if position % consumers == consumer:
+                    yield raw
+                position += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        consumer, consumers = self._consumer()
+        stream = self._raw_stream(consumer, consumers)
+        if self.shuffle:
+            stream = shuffle_buffer(
+                stream, self.buffer_size, np.random.default_rng([self.seed, self.epoch, consumer])
+            )
+        for key, fields in stream:
+            yield decode_sample(key, fields, self.frame_indices)
+
+
+def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Yield a random element of a ``size``-element buffer, refilling it from the stream."""
+    buffer = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], item = item, buffer[i]
+        yield item
+    order = rng.permutation(len(buffer))
+    for i in order:
+        yield buffer[i]
+
+
+def load_split(shard_dir: str | os.PathLike) -> list[dict]:
+    """Every sample of a (small) split in memory, in shard order."""
+    return list(ShardReader(shard_dir, shuffle=False, rank=0, world_size=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe shard", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", help="JSON (or @file) with the shard and extract sections")
+    parser.add_argument("--extract", nargs="+", required=True, help="extract part directories")
+    parser.add_argument("--metadata", required=True, help="the gathered acquire/metadata.jsonl")
+    parser.add_argument("--kept", help="filter/kept.txt: the align clips to keep")
+    parser.add_argument("--split", required=True, help="align, pseudolabel, prefix or test")
+    parser.add_argument("--out", required=True, help="the split's shard directory")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = parse_params(args.params)
+    shard_cfg = params.get("shard") or {}
+    require_frames = shard_cfg.get("require_frames", list(DEFAULT_REQUIRE_FRAMES))
+    try:
+        write_split(
+            args.extract,
+            args.metadata,
+            args.split,
+            args.out,
+            samples_per_shard=int(shard_cfg.get("samples_per_shard", DEFAULT_SAMPLES_PER_SHARD)),
+            kept_path=args.kept,
+            need_frames=args.split in require_frames,
+            keep_wav=bool((params.get("extract") or {}).get("keep_wav", False)),
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        log.error("shard %s: %s", args.split, err)
+        return 1
+    return 0
