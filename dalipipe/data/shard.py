@@ -40,7 +40,7 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 FRAME_FILE = re.compile(r"^frame_(\d+)\.jpg$")  # in an extract clip directory
 FRAME_FIELD = re.compile(r"^frame(\d+)\.jpg$")  # in a shard sample
 DEFAULT_SAMPLES_PER_SHARD = 1000
-DEFAULT_REQUIRE_FRAMES = ("align",)
+DEFAULT_REQUIRE_FRAMES = ("align", "pseudolabel", "prefix")  # config shard.require_frames
 
 
 def shard_key(clip_id: str) -> str:

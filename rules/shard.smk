@@ -1,0 +1,102 @@
+# Shards: one webdataset directory per split, from all extract parts and the gathered metadata.
+#   snakemake --cores 2 results/miniature/shards/align
+# The align split keeps only the filter's kept clips when filter.enabled; the other splits take
+# every extracted clip of their split. See dalipipe/data/shard.py for the layout.
+
+import shlex
+
+SHARD_EXTRACT_PARTS = expand(
+    f"{RUN}/extract/part-{{i}}", i=range(config["acquire"].get("parts", 1))
+)
+SHARD_METADATA = f"{RUN}/acquire/metadata.jsonl"
+SHARD_COMMAND = (
+    "dalipipe shard --params {params.p:q} --extract {input.extract:q}"
+    " --metadata {input.metadata:q} {params.kept} --split {params.split} --out {output:q}"
+    " > {log} 2>&1"
+)
+
+
+def shard_kept_arg(wildcards, input):
+    kept = input.get("kept")
+    return f"--kept {shlex.quote(str(kept))}" if kept else ""
+
+
+rule shard_align:
+    input:
+        extract=SHARD_EXTRACT_PARTS,
+        metadata=SHARD_METADATA,
+        kept=f"{RUN}/filter/kept.txt" if config.get("filter", {}).get("enabled", False) else [],
+    output:
+        directory(f"{RUN}/shards/align"),
+    params:
+        p=stage_params("extract", "shard"),
+        split="align",
+        kept=shard_kept_arg,
+    log:
+        "logs/shard/align.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    shell:
+        SHARD_COMMAND
+
+
+rule shard_pseudolabel:
+    input:
+        extract=SHARD_EXTRACT_PARTS,
+        metadata=SHARD_METADATA,
+    output:
+        directory(f"{RUN}/shards/pseudolabel"),
+    params:
+        p=stage_params("extract", "shard"),
+        split="pseudolabel",
+        kept="",
+    log:
+        "logs/shard/pseudolabel.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        SHARD_COMMAND
+
+
+rule shard_prefix:
+    input:
+        extract=SHARD_EXTRACT_PARTS,
+        metadata=SHARD_METADATA,
+    output:
+        directory(f"{RUN}/shards/prefix"),
+    params:
+        p=stage_params("extract", "shard"),
+        split="prefix",
+        kept="",
+    log:
+        "logs/shard/prefix.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        SHARD_COMMAND
+
+
+rule shard_test:
+    input:
+        extract=SHARD_EXTRACT_PARTS,
+        metadata=SHARD_METADATA,
+    output:
+        directory(f"{RUN}/shards/test"),
+    params:
+        p=stage_params("extract", "shard"),
+        split="test",
+        kept="",
+    log:
+        "logs/shard/test.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        SHARD_COMMAND
