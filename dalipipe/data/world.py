@@ -195,7 +195,7 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
         return (dist <= r) & (dist >= 0.55 * r)
     if shape == "star":
         angle = np.arctan2(dy, dx)
-        return dist <= r * (0.62 + 0.38 * np.cos(5 * angle + np.pi / 2))
+        return dist <= r * (0.68 + 0.32 * np.cos(5 * angle + np.pi / 2))
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -1,0 +1,87 @@
+"""Gather acquire parts: one manifest, one metadata file and the counts per status.
+
+    dalipipe gather-manifests results/<run>/acquire/part-0 results/<run>/acquire/part-1 \\
+        --out results/<run>/acquire
+
+Works for every acquire source (synthetic, local, AudioSet downloads): each part directory
+holds `manifest.csv` and `metadata.jsonl`. Rows are concatenated in the order the parts are
+given; paths are kept as written. Writes OUT/manifest.csv, OUT/metadata.jsonl and
+OUT/summary.json (clips, counts per status overall and per split, failure reasons).
+A clip id that appears twice is an error naming both parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+
+from dalipipe.common import atomic_path, read_jsonl, setup_logging, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
+
+
+def read_manifest(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
+        return list(reader)
+
+
+def gather(parts: list[Path], out: Path) -> dict:
+    """Merge the parts into `out`; returns the summary."""
+    rows: list[dict] = []
+    metas: list[dict] = []
+    owner: dict[str, Path] = {}
+    for part in parts:
+        part_rows = read_manifest(part / "manifest.csv")
+        for row in part_rows:
+            if row["clip_id"] in owner:
+                raise ValueError(
+                    f"clip id {row['clip_id']!r} is in both {owner[row['clip_id']]} and {part}"
+                )
+            owner[row["clip_id"]] = part
+        rows += part_rows
+        meta_path = part / "metadata.jsonl"
+        metas += read_jsonl(meta_path) if meta_path.exists() else []
+
+    by_split: dict[str, Counter] = {}
+    for row in rows:
+        by_split.setdefault(row["split"], Counter())[row["status"]] += 1
+    reasons = Counter(row["reason"].split(": ")[-1][:80] for row in rows if row["status"] != "ok")
+    summary = {
+        "clips": len(rows),
+        "parts": len(parts),
+        "status": dict(Counter(row["status"] for row in rows)),
+        "splits": {split: dict(counts) for split, counts in sorted(by_split.items())},
+        "top_failure_reasons": dict(reasons.most_common(10)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        atomic_path(out / "manifest.csv") as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as f,
+    ):
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_jsonl(out / "metadata.jsonl", metas)
+    write_json(out / "summary.json", summary)
+    log.info("gathered %d clips from %d parts: %s", len(rows), len(parts), summary["status"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe gather-manifests", description=__doc__)
+    parser.add_argument("parts", nargs="+", type=Path, help="part directories")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--params", help="accepted for symmetry with other stages; unused")
+    args = parser.parse_args(argv)
+    setup_logging()
+    gather(args.parts, args.out)
+    return 0

@@ -1,0 +1,310 @@
+"""Acquire, synthetic source: write one part of the synthetic world as real MP4 clips.
+
+    dalipipe acquire-synthetic --params '{"seed": 0, "world": {...}, "acquire": {"parts": 2}}' \\
+        --part 0 --out results/miniature/acquire/part-0
+
+Clip i of a split is drawn from its own generator seeded by (seed, split, i), so a clip is the
+same whatever the number of parts; part p holds the clips whose global index is p mod parts.
+Each clip has 1..max_objects objects of distinct classes, all seen and heard, except that a
+share `offscreen_fraction` of clips has one object heard but not seen and a share
+`silent_fraction` one object seen but silent (those clips have at least two objects, so
+something is always seen and something always heard). Frames: large objects on a near-uniform
+light-grey background, drifting slowly; audio: the heard objects' sounds at random gains plus
+pink background noise. Frames are piped to ffmpeg as raw RGB and the audio as raw PCM through
+a second pipe, and ffmpeg writes H.264 + AAC.
+
+Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv (paths as OUT was given, so relative to
+the working directory when OUT is),
+OUT/metadata.jsonl (DEVELOPING.md, "Clip metadata").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.data import world
+from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("align", "pseudolabel", "prefix", "test")
+MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
+WORLD_DEFAULTS = {
+    "n_classes": 12,
+    "clip_seconds": 10.0,
+    "fps": 4,
+    "frame_size": 64,
+    "sample_rate": 16000,
+    "offscreen_fraction": 0.15,
+    "silent_fraction": 0.15,
+    "max_objects": 3,
+    "noise_level": 0.05,
+    "splits": {"align": 6000, "pseudolabel": 800, "prefix": 16, "test": 300},
+}
+
+
+def world_config(params: dict | None) -> dict:
+    cfg = {**WORLD_DEFAULTS, **(params or {})}
+    unknown = set(cfg["splits"]) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"world.splits: unknown split(s) {sorted(unknown)}; use {SPLITS}")
+    return cfg
+
+
+def all_clips(splits: dict) -> list[tuple[str, str, int]]:
+    """(clip_id, split, index within split) for every clip, in a fixed global order."""
+    return [
+        (f"{split}-{i:06d}", split, i) for split in SPLITS for i in range(int(splits.get(split, 0)))
+    ]
+
+
+def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def compose(rng: np.random.Generator, cfg: dict) -> dict:
+    """Which objects a clip has, where they are, and which are seen and heard."""
+    classes = world.world_classes(cfg["n_classes"])
+    max_objects = min(cfg["max_objects"], len(classes))
+    draw = rng.random()
+    case = "matched"
+    if max_objects >= 2 and draw < cfg["offscreen_fraction"]:
+        case = "offscreen"
+    elif max_objects >= 2 and draw < cfg["offscreen_fraction"] + cfg["silent_fraction"]:
+        case = "silent"
+    low = 1 if case == "matched" else 2
+    count = int(rng.integers(low, max_objects + 1))
+    chosen = sorted(rng.choice(len(classes), size=count, replace=False).tolist())
+    odd_one = int(rng.integers(count)) if case != "matched" else -1
+
+    size = cfg["frame_size"]
+    objects = []
+    for k, index in enumerate(chosen):
+        objects.append(
+            {
+                "name": classes[index].name,
+                "seen": not (case == "offscreen" and k == odd_one),
+                "heard": not (case == "silent" and k == odd_one),
+                "r": float(size * rng.uniform(0.19, 0.25)),
+                "v": (rng.uniform(-1.5, 1.5, size=2) * size / 64).tolist(),  # pixels per second
+                "gain": float(rng.uniform(0.5, 1.0)),
+                "pitch": float(rng.uniform(0.95, 1.05)),
+            }
+        )
+    _place([o for o in objects if o["seen"]], size, rng)
+    return {"case": case, "objects": objects}
+
+
+def _place(objects: list[dict], size: int, rng: np.random.Generator) -> None:
+    """Random centres, objects not overlapping; shrink them if no room is found."""
+    for _ in range(20):
+        placed = []
+        for obj in objects:
+            r = obj["r"]
+            for _ in range(100):
+                c = rng.uniform(r, size - r, size=2)
+                if all(np.hypot(*(c - p)) >= r + q + 1 for p, q in placed):
+                    placed.append((c, r))
+                    break
+            else:
+                break
+        if len(placed) == len(objects):
+            for obj, (c, _) in zip(objects, placed):
+                obj["c"] = c.tolist()
+            return
+        for obj in objects:
+            obj["r"] *= 0.9
+    raise RuntimeError("could not place the objects without overlap")
+
+
+def render_frames(spec: dict, cfg: dict, rng: np.random.Generator) -> np.ndarray:
+    """(n_frames, S, S, 3) uint8: a static near-uniform background, objects drifting."""
+    size, fps = cfg["frame_size"], cfg["fps"]
+    n_frames = max(1, math.ceil(cfg["clip_seconds"] * fps))
+    shade = np.array(world.BACKGROUND_RGB) + rng.integers(-12, 13)
+    background = shade + rng.integers(-4, 5, size=(size, size, 3))
+    background = np.clip(background, 0, 255).astype(np.uint8)
+    frames = np.empty((n_frames, size, size, 3), np.uint8)
+    for k in range(n_frames):
+        frame = frames[k]
+        frame[:] = background
+        for obj in spec["objects"]:
+            if not obj["seen"]:
+                continue
+            r = obj["r"]
+            cx, cy = (np.array(obj["c"]) + np.array(obj["v"]) * k / fps).clip(r, size - r)
+            world.draw(frame, world.BY_NAME[obj["name"]], cx, cy, r)
+    return frames
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance noise with a 1/f power spectrum."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.arange(len(spec))
+    spec[1:] /= np.sqrt(freqs[1:])
+    spec[0] = 0
+    noise = np.fft.irfft(spec, n)
+    return noise / (noise.std() or 1.0)
+
+
+def render_audio(spec: dict, cfg: dict, rng: np.random.Generator) -> np.ndarray:
+    """float32 mono: heard objects mixed to a peak of 0.8, plus background noise."""
+    sr, seconds = cfg["sample_rate"], cfg["clip_seconds"]
+    n = int(round(seconds * sr))
+    mix = np.zeros(n)
+    for obj in spec["objects"]:
+        if obj["heard"]:
+            sound = world.synthesize(world.BY_NAME[obj["name"]], seconds, sr, rng, obj["pitch"])
+            mix += obj["gain"] * sound
+    peak = np.abs(mix).max()
+    if peak > 0:
+        mix *= 0.8 / peak
+    mix += cfg["noise_level"] * pink_noise(n, rng)
+    return np.clip(mix, -1, 1).astype(np.float32)
+
+
+def encode_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, sr: int) -> None:
+    """H.264 + AAC MP4 from raw RGB frames (stdin) and 16-bit PCM (a second pipe)."""
+    n, h, w, _ = frames.shape
+    pcm = (audio * 32767).round().astype("<i2").tobytes()
+    read_fd, write_fd = os.pipe()
+    cmd = [
+        ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:0",
+        "-f", "s16le", "-ar", str(sr), "-ac", "1", "-i", f"pipe:{read_fd}",
+        "-map", "0:v", "-map", "1:a",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+        "-threads", "1", "-g", str(fps),
+        "-c:a", "aac", "-b:a", "64k",
+        "-movflags", "+faststart", file_url(path),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(read_fd,)
+        )
+    finally:
+        os.close(read_fd)
+
+    def feed_audio():
+        try:
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(pcm)
+        except BrokenPipeError:
+            pass  # ffmpeg failed; its stderr says why
+
+    writer = threading.Thread(target=feed_audio, daemon=True)
+    writer.start()
+    _, err = proc.communicate(frames.tobytes(), timeout=120)
+    writer.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{path}: ffmpeg encoding failed: {err.decode(errors='replace')}")
+
+
+def clip_metadata(clip_id: str, split: str, spec: dict, rng: np.random.Generator) -> dict:
+    heard = [o["name"] for o in spec["objects"] if o["heard"]]
+    seen = [o["name"] for o in spec["objects"] if o["seen"]]
+    meta = {
+        "clip_id": clip_id,
+        "split": split,
+        "labels": heard,
+        "start_s": 0.0,
+        "heard": heard,
+        "seen": seen,
+        "case": spec["case"],
+        "audio_caption": world.audio_caption(heard),
+        "visual_caption": world.visual_caption(seen),
+    }
+    if split == "test":
+        meta["references"] = world.reference_captions(heard, rng)
+    return meta
+
+
+def make_clip(clip: tuple[str, str, int], cfg: dict, seed: int, clips_dir: Path) -> dict:
+    """Compose, render and encode one clip; returns its metadata."""
+    clip_id, split, index = clip
+    rng = clip_rng(seed, split, index)
+    spec = compose(rng, cfg)
+    frames = render_frames(spec, cfg, rng)
+    audio = render_audio(spec, cfg, rng)
+    meta = clip_metadata(clip_id, split, spec, rng)
+    encode_mp4(clips_dir / f"{clip_id}.mp4", frames, cfg["fps"], audio, cfg["sample_rate"])
+    return meta
+
+
+def generate_part(
+    cfg: dict, seed: int, part: int, parts: int, out: Path, workers: int = 1
+) -> list[dict]:
+    """Write part `part` of `parts` to `out`; returns the manifest rows."""
+    if not 0 <= part < parts:
+        raise ValueError(f"--part must be in [0, {parts}), got {part}")
+    clips = all_clips(cfg["splits"])[part::parts]
+    log.info("part %d/%d: %d clips of %.2f s", part, parts, len(clips), cfg["clip_seconds"])
+    with atomic_path(out, directory=True) as tmp:
+        clips_dir = tmp / "clips"
+        clips_dir.mkdir()
+        rows, metas = [], []
+
+        def one(clip):
+            try:
+                return clip, make_clip(clip, cfg, seed, clips_dir), ""
+            except Exception as exc:  # one broken clip is recorded, never fatal
+                log.warning("clip %s failed: %s", clip[0], exc)
+                return clip, None, f"{type(exc).__name__}: {exc}"
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for (clip_id, split, _), meta, reason in tqdm(
+                pool.map(one, clips), total=len(clips), desc=f"synthetic part {part}"
+            ):
+                rows.append(
+                    {
+                        "clip_id": clip_id,
+                        "path": str(out / "clips" / f"{clip_id}.mp4"),
+                        "status": "ok" if meta else "failed",
+                        "reason": reason,
+                        "split": split,
+                        "start_s": 0.0,
+                        "labels": ";".join(meta["labels"]) if meta else "",
+                    }
+                )
+                if meta:
+                    metas.append(meta)
+        write_manifest(tmp / "manifest.csv", rows)
+        write_jsonl(tmp / "metadata.jsonl", metas)
+    failed = sum(r["status"] != "ok" for r in rows)
+    log.info("part %d: %d clips written, %d failed", part, len(rows) - failed, failed)
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict], fields: list[str] = MANIFEST_FIELDS) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe acquire-synthetic", description=__doc__)
+    parser.add_argument("--params", help="JSON with seed, world and acquire sections")
+    parser.add_argument("--part", type=int, default=0)
+    parser.add_argument("--parts", type=int, help="default: acquire.parts")
+    parser.add_argument("--out", required=True, help="the part directory to write")
+    parser.add_argument("--workers", type=int, default=1, help="clips encoded at once")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = parse_params(args.params)
+    cfg = world_config(params.get("world"))
+    parts = args.parts or (params.get("acquire") or {}).get("parts", 1)
+    generate_part(cfg, int(params.get("seed", 0)), args.part, parts, Path(args.out), args.workers)
+    return 0
