@@ -1,0 +1,199 @@
+"""Stage prefix: learn the soft prompt that re-tasks the frozen captioner to describe sounds.
+
+    dalipipe prefix --params '{"seed": 0, "device": "auto", "prefix": {"epochs": 100}}' \
+        --pairs results/miniature/shards/prefix --captioner results/miniature/models/llava \
+        --out results/miniature/prefix
+
+Only the prefix embeddings train (paper §3.1). The captioner is frozen and sees the image only,
+so a few (frame, audio caption) pairs suffice; the authors place the prefix right after the image
+tokens (notes §5), which is the captioner's default. Writes prefix.safetensors, prefix.json and
+curve.csv; a killed run resumes from <out>.ckpt/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dalipipe.caption.pairs import load_pairs
+from dalipipe.caption.schedule import adamw_cosine, default_dtype
+from dalipipe.common import (
+    atomic_path,
+    parse_params,
+    pick_device,
+    seed_everything,
+    setup_logging,
+    write_json,
+)
+
+log = logging.getLogger("dalipipe.prefix")
+
+DEFAULTS = {
+    "pairs": None,
+    "n_tokens": 16,
+    "init_std": 1e-4,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.03,
+    "epochs": 500,
+    "batch_size": 16,
+    "checkpoint_every": 50,
+}
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """The sample order of one epoch, a function of (seed, epoch) only, so a resumed run
+    draws exactly the batches the killed one would have drawn."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def fit_prefix(
+    captioner, pairs: list, checkpoint_dir, *, settings: dict, seed: int = 0
+) -> list[dict]:
+    """Train `captioner.prefix` on the pairs (image modality); returns the loss curve.
+
+    Resumes from `checkpoint_dir` when it holds a checkpoint; on SIGTERM, checkpoints and exits.
+    """
+    from dalipipe.training import PREEMPTED_EXIT_CODE, TrainCheckpoint, sigterm_requested
+
+    params = captioner.trainable_parameters("prefix")
+    pixel_values = captioner.pixel_values([p.image for p in pairs])
+    captions = [p.caption for p in pairs]
+    batch_size = min(settings["batch_size"], len(pairs))
+    steps_per_epoch = math.ceil(len(pairs) / batch_size)
+    total_steps = settings["epochs"] * steps_per_epoch
+    optimizer, scheduler = adamw_cosine(
+        params,
+        lr=settings["lr"],
+        total_steps=total_steps,
+        warmup_ratio=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+    )
+    checkpoint = TrainCheckpoint(checkpoint_dir)
+    state = checkpoint.load()
+    curve: list[dict] = []
+    start = 0
+    if state is not None:
+        start, curve = state["step"], state["curve"]
+        with torch.no_grad():
+            for param, saved in zip(params, state["params"]):
+                param.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("resuming prefix tuning at step %d of %d", start, total_steps)
+
+    log.info("prefix tuning: %d pairs, %d steps, lr %g", len(pairs), total_steps, settings["lr"])
+    progress = tqdm(range(start, total_steps), desc="prefix", initial=start, total=total_steps)
+    for step in progress:
+        epoch, k = divmod(step, steps_per_epoch)
+        batch = epoch_order(len(pairs), epoch, seed)[k * batch_size : (k + 1) * batch_size]
+        loss = captioner.caption_loss(
+            captions=[captions[i] for i in batch],
+            modality="image",
+            pixel_values=pixel_values[batch],
+            use_prefix=True,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        value = loss.item()
+        curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
+        progress.set_postfix(loss=f"{value:.3f}")
+        if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
+            checkpoint.save(
+                {
+                    "curve": curve,
+                    "params": [p.detach() for p in params],
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+                step=step + 1,
+            )
+            if sigterm_requested():
+                log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+    return curve
+
+
+def write_prefix(out_dir: Path, captioner, summary: dict, curve: list[dict]) -> None:
+    with atomic_path(out_dir, directory=True) as tmp:
+        captioner.save_prefix(tmp / "prefix.safetensors")
+        write_json(tmp / "prefix.json", summary)
+        with open(tmp / "curve.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(curve)
+
+
+def train_prefix(
+    pairs_src, captioner_path, out_dir, *, settings=None, seed=0, device="auto"
+) -> dict:
+    from dalipipe.models.captioner import AudioCaptioner
+
+    settings = {**DEFAULTS, **(settings or {})}
+    out_dir = Path(out_dir)
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".ckpt")
+    seed_everything(seed)
+    device = pick_device(device)
+    pairs = load_pairs(pairs_src)
+    captioner = AudioCaptioner.from_base(
+        str(captioner_path), dtype=default_dtype(device), device=device
+    )
+    captioner.init_prefix(n_tokens=settings["n_tokens"], std=settings["init_std"], seed=seed)
+    began = time.time()
+    curve = fit_prefix(captioner, pairs, checkpoint_dir, settings=settings, seed=seed)
+    summary = {
+        "n_tokens": settings["n_tokens"],
+        "hidden_size": captioner.hidden_size,
+        "captioner": str(captioner_path),
+        "pairs": [p.clip_id for p in pairs],
+        "settings": settings,
+        "seed": seed,
+        "steps": len(curve),
+        "first_loss": curve[0]["loss"],
+        "final_loss": curve[-1]["loss"],
+        "seconds": round(time.time() - began, 2),
+    }
+    write_prefix(out_dir, captioner, summary, curve)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info(
+        "prefix: loss %.4f -> %.4f, wrote %s", summary["first_loss"], summary["final_loss"], out_dir
+    )
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe prefix", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--params", default="{}", help="JSON object (or @file) with seed, device, prefix"
+    )
+    parser.add_argument(
+        "--pairs", required=True, help="prefix split shard directory or a pairs file"
+    )
+    parser.add_argument(
+        "--captioner", required=True, help="a save_pretrained LLaVA-class captioner"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = parse_params(args.params)
+    train_prefix(
+        args.pairs,
+        args.captioner,
+        args.out,
+        settings=params.get("prefix"),
+        seed=params.get("seed", 0),
+        device=params.get("device", "auto"),
+    )
+    return 0

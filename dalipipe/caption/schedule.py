@@ -1,0 +1,37 @@
+"""AdamW with a linear warm-up then cosine decay: the optimiser of both LLaVA-side stages.
+
+    optimizer, scheduler = adamw_cosine(params, lr=1e-3, total_steps=500, warmup_ratio=0.03)
+
+The authors train through the Hugging Face Trainer (AdamW, betas 0.9/0.999, cosine schedule,
+warm-up ratio 0.03, weight decay 0); this reproduces its schedule, including rounding the
+warm-up up to a whole step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def adamw_cosine(
+    params, *, lr: float, total_steps: int, warmup_ratio: float = 0.03, weight_decay: float = 0.0
+):
+    params = list(params)
+    if not params:
+        raise ValueError("adamw_cosine: no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, warmup_steps(total_steps, warmup_ratio), total_steps
+    )
+    return optimizer, scheduler
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU as the authors ran it; float32 on a CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
