@@ -1,0 +1,524 @@
+"""Stage align: train an audio encoder whose tokens are distributed like the frozen image tokens.
+
+    dalipipe align --params '{"seed": 0, "device": "auto", "align": {...}, "models": {...}}' \
+        --method ot_att --shards results/r/shards/align --val-shards results/r/shards/test \
+        --captioner results/r/models/llava --out results/r/align/ot_att
+    accelerate launch -m dalipipe.cli align ...      # one process per GPU
+
+Per step: a batch of clips streams from the shards; one frame per clip (random, as the paper
+says, or a fixed index, as the authors' code does) goes through the captioner's frozen vision
+tower to give the target tokens; the fbank, augmented as the authors do (uniform noise of a
+per-clip amplitude, then a circular time shift), goes through the audio encoder; the method's
+loss (objective.py) is minimised per clip. Each epoch ends with a validation loss (uniform OT
+weights), a row of curve.csv and a halving of the LR at the configured milestones.
+
+A checkpoint every `checkpoint_every` steps, at each epoch's end and on SIGTERM goes to
+`<out>.ckpt/`; a rerun resumes exactly (weights, optimisers, scheduler, RNG, place in the data).
+The output directory holds audio_encoder.safetensors/.json, curve.csv and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dalipipe.align.attentive import AttentiveWeights, entropy_weight
+from dalipipe.align.objective import METHODS, Objective
+from dalipipe.align.ot import OTSolver
+from dalipipe.common import atomic_path, parse_params, seed_everything, setup_logging, write_json
+
+log = logging.getLogger(__name__)
+
+# The authors' settings (notes §4.3) unless the config says otherwise.
+DEFAULTS = {
+    "methods": list(METHODS),
+    "batch_size": 256,
+    "epochs": 20,
+    "lr": 1e-4,
+    "weight_decay": 5e-7,
+    "betas": [0.95, 0.999],
+    "lr_milestones": [10, 15, 20],
+    "lr_decay": 0.5,
+    "max_steps_per_epoch": None,
+    "frame": 0,  # "random" (paper) or a frame index (authors' code: 0)
+    "val_frame": 0,
+    "val_max_batches": None,
+    "noise": True,
+    "time_shift": True,
+    "precision": "fp32",  # fp32 | bf16 (autocast)
+    "checkpoint_every": 500,
+    "ot": {"solver": "exact", "eps": 0.05, "iters": 50, "workers": 0, "pool": "thread"},
+    "attentive": {
+        "heads": 8,
+        "tau": 20.0,
+        "uniform_mix": 0.5,
+        "frozen_epochs": 1,
+        "lambdas": [500.0, 400.0, 300.0, 200.0],
+        "final_lambda": 100.0,
+        "lr": 1e-4,
+        "double_gradient": False,
+    },
+    "per_method": {},
+}
+
+
+def method_settings(align: dict | None, method: str) -> dict:
+    """Defaults, then the config's `align` section, then its `per_method[method]` overrides."""
+    if method not in METHODS:
+        raise ValueError(f"--method: unknown {method!r}, expected one of {METHODS}")
+    align = dict(align or {})
+    merged = {**DEFAULTS, **{k: v for k, v in align.items() if k != "per_method"}}
+    merged.update((align.get("per_method") or {}).get(method) or {})
+    for nested in ("ot", "attentive"):
+        merged[nested] = {**DEFAULTS[nested], **(merged.get(nested) or {})}
+    unknown = set(merged) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config align: unknown keys {sorted(unknown)}")
+    return merged
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """A generator for one step's random choices, so a resumed run draws exactly the same ones."""
+    key = hashlib.sha256(f"{seed}/{epoch}/{step}/{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+
+
+def augment(
+    fbank: torch.Tensor, gen: torch.Generator, noise: bool, time_shift: bool
+) -> torch.Tensor:
+    """The authors' alignment augmentation on (B,T,M): + U[0,1)*u/10 with u ~ U[0,1) per clip,
+    then a circular shift along time by an integer in [-T, T)."""
+    batch, length, _ = fbank.shape
+    if noise:
+        amplitude = torch.rand(batch, 1, 1, generator=gen) / 10
+        fbank = fbank + torch.rand(fbank.shape, generator=gen) * amplitude
+    if time_shift:
+        shift = torch.randint(-length, length, (batch, 1), generator=gen)
+        index = (torch.arange(length).unsqueeze(0) - shift) % length  # torch.roll, per clip
+        fbank = fbank.gather(1, index.unsqueeze(-1).expand_as(fbank))
+    return fbank
+
+
+def pick_frames(samples: list[dict], frame, gen: torch.Generator | None) -> list[np.ndarray]:
+    """One frame per clip: drawn at random, or the one fixed frame the reader decoded."""
+    if frame != "random":
+        return [sample["frames"][0] for sample in samples]
+    return [s["frames"][int(torch.randint(len(s["frames"]), (1,), generator=gen))] for s in samples]
+
+
+def batched(reader, batch_size: int):
+    """Full batches only (drop_last, as the authors)."""
+    iterator = iter(reader)
+    while batch := list(itertools.islice(iterator, batch_size)):
+        if len(batch) < batch_size:
+            return
+        yield batch
+
+
+def open_reader(shards, *, shuffle: bool, seed: int, rank: int, world_size: int, frame=None):
+    """Only the needed frame is decoded when the frame index is fixed (JPEG decoding is costly)."""
+    from dalipipe.data.shard import ShardReader
+
+    indices = None if frame in (None, "random") else [int(frame)]
+    return ShardReader(
+        shards, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, frame_indices=indices
+    )
+
+
+def usable(samples, where: str):
+    """Clips without the wanted frame are logged and skipped, never fatal."""
+    for sample in samples:
+        if sample["frames"]:
+            yield sample
+        else:
+            log.warning("%s: clip %s has no usable frame, skipped", where, sample["clip_id"])
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+class Run:
+    """Everything one alignment run holds; `train()` runs it to the end or to a SIGTERM."""
+
+    def __init__(self, params: dict, method: str, shards, val_shards, captioner_path, out):
+        from accelerate import Accelerator
+
+        from dalipipe.models.captioner import AudioCaptioner
+
+        self.method, self.out = method, Path(out)
+        self.settings = s = method_settings(params.get("align"), method)
+        self.seed = int(params.get("seed", 0))
+        self.shards, self.val_shards = shards, val_shards
+        device = params.get("device", "auto")
+        self.accelerator = Accelerator(cpu=device == "cpu")
+        self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if s["precision"] not in ("fp32", "bf16"):
+            raise ValueError(
+                f"config align.precision: expected fp32 or bf16, got {s['precision']!r}"
+            )
+
+        seed_everything(self.seed)
+        self.captioner = AudioCaptioner.from_base(str(captioner_path)).to(self.device)
+        self.captioner.eval().requires_grad_(False)
+        probe = next(
+            usable(
+                open_reader(val_shards, shuffle=False, seed=self.seed, rank=0, world_size=1),
+                str(val_shards),
+            )
+        )
+        width = self.image_tokens([probe["frames"][0]]).shape[-1]
+        self.encoder = self._build_encoder(params.get("models") or {}, probe["fbank"].shape, width)
+        self.solver = self.scorer = None
+        if method in ("ot", "ot_att"):
+            ot = s["ot"]
+            self.solver = OTSolver(ot["solver"], ot["eps"], ot["iters"], ot["workers"], ot["pool"])
+        params_main = list(self.encoder.parameters())
+        adam = dict(betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
+        self.optimizer = torch.optim.Adam(params_main, lr=s["lr"], **adam)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(s["lr_milestones"]), gamma=s["lr_decay"]
+        )
+        self.scorer_optimizer = None
+        if method == "ot_att":
+            att = s["attentive"]
+            self.scorer = AttentiveWeights(width, att["heads"], att["tau"], att["uniform_mix"])
+            self.scorer.to(self.device)
+            self.scorer_optimizer = torch.optim.Adam(self.scorer.parameters(), lr=att["lr"], **adam)
+        self.objective = Objective(
+            method, self.solver, self.scorer, s["attentive"]["double_gradient"]
+        )
+        self.checkpoint = _checkpoint(self.out)
+        self.fingerprint = hashlib.sha256(
+            json.dumps(
+                [method, s, params.get("models"), self.seed, str(captioner_path)],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:16]
+        self.progress = {
+            "epoch": 1,
+            "batch": 0,
+            "step": 0,
+            "sums": {},
+            "count": 0,
+            "curve": [],
+            "seconds": 0.0,
+            "clips": 0,
+        }
+
+    def _build_encoder(self, models: dict, fbank_shape, width: int):
+        from dalipipe.models.cavmae import build_encoder
+
+        settings = dict(models.get("audio_encoder") or {})
+        settings.setdefault("target_length", int(fbank_shape[0]))
+        settings.setdefault("num_mel_bins", int(fbank_shape[1]))
+        if (settings["target_length"], settings["num_mel_bins"]) != tuple(fbank_shape):
+            raise ValueError(
+                f"config models.audio_encoder expects fbank ({settings['target_length']}, "
+                f"{settings['num_mel_bins']}), the shards hold {tuple(fbank_shape)}"
+            )
+        if settings.get("out_dim", width) != width:
+            raise ValueError(
+                f"config models.audio_encoder.out_dim={settings['out_dim']} but the "
+                f"captioner's image tokens are {width}-d"
+            )
+        return build_encoder(settings, out_dim=width).to(self.device)
+
+    def autocast(self):
+        enabled = self.settings["precision"] == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def image_tokens(self, frames: list[np.ndarray]) -> torch.Tensor:
+        with self.autocast():
+            pixels = self.captioner.pixel_values(frames).to(self.device)
+            return self.captioner.image_tokens(pixels).float()
+
+    def entropy_lambda(self, epoch: int) -> float | None:
+        if self.method != "ot_att":
+            return None
+        att = self.settings["attentive"]
+        return entropy_weight(epoch, att["frozen_epochs"], att["lambdas"], att["final_lambda"])
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        state = {
+            "fingerprint": self.fingerprint,
+            "progress": self.progress,
+            "encoder": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.scorer is not None:
+            state["scorer"] = self.scorer.state_dict()
+            state["scorer_optimizer"] = self.scorer_optimizer.state_dict()
+        return state
+
+    def save(self) -> None:
+        if self.accelerator.is_main_process:
+            self.checkpoint.save(self.state(), step=self.progress["step"])
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> bool:
+        state = self.checkpoint.load()
+        if state is None:
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning(
+                "%s was written with other settings: starting afresh", self.checkpoint.latest
+            )
+            self.checkpoint.remove()
+            seed_everything(self.seed)
+            return False
+        self.encoder.load_state_dict(state["encoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scorer is not None:
+            self.scorer.load_state_dict(state["scorer"])
+            self.scorer_optimizer.load_state_dict(state["scorer_optimizer"])
+        self.progress = state["progress"]
+        log.info(
+            "resuming %s at epoch %d, batch %d (step %d)",
+            self.method,
+            self.progress["epoch"],
+            self.progress["batch"],
+            self.progress["step"],
+        )
+        return True
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def in_step(self, batches):
+        """Stop every process at the same step: ranks may hold different numbers of clips."""
+        if self.world == 1:
+            yield from batches
+            return
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            have = torch.tensor([float(batch is not None)], device=self.device)
+            if self.accelerator.reduce(have, reduction="sum").item() < self.world:
+                return
+            yield batch
+
+    def _reduce_grads(self, params) -> None:
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def train_step(self, samples: list[dict], epoch: int) -> dict[str, float]:
+        s, p = self.settings, self.progress
+        gen = step_generator(self.seed, epoch, p["batch"], self.rank)
+        image = self.image_tokens(pick_frames(samples, s["frame"], gen))
+        fbank = torch.from_numpy(np.stack([x["fbank"] for x in samples]).astype(np.float32))
+        fbank = augment(fbank, gen, s["noise"], s["time_shift"]).to(self.device)
+        self.encoder.train()
+        with self.autocast():
+            audio = self.encoder(fbank)
+            out = self.objective(audio, image, self.entropy_lambda(epoch), train=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        scorer_grads = None
+        if out.scorer_loss is not None:
+            self.scorer_optimizer.zero_grad(set_to_none=True)
+            scorer_params = list(self.scorer.parameters())
+            scorer_grads = torch.autograd.grad(
+                out.scorer_loss, scorer_params, retain_graph=True, allow_unused=True
+            )
+        out.loss.backward()
+        self._reduce_grads(self.encoder.parameters())
+        self.optimizer.step()
+        if scorer_grads is not None:
+            # The scorer learns only from its own loss OT - lambda*H, with its own optimiser.
+            for param, grad in zip(scorer_params, scorer_grads):
+                param.grad = grad
+            self._reduce_grads(scorer_params)
+            self.scorer_optimizer.step()
+        return {"loss": out.loss.item(), **out.logged}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        s = self.settings
+        reader = open_reader(
+            self.val_shards,
+            shuffle=False,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world,
+            frame=s["val_frame"],
+        )
+        self.encoder.eval()
+        total = torch.zeros(2, device=self.device)
+        stream = batched(usable(reader, str(self.val_shards)), s["batch_size"])
+        for samples in itertools.islice(stream, s["val_max_batches"]):
+            image = self.image_tokens(pick_frames(samples, s["val_frame"], None))
+            fbank = torch.from_numpy(np.stack([x["fbank"] for x in samples]).astype(np.float32))
+            with self.autocast():
+                audio = self.encoder(fbank.to(self.device))
+                loss = self.objective(audio, image, train=False).loss
+            total += torch.tensor([loss.item() * len(samples), len(samples)], device=self.device)
+        if self.world > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        if total[1] == 0:
+            log.warning(
+                "validation: %s holds fewer clips than one batch (%d)",
+                self.val_shards,
+                s["batch_size"],
+            )
+            return float("nan")
+        return float(total[0] / total[1])
+
+    def train(self) -> dict:
+        from dalipipe.training import PREEMPTED_EXIT_CODE, sigterm_requested
+
+        s, p = self.settings, self.progress
+        self.resume()
+        p = self.progress
+        began = time.time() - p["seconds"]
+        for epoch in range(p["epoch"], s["epochs"] + 1):
+            reader = open_reader(
+                self.shards,
+                shuffle=True,
+                seed=self.seed,
+                rank=self.rank,
+                world_size=self.world,
+                frame=s["frame"],
+            )
+            reader.set_epoch(epoch)
+            stream = self.in_step(batched(usable(reader, str(self.shards)), s["batch_size"]))
+            batches = itertools.islice(stream, p["batch"], s["max_steps_per_epoch"])
+            lam = self.entropy_lambda(epoch)
+            bar = tqdm(
+                batches,
+                desc=f"align {self.method} epoch {epoch}/{s['epochs']}",
+                initial=p["batch"],
+                disable=not self.accelerator.is_main_process,
+            )
+            for samples in bar:
+                logged = self.train_step(samples, epoch)
+                p["batch"] += 1
+                p["step"] += 1
+                p["count"] += 1
+                p["clips"] += len(samples) * self.world
+                for key, value in logged.items():
+                    p["sums"][key] = p["sums"].get(key, 0.0) + value
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                p["seconds"] = time.time() - began
+                if p["step"] % s["checkpoint_every"] == 0 or sigterm_requested():
+                    self.save()
+                if sigterm_requested():
+                    log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", p["step"])
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
+            val = self.validate()
+            row = {
+                "epoch": epoch,
+                "step": p["step"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "entropy_lambda": lam,
+                "val_loss": val,
+                **{f"train_{k}": v / max(p["count"], 1) for k, v in p["sums"].items()},
+            }
+            log.info("epoch %d: %s", epoch, json.dumps(row))
+            p["curve"].append(row)
+            self.scheduler.step()
+            p.update(epoch=epoch + 1, batch=0, sums={}, count=0, seconds=time.time() - began)
+            self.save()
+        return self.finish()
+
+    def finish(self) -> dict:
+        from dalipipe.models.cavmae import count_parameters, save_encoder
+
+        p, curve = self.progress, self.progress["curve"]
+        last = curve[-1] if curve else {}
+        summary = {
+            "method": self.method,
+            "solver": self.solver.describe() if self.solver else None,
+            "epochs": self.settings["epochs"],
+            "steps": p["step"],
+            "clips_seen": p["clips"],
+            "final_train_loss": last.get("train_loss"),
+            "final_val_loss": last.get("val_loss"),
+            "encoder_parameters": count_parameters(self.encoder),
+            "scorer_parameters": count_parameters(self.scorer) if self.scorer else 0,
+            "processes": self.world,
+            "device": str(self.device),
+            "seed": self.seed,
+            "seconds": round(p["seconds"], 2),
+            "settings": self.settings,
+        }
+        if self.accelerator.is_main_process:
+            with atomic_path(self.out, directory=True) as tmp:
+                save_encoder(self.encoder, tmp)
+                write_curve(tmp / "curve.csv", curve)
+                write_json(tmp / "summary.json", summary)
+            self.checkpoint.remove()
+        self.accelerator.wait_for_everyone()
+        if self.solver is not None:
+            self.solver.close()
+        return summary
+
+
+def _checkpoint(out: Path):
+    from dalipipe.training import TrainCheckpoint
+
+    return TrainCheckpoint(out.with_name(out.name + ".ckpt"))
+
+
+def write_curve(path: Path, rows: list[dict]) -> None:
+    columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "epoch", k))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+
+
+def align(params: dict, method: str, shards, val_shards, captioner, out) -> dict:
+    """Train one method's encoder into ``out``; returns the summary."""
+    return Run(params, method, shards, val_shards, captioner, out).train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe align", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--params", required=True, help="JSON (or @file) with seed, device, align, models"
+    )
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--shards", required=True, help="training shards directory")
+    parser.add_argument("--val-shards", required=True, help="validation shards directory")
+    parser.add_argument("--captioner", required=True, help="LLaVA-class captioner directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    setup_logging()
+    summary = align(
+        parse_params(args.params),
+        args.method,
+        args.shards,
+        args.val_shards,
+        args.captioner,
+        args.out,
+    )
+    log.info(
+        "align %s done: %s",
+        args.method,
+        json.dumps(
+            {k: summary[k] for k in ("steps", "final_train_loss", "final_val_loss", "seconds")}
+        ),
+    )
+    return 0

@@ -1,0 +1,204 @@
+"""The align stage on tiny models and tiny shards: pytest tests/test_align.py -x -q
+
+The resume test kills a real `dalipipe align` process with SIGTERM after its first checkpoint,
+reruns it, and expects bit-identical weights to an uninterrupted run.
+"""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dalipipe.align.train import align, augment, method_settings, step_generator
+
+ENCODER = dict(
+    num_mel_bins=32, target_length=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=32
+)
+
+
+def write_shard(path, clips):
+    """A webdataset tar in the project's shard format (DEVELOPING.md)."""
+    with tarfile.open(path, "w") as tar:
+        for key, frames, fbank in clips:
+            fields = {"json": json.dumps({"clip_id": key, "n_frames": len(frames)}).encode()}
+            for k, frame in enumerate(frames):
+                buffer = io.BytesIO()
+                Image.fromarray(frame).save(buffer, format="JPEG")
+                fields[f"frame{k}.jpg"] = buffer.getvalue()
+            buffer = io.BytesIO()
+            np.save(buffer, fbank.astype(np.float16))
+            fields["fbank.npy"] = buffer.getvalue()
+            for field, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_clips(rng, prefix, n):
+    clips = []
+    for i in range(n):
+        colour = rng.integers(0, 256, 3)
+        frames = [np.broadcast_to(colour, (32, 32, 3)).astype(np.uint8) for _ in range(3)]
+        fbank = rng.normal(size=(64, 32)) + colour[0] / 128.0  # audio correlated with the look
+        clips.append((f"{prefix}-{i:03d}", frames, fbank))
+    return clips
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from dalipipe.models.tiny import make_tiny_llava
+
+    root = tmp_path_factory.mktemp("align")
+    rng = np.random.default_rng(0)
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    clips = make_clips(rng, "train", 24)
+    write_shard(root / "train" / "align-000000.tar", clips[:12])
+    write_shard(root / "train" / "align-000001.tar", clips[12:])
+    write_shard(root / "val" / "test-000000.tar", make_clips(rng, "val", 8))
+    for split in ("train", "val"):
+        files = sorted(p.name for p in (root / split).glob("*.tar"))
+        (root / split / "index.json").write_text(
+            json.dumps({"shards": [{"file": f} for f in files]})
+        )
+    return {"root": root, "llava": make_tiny_llava(root / "llava")}
+
+
+def params_for(**align):
+    settings = {
+        "batch_size": 4,
+        "epochs": 3,
+        "lr": 1e-3,
+        "lr_milestones": [2],
+        "checkpoint_every": 2,
+        "frame": "random",
+        **align,
+    }
+    return {"seed": 0, "device": "cpu", "align": settings, "models": {"audio_encoder": ENCODER}}
+
+
+def run_align(world, method, out, **settings):
+    r = world["root"]
+    return align(params_for(**settings), method, r / "train", r / "val", world["llava"], out)
+
+
+def test_settings_merge_defaults_config_and_per_method():
+    s = method_settings(
+        {"epochs": 20, "per_method": {"mmd": {"epochs": 30}}, "ot": {"solver": "sinkhorn"}}, "mmd"
+    )
+    assert s["epochs"] == 30 and s["betas"] == [0.95, 0.999] and s["lr"] == 1e-4
+    assert s["ot"] == {
+        "solver": "sinkhorn",
+        "eps": 0.05,
+        "iters": 50,
+        "workers": 0,
+        "pool": "thread",
+    }
+    assert (
+        method_settings({"epochs": 20, "per_method": {"mmd": {"epochs": 30}}}, "ot")["epochs"] == 20
+    )
+    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+        method_settings({"epoch": 3}, "ot")
+    with pytest.raises(ValueError, match="--method: unknown 'emd'"):
+        method_settings({}, "emd")
+
+
+def test_augment_is_a_per_clip_roll_plus_bounded_noise():
+    x = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    shifted = augment(x, step_generator(0, 1, 0, 0), noise=False, time_shift=True)
+    shifts = torch.randint(-6, 6, (2, 1), generator=step_generator(0, 1, 0, 0))
+    for i in range(2):
+        assert torch.equal(shifted[i], torch.roll(x[i], int(shifts[i]), dims=0))
+    noisy = augment(x, step_generator(0, 1, 0, 0), noise=True, time_shift=False) - x
+    assert noisy.min() >= 0 and noisy.max() < 0.1
+    # one amplitude per clip: the spread of each clip's noise differs
+    assert not torch.isclose(noisy[0].max(), noisy[1].max())
+
+
+def test_mmd_run_writes_encoder_curve_and_summary(world, tmp_path):
+    from dalipipe.models.cavmae import load_encoder
+
+    out = tmp_path / "align" / "mmd"
+    summary = run_align(world, "mmd", out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "audio_encoder.json",
+        "audio_encoder.safetensors",
+        "curve.csv",
+        "summary.json",
+    ]
+    assert not (tmp_path / "align" / "mmd.ckpt").exists()
+    rows = list(csv.DictReader(open(out / "curve.csv")))
+    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 5e-4]  # halved at milestone 2
+    assert [int(r["step"]) for r in rows] == [6, 12, 18]  # 24 clips / batch 4, three epochs
+    assert summary["steps"] == 18 and summary["clips_seen"] == 72 and summary["solver"] is None
+    assert json.loads((out / "summary.json").read_text())["method"] == "mmd"
+    assert float(rows[-1]["train_mmd"]) < float(rows[0]["train_mmd"])
+    encoder = load_encoder(out)
+    assert encoder.config.out_dim == 32 and encoder.config.target_length == 64
+
+
+def test_ot_summary_records_the_solver(world, tmp_path):
+    summary = run_align(
+        world, "ot", tmp_path / "ot", epochs=1, ot={"solver": "sinkhorn", "eps": 0.1, "iters": 20}
+    )
+    assert summary["solver"] == {"solver": "sinkhorn", "eps": 0.1, "iters": 20}
+    assert np.isfinite(summary["final_val_loss"])
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    run_align(world, "ot_att", reference)
+
+    out = tmp_path / "interrupted"
+    r = world["root"]
+    command = [
+        sys.executable,
+        "-m",
+        "dalipipe.cli",
+        "align",
+        "--params",
+        json.dumps(params_for()),
+        "--method",
+        "ot_att",
+        "--shards",
+        str(r / "train"),
+        "--val-shards",
+        str(r / "val"),
+        "--captioner",
+        str(world["llava"]),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = tmp_path / "interrupted.ckpt" / "latest" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    log = job.communicate(timeout=300)[0].decode()
+    assert job.returncode == 143, log
+    assert "SIGTERM: checkpoint saved" in log and not out.exists()
+    saved = json.loads(state.read_text())
+    steps = [v for k, v in saved["__dict__"][0][1]["__dict__"] if k == "step"]
+    assert 0 < steps[0] < 18
+
+    run_align(world, "ot_att", out)  # resumes from the checkpoint
+    expected = load_file(reference / "audio_encoder.safetensors")
+    got = load_file(out / "audio_encoder.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert (out / "curve.csv").read_text() == (reference / "curve.csv").read_text()
