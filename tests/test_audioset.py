@@ -100,6 +100,7 @@ def test_command_writes_parts_and_summary(tmp_path):
                 "class_index": str(AS / "class_labels_indices.csv"),
                 "ontology": str(AS / "ontology.json"),
                 "split": "eval",
+                "split_names": {"eval": "align"},
                 "classes": ["Dog"],
                 "max_clips": None,
             },
@@ -111,5 +112,5 @@ def test_command_writes_parts_and_summary(tmp_path):
     rows = [audioset.read_selection(tmp_path / "sel" / f"part-{i}.jsonl") for i in range(2)]
     assert summary["parts"] == [len(rows[0]), len(rows[1])]
     assert summary["excluded_eval_ids"] == 1  # --4gqARaEJE is labelled Dog
-    assert all(r.split == "eval" and r.youtube_id != "--4gqARaEJE" for p in rows for r in p)
+    assert all(r.split == "align" and r.youtube_id != "--4gqARaEJE" for p in rows for r in p)
     assert sum(summary["parts"]) == summary["selected"] > 100

@@ -116,11 +116,13 @@ def test_filter_part_scores_skips_excludes_and_resumes(tiny, tmp_path, monkeypat
     extract = write_extract_part(
         tmp_path / "extract" / "part-0",
         [("aaaaaaaaaaa_0", "ok", 3), ("bbbbbbbbbbb_0", "ok", 2), ("ccccccccccc_0", "ok", 2),
-         ("ddddddddddd_0", "failed", 0), ("eeeeeeeeeee_0", "ok", 1)],
+         ("ddddddddddd_0", "failed", 0), ("eeeeeeeeeee_0", "ok", 1), ("ggggggggggg_0", "ok", 1)],
     )  # fmt: skip
     metadata = tmp_path / "metadata.jsonl"
     metadata.write_text(
-        "\n".join(
+        json.dumps({"clip_id": "ggggggggggg_0", "labels": ["Dog"], "split": "test"})
+        + "\n"
+        + "\n".join(
             json.dumps({"clip_id": c, "labels": labels, "split": "eval", "start_s": 0.0})
             for c, labels in [("aaaaaaaaaaa_0", ["Dog", "Bark"]), ("bbbbbbbbbbb_0", ["Car"]),
                               ("ccccccccccc_0", ["Dog"]), ("ddddddddddd_0", ["Dog"]),
@@ -132,7 +134,8 @@ def test_filter_part_scores_skips_excludes_and_resumes(tiny, tmp_path, monkeypat
     params = {
         "device": "cpu",
         "filter": {"captioner": tiny["blip2"], "text_encoder": "gpt2", "gpt2": tiny["gpt2"],
-                   "exclude_id_lists": [str(eval_ids)], "batch_size": 2, "max_new_tokens": 6},
+                   "exclude_id_lists": [str(eval_ids)], "batch_size": 2, "max_new_tokens": 6,
+                   "splits": ["eval"]},
     }  # fmt: skip
     out = tmp_path / "filter" / "part-0"
     summary = flt.run_filter(params, extract, metadata, out)

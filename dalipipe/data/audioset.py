@@ -6,7 +6,8 @@ Reads Google's segment CSVs (``# `` header lines, then ``YTID, start, end, "mid,
 index (``index,mid,display_name``) and the ontology JSON, which lets a class name stand for itself
 and every class below it. Malformed rows are logged with their line number and skipped. Clips whose
 YouTube id is in an evaluation set (``filter.exclude_id_lists``) are never selected, so nothing we
-evaluate on is downloaded for training. Writes ``part-<i>.jsonl`` (one segment per line) and
+evaluate on is downloaded for training. ``split_names`` renames AudioSet splits to pipeline
+splits (e.g. unbalanced_train -> align, balanced_train -> pseudolabel) in the metadata. Writes ``part-<i>.jsonl`` (one segment per line) and
 ``summary.json``.
 """
 
@@ -208,7 +209,9 @@ def run_selection(params: dict, out_dir: str | Path) -> dict:
     for split in splits:
         if split not in cfg["segments"]:
             raise ValueError(f"acquire.audioset.segments: no CSV given for split {split!r}")
-        seg, bad = read_segments(cfg["segments"][split], split, class_index)
+        # e.g. {"unbalanced_train": "align"}: the pipeline split a segment's clip serves
+        as_split = (cfg.get("split_names") or {}).get(split, split)
+        seg, bad = read_segments(cfg["segments"][split], as_split, class_index)
         segments += seg
         problems += bad
     classes = cfg.get("classes") or []

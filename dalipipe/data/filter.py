@@ -55,6 +55,7 @@ DEFAULTS = {
     "batch_size": 64,
     "max_new_tokens": 30,
     "exclude_id_lists": [],
+    "splits": None,  # e.g. ["align"]: score only clips of these splits; None: all
 }
 EMBEDDINGS = {
     "gpt2": "mean of GPT-2's last hidden state over the text's tokens (no special tokens)",
@@ -197,12 +198,18 @@ def read_extract_manifest(extract_dir: Path) -> list[dict]:
     return rows
 
 
-def plan_clips(extract_dir: Path, metadata: dict[str, dict], exclude: set[str]):
-    """The clips to caption, each with its frames and labels; and the skipped, with reasons."""
+def plan_clips(extract_dir: Path, metadata: dict[str, dict], exclude: set[str], splits=None):
+    """The clips to caption, each with its frames and labels; and the skipped, with reasons.
+
+    Clips of a split not in ``splits`` (when given) are left out without a reason row: the
+    filter only serves the splits that train on its kept list.
+    """
     todo, skipped, excluded = [], [], 0
     for row in read_extract_manifest(extract_dir):
         clip_id = row["clip_id"]
         meta = metadata.get(clip_id)
+        if splits and meta is not None and meta.get("split") not in splits:
+            continue
         if row["status"] != "ok":
             skipped.append((clip_id, f"extract status {row['status']}: {row.get('reason', '')}"))
         elif meta is None or not meta.get("labels"):
@@ -307,7 +314,7 @@ def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name
     extract_dir, out_dir = Path(extract_dir), Path(out_dir)
     metadata = {row["clip_id"]: row for row in read_jsonl(metadata_path)}
     exclude = read_exclusions(cfg["exclude_id_lists"])
-    clips, skipped, excluded = plan_clips(extract_dir, metadata, exclude)
+    clips, skipped, excluded = plan_clips(extract_dir, metadata, exclude, cfg.get("splits"))
     log.info(
         "%s: %d clips to score, %d skipped, %d excluded as evaluation clips",
         extract_dir, len(clips), len(skipped), excluded,
