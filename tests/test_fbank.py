@@ -73,10 +73,20 @@ def signal(name, seconds=1.0, sample_rate=SR):
         x[t.size // 2 : t.size // 2 + 1200] = 0.5 * rng.standard_normal(1200)
     elif name == "quiet_noise":
         x = 1e-4 * rng.standard_normal(t.size)  # near the floor in the low filters
+    elif name == "offset_noise":
+        x = 0.3 + 0.01 * rng.standard_normal(t.size)  # only per-frame DC removal hides the offset
     return x.astype(np.float32)
 
 
-SIGNALS = ["noise", "tones", "chirp", "silence", "silence_then_burst", "quiet_noise"]
+SIGNALS = [
+    "noise",
+    "tones",
+    "chirp",
+    "silence",
+    "silence_then_burst",
+    "quiet_noise",
+    "offset_noise",
+]
 
 
 @pytest.mark.parametrize("name", SIGNALS)

@@ -111,15 +111,18 @@ def kaldi_fbank(
     if n_frames == 0:
         return np.zeros((0, num_mel_bins), dtype=np.float32)
 
-    windows = np.lib.stride_tricks.sliding_window_view(wave.astype(np.float64), frame_length)
-    frames = windows[: (n_frames - 1) * frame_shift + 1 : frame_shift]
-    frames = frames - frames.mean(axis=1, keepdims=True)
-    # Kaldi's pre-emphasis treats the sample before each frame's first one as that sample itself.
-    previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
-    frames = frames - preemphasis * previous
+    windows = np.lib.stride_tricks.sliding_window_view(wave, frame_length)
+    # One float64 buffer already zero-padded to the FFT size; every step below works in place.
+    padded = np.zeros((n_frames, n_fft))
+    frames = padded[:, :frame_length]
+    frames[:] = windows[: (n_frames - 1) * frame_shift + 1 : frame_shift]
+    frames -= frames.mean(axis=1, keepdims=True)
+    # Pre-emphasis; Kaldi treats the sample before each frame's first one as that sample itself.
+    frames[:, 1:] -= preemphasis * frames[:, :-1]
+    frames[:, 0] *= 1.0 - preemphasis
     n = np.arange(frame_length)
-    hann = 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (frame_length - 1))
-    spectrum = np.fft.rfft(frames * hann, n=n_fft, axis=1)
+    frames *= 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (frame_length - 1))  # symmetric Hann
+    spectrum = np.fft.rfft(padded, axis=1)
     power = spectrum.real**2 + spectrum.imag**2
     energies = power @ filters
     return np.log(np.maximum(energies, LOG_FLOOR)).astype(np.float32)
