@@ -146,15 +146,17 @@ def test_failed_missing_frameless_and_broken_clips_are_skipped(tmp_path):
         ("noframes", "align", 1, "ok", 0),
         ("badfbank", "align", 1, "ok", 1),
         ("other", "test", 1, "ok", 0),
+        ("wrongshape", "align", 0, "ok", 1),
     ]
     parts, metadata = make_extract(tmp_path, clips)
     (parts[1] / "badfbank" / "fbank.npy").write_bytes(b"not an npy file")
+    np.save(parts[0] / "wrongshape" / "fbank.npy", np.zeros((10, 16), np.float16))
     with open(metadata, "a") as f:
         f.write(json.dumps({"clip_id": "never_extracted", "split": "align", "labels": []}) + "\n")
     index = shard.write_split(parts, metadata, "align", tmp_path / "align")
     assert [s["clip_id"] for s in shard.load_split(tmp_path / "align")] == ["ok1"]
     assert index["counts"] == {
-        "broken": 1,
+        "broken": 2,
         "extract_failed": 1,
         "no_frames": 1,
         "not_extracted": 1,
@@ -164,6 +166,7 @@ def test_failed_missing_frameless_and_broken_clips_are_skipped(tmp_path):
     assert "no audio stream" in reasons["failed1"]
     assert "badfbank/fbank.npy: not a readable .npy" in reasons["badfbank"]
     assert "no frames" in reasons["noframes"]
+    assert "shape (10, 16) differs from the split's (24, 16)" in reasons["wrongshape"]
     # The test split does not need frames: its frameless clip is written.
     shard.write_split(parts, metadata, "test", tmp_path / "test")
     (only,) = shard.load_split(tmp_path / "test")

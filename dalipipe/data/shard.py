@@ -117,8 +117,8 @@ def read_kept(path: str | os.PathLike) -> set[str]:
 
 def check_clip_files(
     directory: Path, need_frames: bool, keep_wav: bool
-) -> tuple[list[Path], Path, Path | None]:
-    """The clip's frames (in index order), fbank and audio; ValueError names what is wrong."""
+) -> tuple[list[Path], Path, tuple[int, ...], Path | None]:
+    """The clip's frames (in index order), fbank (and its shape), audio; ValueError says why."""
     if not directory.is_dir():
         raise ValueError(f"{directory}: clip directory missing")
     numbered = [
@@ -143,7 +143,7 @@ def check_clip_files(
     audio = directory / "audio.wav"
     if keep_wav and not audio.is_file():
         raise ValueError(f"{audio}: missing and extract.keep_wav is set")
-    return frames, fbank, audio if keep_wav else None
+    return frames, fbank, array.shape, audio if keep_wav else None
 
 
 def collect_clips(
@@ -173,15 +173,13 @@ def collect_clips(
             row = extracted[clip_id][1]
             reason, outcome = f"extract {row['status']}: {row.get('reason', '')}", "extract_failed"
         else:
-            outcome = "broken"
             try:
                 key = shard_key(clip_id)
                 if key in keys:
                     raise ValueError(f"key {key!r} already used by clip {keys[key]!r}")
-                frames, fbank, audio = check_clip_files(
+                frames, fbank, shape, audio = check_clip_files(
                     extracted[clip_id][0] / clip_id, need_frames, keep_wav
                 )
-                shape = np.load(fbank, mmap_mode="r").shape
                 if fbank_shape is not None and shape != fbank_shape:
                     raise ValueError(
                         f"{fbank}: shape {shape} differs from the split's {fbank_shape}"
