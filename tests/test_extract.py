@@ -3,12 +3,16 @@
 pytest tests/test_extract.py -q
 """
 
+import csv
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dalipipe.data.extract import MANIFEST_FIELDS, extract_clip
+from dalipipe.data.extract import main as extract_main
 from dalipipe.data.ffmpeg import MediaError, decode_audio, ffmpeg_exe, parse_info, probe
 
 CLIPS = Path("/work/shared/data/clips")
@@ -78,3 +82,86 @@ def test_decode_audio_errors_name_the_file(tmp_path):
         probe(empty)
     with pytest.raises(MediaError, match="file not found"):
         decode_audio(tmp_path / "missing.wav")
+
+
+FBANK = {"num_mel_bins": 32, "target_length": 128, "mean": -5.0, "std": 4.5}
+
+
+def test_frames_are_the_first_of_each_second(tmp_path):
+    """Frame k of a 5 fps video has grey level 15 k, so the kept frames show their index."""
+    n = 17  # 3.4 s
+    levels = b"".join(bytes([15 * k]) * (32 * 48 * 3) for k in range(n))
+    src = tmp_path / "count.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "48x32",
+         "-r", "5", "-i", "pipe:0", "-f", "lavfi", "-i", "sine=f=500:d=3.4",
+         "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p", "-c:a", "aac", str(src)],
+        input=levels, check=True,
+    )  # fmt: skip
+    row = extract_clip(src, tmp_path / "clip", short_side=16, fbank=FBANK)
+    assert row["n_frames"] == 4 and (row["width"], row["height"]) == (48, 32)
+    from PIL import Image
+
+    for k in range(4):
+        image = Image.open(tmp_path / "clip" / f"frame_{k:02d}.jpg")
+        assert image.size == (24, 16)  # short side 16, aspect kept
+        assert np.asarray(image).mean() == pytest.approx(15 * 5 * k, abs=3)
+    later = extract_clip(
+        src, tmp_path / "later", start_s=1.0, window_s=2.0, short_side=16, fbank=FBANK
+    )
+    assert later["n_frames"] == 2 and later["duration_s"] == pytest.approx(2.0, abs=0.01)
+    first = np.asarray(Image.open(tmp_path / "later" / "frame_00.jpg")).mean()
+    assert first == pytest.approx(75, abs=3)  # frame 5, at t = 1.0 s
+
+
+def test_extract_clip_writes_wav_and_the_fbank_of_that_wav(tmp_path):
+    import wave as wavfile
+
+    from dalipipe.data.fbank import model_input_from_wave
+
+    src = tmp_path / "tone.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=s=64x48:r=4:d=2.56",
+         "-f", "lavfi", "-i", "sine=f=1000:r=44100:d=2.56", "-ac", "2",
+         "-c:v", "libx264", "-c:a", "aac", str(src)],
+        check=True,
+    )  # fmt: skip
+    row = extract_clip(src, tmp_path / "clip", short_side=32, fbank=FBANK)
+    assert (row["n_frames"], row["sample_rate"], row["channels"]) == (3, 44100, 2)
+    with wavfile.open(str(tmp_path / "clip" / "audio.wav")) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (16000, 1, 2)
+        samples = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+    assert len(samples) == pytest.approx(2.56 * 16000, abs=50)
+    assert row["duration_s"] == pytest.approx(len(samples) / 16000)
+    fb = np.load(tmp_path / "clip" / "fbank.npy")
+    assert fb.dtype == np.float16 and fb.shape == (128, 32)
+    expected = model_input_from_wave(samples.astype(np.float32) / 32768, 16000, FBANK)
+    np.testing.assert_allclose(fb.astype(np.float32), expected, atol=0.01)
+
+
+def test_extract_real_clips_and_an_acquire_manifest(tmp_path):
+    if not CLIPS.exists():
+        pytest.skip("shared clips not present")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "clip_id,path,status,reason,split,start_s,labels\n"
+        f"whistle,{CLIPS / 'audioset_00W1lcxW-WU_40_50.mp4'},ok,,align,0.0,Whistle\n"
+        f"violin,{CLIPS / 'vggsound_FwVYUHKoLtQ_000034.wav'},ok,,align,4.0,\n"
+        f"street,{CLIPS / 'vggsound_KlsG1EnBEjc_000361.mp4'},ok,,align,0.0,\n"
+        "gone,,unavailable,Video unavailable,align,0.0,\n"
+    )
+    params = json.dumps({"extract": {"frame_short_side": 64, "fbank": FBANK}})
+    assert extract_main([str(manifest), "--out", str(tmp_path / "out"), "--params", params]) == 0
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        rows = {r["clip_id"]: r for r in csv.DictReader(f)}
+    assert list(next(iter(rows.values()))) == MANIFEST_FIELDS
+    assert rows["whistle"]["n_frames"] == "10" and rows["whistle"]["duration_s"] == "10.0"
+    assert (rows["street"]["width"], rows["street"]["height"]) == ("1280", "720")
+    # the WAV holds 160029 samples (10.0018 s); from 4 s on, 96029 remain
+    assert rows["violin"]["n_frames"] == "0" and rows["violin"]["duration_s"] == "6.0018"
+    assert rows["gone"]["status"] == "failed"
+    assert rows["gone"]["reason"] == "not acquired (unavailable): Video unavailable"
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "street" / "frame_09.jpg").size == (114, 64)
+    assert not (tmp_path / "out" / "gone").exists()

@@ -1,0 +1,337 @@
+"""Extract: frames, 16 kHz mono WAV and the model's filterbank input for every clip.
+
+    dalipipe extract results/<run>/acquire/part-0/manifest.csv --out results/<run>/extract/part-0 \\
+        --params '{"extract": {"window_seconds": 10, "frame_short_side": 64, "fbank": {...}}}'
+    dalipipe extract my_videos/ --out /tmp/extracted      # a folder or CSV works too
+
+One ffmpeg process per clip reads the window [start_s, start_s + window_seconds) once and
+writes both the frames (the first frame of each second, short side `frame_short_side`, JPEG)
+and the audio (first channel, resampled to 16 kHz with the SoX resampler) to a pipe; Python
+writes the WAV and computes `fbank.npy` with `dalipipe.data.fbank`. The stream summary ffmpeg
+prints on the way is parsed for the manifest, so no separate probe runs for a normal clip.
+
+Output: OUT/<clip_id>/frame_<kk>.jpg, audio.wav, fbank.npy (float16) and OUT/manifest.csv:
+`clip_id,status,reason,n_frames,duration_s,sample_rate,channels,width,height`, where
+duration_s is the audio extracted and sample_rate, channels, width and height describe the
+source file. A clip that cannot be used (no audio, silent, too short, unreadable, ...) is a
+`failed` row with the reason; the stage goes on. An audio-only file gets n_frames 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import shutil
+import subprocess
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dalipipe.common import atomic_path, parse_params, setup_logging
+from dalipipe.data.ffmpeg import (
+    MediaError,
+    MediaInfo,
+    check_file,
+    ffmpeg_exe,
+    file_url,
+    first_channel_filter,
+    parse_info,
+)
+from dalipipe.data.local import AUDIO_EXTENSIONS, list_source
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+MANIFEST_FIELDS = [
+    "clip_id", "status", "reason", "n_frames", "duration_s",
+    "sample_rate", "channels", "width", "height",
+]  # fmt: skip
+DEFAULTS = {
+    "window_seconds": 10.0,
+    "frame_short_side": 336,
+    "min_seconds": 1.0,  # less audio than this is no clip
+    "fbank": {},
+}
+
+
+class ExtractError(Exception):
+    """A clip that cannot be extracted; `reason` is written to the manifest."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+# ffmpeg's input seek (-ss before -i) is fast but not sample-exact: it can drop or repeat a few
+# milliseconds of audio at the seek point. So a window that starts early in the file is decoded
+# from the beginning and trimmed exactly in the filters; a later one is sought to
+# SEEK_MARGIN_S before its start (fast, for long files) and then trimmed in the same way.
+SEEK_AFTER_S = 30.0
+SEEK_MARGIN_S = 2.0
+
+
+def _frame_filter(short_side: int, skip_s: float, window_s: float) -> str:
+    # Keep a frame when its whole second (counted from the window start) is later than the
+    # last kept frame's: the first frame of each second, whatever the frame rate. Then scale
+    # the short side, keeping the aspect ratio.
+    trim = f"trim=start={skip_s:.6f}:duration={window_s:.6f}"
+    second = f"floor(t-{skip_s:.6f})"
+    previous = f"floor(prev_selected_t-{skip_s:.6f})"
+    select = f"select='isnan(prev_selected_t)+gte({second}-{previous},1)'"
+    portrait = "lte(iw,ih)"
+    scale = f"scale=w='if({portrait},{short_side},-2)':h='if({portrait},-2,{short_side})'"
+    return f"{trim},{select},{scale}:flags=area,setsar=1"
+
+
+def _command(src, clip_dir: Path, start_s, window_s, short_side, video: bool, audio: bool):
+    seek = start_s - SEEK_MARGIN_S if start_s > SEEK_AFTER_S else 0.0
+    skip = start_s - seek
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats"]
+    if seek > 0:
+        cmd += ["-ss", f"{seek:.6f}"]
+    cmd += ["-t", f"{skip + window_s + 1:.6f}", "-i", file_url(src)]
+    if video:
+        vf = _frame_filter(short_side, skip, window_s)
+        cmd += ["-map", "0:v:0", "-vf", vf, "-fps_mode", "passthrough"]
+        cmd += ["-frames:v", str(math.ceil(window_s)), "-q:v", "2", "-start_number", "0"]
+        cmd += [file_url(clip_dir / "frame_%02d.jpg")]
+    if audio:
+        af = f"atrim=start={skip:.6f}:duration={window_s:.6f}," + first_channel_filter(SAMPLE_RATE)
+        cmd += ["-map", "0:a:0", "-af", af, "-f", "s16le", "-c:a", "pcm_s16le", "pipe:1"]
+    return cmd
+
+
+def _run(cmd, src) -> tuple[int, bytes, str]:
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        raise ExtractError(f"{src}: ffmpeg took longer than 600 s") from exc
+    return result.returncode, result.stdout, result.stderr.decode("utf-8", "replace")
+
+
+def _error_line(text: str) -> str:
+    lines = [x.strip() for x in text.splitlines() if "rror" in x or "nvalid" in x]
+    return lines[-1] if lines else (text.strip().splitlines() or ["no message"])[-1]
+
+
+def decode_window(src, clip_dir: Path, start_s: float, window_s: float, short_side: int):
+    """Run ffmpeg on one clip; returns (MediaInfo, int16 audio). Frames land in clip_dir."""
+    video = Path(src).suffix.lower() not in AUDIO_EXTENSIONS
+    code, pcm, err = _run(_command(src, clip_dir, start_s, window_s, short_side, video, True), src)
+    if code != 0:
+        try:
+            info = parse_info(err, src)
+        except MediaError as exc:
+            raise ExtractError(str(exc)) from exc
+        if not info.has_audio:
+            raise ExtractError(f"{src}: no audio stream")
+        if video and not info.has_video:  # an audio file with a video-like name: retry
+            for frame in clip_dir.glob("frame_*.jpg"):
+                frame.unlink()
+            code, pcm, err = _run(
+                _command(src, clip_dir, start_s, window_s, short_side, False, True), src
+            )
+        if code != 0:
+            raise ExtractError(f"{src}: ffmpeg failed ({_error_line(err)})")
+    try:
+        info = parse_info(err, src)
+    except MediaError as exc:
+        raise ExtractError(str(exc)) from exc
+    return info, np.frombuffer(pcm, dtype="<i2")
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(samples.astype("<i2").tobytes())
+
+
+def _check_audio(src, info: MediaInfo, samples: np.ndarray, start_s, window_s, min_s) -> None:
+    seconds = len(samples) / SAMPLE_RATE
+    if info.duration is not None and start_s >= info.duration:
+        raise ExtractError(f"{src}: start_s {start_s:g} is past the end ({info.duration:g} s)")
+    if seconds < min_s:
+        raise ExtractError(f"{src}: too short: {seconds:.2f} s of audio (minimum {min_s:g} s)")
+    if info.duration is not None:
+        expected = min(info.duration - start_s, window_s)
+        if seconds < 0.5 * expected:
+            raise ExtractError(
+                f"{src}: truncated or corrupt: decoded {seconds:.2f} s of {expected:.2f} s"
+            )
+    if np.abs(samples.astype(np.int32)).max() <= 1:
+        raise ExtractError(f"{src}: silent audio (every sample is zero)")
+
+
+def extract_clip(
+    src,
+    clip_dir,
+    *,
+    start_s: float = 0.0,
+    window_s: float = 10.0,
+    short_side: int = 336,
+    fbank: dict,
+    min_seconds: float = 1.0,
+) -> dict:
+    """Frames, audio.wav and fbank.npy of one clip into clip_dir; returns its manifest row
+    (without clip_id). Raises ExtractError with the reason; clip_dir is then left empty."""
+    from dalipipe.data.fbank import model_input_from_wave  # another stage's module
+
+    clip_dir = Path(clip_dir)
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            check_file(src)
+        except MediaError as exc:
+            raise ExtractError(str(exc)) from exc
+        info, samples = decode_window(src, clip_dir, start_s, window_s, short_side)
+        _check_audio(src, info, samples, start_s, window_s, min_seconds)
+        frames = sorted(clip_dir.glob("frame_*.jpg"))
+        if not info.has_video:  # e.g. cover art in an audio file: not video frames
+            for frame in frames:
+                frame.unlink()
+            frames = []
+        elif not frames:
+            raise ExtractError(f"{src}: the video stream gave no frames")
+        n_frames = len(frames)
+        write_wav(clip_dir / "audio.wav", samples)
+        wave_f32 = samples.astype(np.float32) / 32768.0
+        features = model_input_from_wave(wave_f32, SAMPLE_RATE, fbank)
+        if not np.isfinite(features).all():
+            raise ExtractError(f"{src}: filterbank has non-finite values")
+        np.save(clip_dir / "fbank.npy", features.astype(np.float16))
+    except BaseException:
+        shutil.rmtree(clip_dir, ignore_errors=True)
+        raise
+    return {
+        "status": "ok",
+        "reason": "",
+        "n_frames": n_frames,
+        "duration_s": round(len(samples) / SAMPLE_RATE, 4),
+        "sample_rate": info.sample_rate,
+        "channels": info.channels,
+        "width": info.width if info.has_video else "",
+        "height": info.height if info.has_video else "",
+    }
+
+
+def read_sources(source) -> list[dict]:
+    """Clips to extract from an acquire manifest.csv, a local CSV or a folder: dicts with
+    clip_id, path, start_s and, for clips acquire did not get, the reason."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with open(source, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if {"clip_id", "path", "status"} <= set(header):
+            return _read_acquire_manifest(source)
+    return [
+        {
+            "clip_id": e["clip_id"],
+            "path": e["source"],
+            "start_s": e["start_s"],
+            "reason": e.get("reason", ""),
+        }
+        for e in list_source(source)
+    ]
+
+
+def _read_acquire_manifest(manifest: Path) -> list[dict]:
+    entries = []
+    with open(manifest, newline="", encoding="utf-8") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            reason = ""
+            if row["status"] != "ok":
+                reason = f"not acquired ({row['status']}): {row.get('reason') or 'no reason given'}"
+            path = Path(row.get("path") or "")
+            # Paths are relative to the working directory (as the workflow writes them) or,
+            # failing that, to the manifest's folder.
+            if row.get("path") and not path.is_absolute() and not path.exists():
+                if (manifest.parent / path).exists():
+                    path = manifest.parent / path
+            try:
+                start_s = float(row.get("start_s") or 0.0)
+            except ValueError:
+                start_s = 0.0
+                reason = (
+                    reason or f"{manifest}, line {line}: start_s {row['start_s']!r} is not a number"
+                )
+            entries.append(
+                {"clip_id": row["clip_id"], "path": str(path), "start_s": start_s, "reason": reason}
+            )
+    return entries
+
+
+def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> list[dict]:
+    """Extract every clip into `out` (written atomically); returns the manifest rows."""
+    from dalipipe.data.fbank import fbank_settings
+
+    cfg = {**DEFAULTS, **(params or {})}
+    fbank_settings(cfg["fbank"])  # a bad fbank section stops the stage before any clip
+    ids = [e["clip_id"] for e in entries]
+    if len(set(ids)) != len(ids):
+        raise ValueError(
+            "duplicate clip ids in the source: "
+            + str(sorted({i for i in ids if ids.count(i) > 1})[:5])
+        )
+    empty = dict.fromkeys(MANIFEST_FIELDS[3:], "")
+
+    with atomic_path(out, directory=True) as tmp:
+
+        def one(entry: dict) -> dict:
+            row = {"clip_id": entry["clip_id"], "status": "failed", **empty}
+            if entry["reason"]:
+                return {**row, "reason": entry["reason"]}
+            try:
+                result = extract_clip(
+                    entry["path"],
+                    tmp / entry["clip_id"],
+                    start_s=entry["start_s"],
+                    window_s=float(cfg["window_seconds"]),
+                    short_side=int(cfg["frame_short_side"]),
+                    fbank=cfg["fbank"],
+                    min_seconds=float(cfg["min_seconds"]),
+                )
+                return {**row, **result}
+            except ExtractError as exc:
+                return {**row, "reason": exc.reason}
+            except Exception as exc:  # one broken clip never stops the stage
+                log.exception("%s: unexpected error", entry["path"])
+                return {**row, "reason": f"{entry['path']}: {type(exc).__name__}: {exc}"}
+
+        rows = []
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for row in tqdm(pool.map(one, entries), total=len(entries), desc="extract"):
+                if row["status"] != "ok":
+                    log.warning("%s failed: %s", row["clip_id"], row["reason"])
+                rows.append(row)
+        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    ok = sum(r["status"] == "ok" for r in rows)
+    log.info("extracted %d of %d clips into %s", ok, len(rows), out)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe extract", description=__doc__)
+    parser.add_argument("source", help="an acquire manifest.csv, a CSV of media files or a folder")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--params", help="JSON with the extract section")
+    parser.add_argument(
+        "--part", type=int, default=0, help="extract only clips i with i %% parts == part"
+    )
+    parser.add_argument("--parts", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="clips extracted at once")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = parse_params(args.params)
+    entries = read_sources(args.source)[args.part :: args.parts]
+    extract_all(entries, args.out, params.get("extract") or {}, args.workers)
+    return 0
