@@ -1,0 +1,308 @@
+"""Stage distill: fine-tune the audio projector on the pseudo-labels (audiovisual distillation).
+
+    dalipipe distill --params '{"seed": 0, "device": "auto", "distill": {...}, "extract": {...}}' \
+        --pseudolabels results/miniature/pseudolabel/ot_att.jsonl \
+        --pool results/miniature/shards/pseudolabel --encoder results/miniature/align/ot_att \
+        --prefix results/miniature/prefix --captioner results/miniature/models/llava \
+        --out results/miniature/distill/ot_att
+
+Only the audio projector trains, starting from the image projector; the input is audio alone
+without the prefix, as in the authors' code (notes §8; both configurable). Under
+`accelerate launch` each process takes its share of every step's clips (batch_size per process)
+and the projector's gradients are averaged across processes. A killed job resumes from
+<out>.ckpt/. The output is a trained-captioner directory (DEVELOPING.md) that
+`AudioCaptioner.from_dir` loads; captioner.json's metadata records the fbank and frame settings
+(`features`) so `dalipipe caption` prepares new files the way the model was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dalipipe.caption.assemble import assemble
+from dalipipe.caption.pairs import as_pil, middle
+from dalipipe.caption.prefix import epoch_order
+from dalipipe.caption.schedule import adamw_cosine
+from dalipipe.common import (
+    atomic_path,
+    parse_params,
+    read_jsonl,
+    seed_everything,
+    setup_logging,
+    write_json,
+)
+
+log = logging.getLogger("dalipipe.distill")
+
+DEFAULTS = {
+    "modality": "audio",
+    "use_prefix": False,
+    "lr": 2e-4,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.03,
+    "epochs": 1,
+    "batch_size": 40,
+    "checkpoint_every": 50,
+}
+
+
+def training_set(pseudolabels, pool, modality: str) -> list[dict]:
+    """Pool clips joined with their pseudo-captions; clips without a caption are left out."""
+    from dalipipe.data.shard import ShardReader
+
+    captions = {}
+    for row in read_jsonl(pseudolabels):
+        if row.get("caption") and row["caption"].strip():
+            captions[row["clip_id"]] = row["caption"].strip()
+    examples = []
+    # every process reads the whole pool; the training loop splits each step's clips
+    wanted_frames = None if "image" in modality else []
+    for sample in ShardReader(pool, rank=0, world_size=1, frame_indices=wanted_frames):
+        caption = captions.get(sample["clip_id"])
+        if caption is None:
+            continue
+        # the fbank stays float16 as stored: the whole pool is held in memory
+        example = {
+            "clip_id": sample["clip_id"],
+            "caption": caption,
+            "fbank": np.asarray(sample["fbank"], dtype=np.float16),
+        }
+        if "image" in modality:
+            if not sample["frames"]:
+                log.warning(
+                    "clip %s skipped: no frames for modality %s", sample["clip_id"], modality
+                )
+                continue
+            example["frame"] = as_pil(middle(sample["frames"]))
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"distill: no clip of {pool} has a caption in {pseudolabels}")
+    log.info(
+        "distill: %d of %d pseudo-labelled clips found in the pool", len(examples), len(captions)
+    )
+    return examples
+
+
+def feature_settings(params: dict) -> dict:
+    """What `dalipipe caption` needs to prepare a new file like the training clips."""
+    extract = params.get("extract") or {}
+    return {
+        "fbank": extract.get("fbank") or {},
+        "frame_short_side": extract.get("frame_short_side"),
+        "window_seconds": extract.get("window_seconds"),
+    }
+
+
+def fit_projector(
+    captioner,
+    examples: list[dict],
+    checkpoint_dir,
+    *,
+    settings: dict,
+    seed: int = 0,
+    accelerator=None,
+) -> list[dict]:
+    """Train `captioner.audio_projector` on (clip, pseudo-caption) examples; returns the curve.
+
+    Every process walks the same seeded order and takes every world-th clip of a step, then the
+    projector's gradients are averaged, so N processes at batch b train like one at N*b.
+    Resumes from `checkpoint_dir`; on SIGTERM, checkpoints and exits.
+    """
+    from accelerate import Accelerator
+
+    from dalipipe.training import PREEMPTED_EXIT_CODE, TrainCheckpoint, sigterm_requested
+
+    accelerator = accelerator or Accelerator(cpu=captioner.device.type == "cpu")
+    modality = settings["modality"]
+    params = captioner.trainable_parameters("audio_projector")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = settings["batch_size"] * world
+    steps_per_epoch = math.ceil(len(examples) / global_batch)
+    total_steps = settings["epochs"] * steps_per_epoch
+    optimizer, scheduler = adamw_cosine(
+        params,
+        lr=settings["lr"],
+        total_steps=total_steps,
+        warmup_ratio=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+    )
+    checkpoint = TrainCheckpoint(checkpoint_dir)
+    state = checkpoint.load()
+    curve: list[dict] = []
+    start = 0
+    if state is not None:
+        start, curve = state["step"], state["curve"]
+        with torch.no_grad():
+            for param, saved in zip(params, state["params"]):
+                param.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("resuming distillation at step %d of %d", start, total_steps)
+
+    log.info(
+        "distill: %d clips, %d steps, %d per process x %d, lr %g, modality %s, prefix %s",
+        len(examples),
+        total_steps,
+        settings["batch_size"],
+        world,
+        settings["lr"],
+        modality,
+        settings["use_prefix"],
+    )
+    progress = tqdm(
+        range(start, total_steps),
+        desc="distill",
+        initial=start,
+        total=total_steps,
+        disable=not accelerator.is_main_process,
+    )
+    for step in progress:
+        epoch, k = divmod(step, steps_per_epoch)
+        chunk = epoch_order(len(examples), epoch, seed)[k * global_batch : (k + 1) * global_batch]
+        mine = [examples[i] for i in chunk[rank::world]] or [examples[chunk[0]]]
+        fbank = torch.from_numpy(np.stack([e["fbank"] for e in mine]).astype(np.float32))
+        pixel_values = (
+            captioner.pixel_values([e["frame"] for e in mine]) if "image" in modality else None
+        )
+        loss = captioner.caption_loss(
+            captions=[e["caption"] for e in mine],
+            modality=modality,
+            pixel_values=pixel_values,
+            fbank=fbank,
+            use_prefix=settings["use_prefix"],
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for param in params:
+                param.grad = accelerator.reduce(param.grad, reduction="mean")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
+        progress.set_postfix(loss=f"{value:.3f}")
+        if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
+            if accelerator.is_main_process:
+                checkpoint.save(
+                    {
+                        "curve": curve,
+                        "params": [p.detach() for p in params],
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    step=step + 1,
+                )
+            accelerator.wait_for_everyone()
+            if sigterm_requested():
+                log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+    return curve
+
+
+def distill(
+    pseudolabels,
+    pool,
+    encoder_dir,
+    prefix_dir,
+    captioner_path,
+    out_dir,
+    *,
+    settings=None,
+    seed=0,
+    device="auto",
+    features=None,
+) -> dict:
+    from accelerate import Accelerator
+
+    settings = {**DEFAULTS, **(settings or {})}
+    out_dir = Path(out_dir)
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".ckpt")
+    accelerator = Accelerator(cpu=device == "cpu")
+    seed_everything(seed)
+    captioner = assemble(
+        captioner_path, encoder_dir=encoder_dir, prefix_dir=prefix_dir, device=accelerator.device
+    )
+    examples = training_set(pseudolabels, pool, settings["modality"])
+    began = time.time()
+    curve = fit_projector(
+        captioner, examples, checkpoint_dir, settings=settings, seed=seed, accelerator=accelerator
+    )
+    summary = {
+        "pseudolabels": str(pseudolabels),
+        "encoder": str(encoder_dir),
+        "prefix": str(prefix_dir),
+        "captioner": str(captioner_path),
+        "clips": len(examples),
+        "steps": len(curve),
+        "processes": accelerator.num_processes,
+        "settings": settings,
+        "seed": seed,
+        "first_loss": curve[0]["loss"],
+        "final_loss": curve[-1]["loss"],
+        "seconds": round(time.time() - began, 2),
+    }
+    if accelerator.is_main_process:
+        write_captioner_dir(captioner, out_dir, summary, curve, features or {})
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    log.info(
+        "distill: loss %.4f -> %.4f, wrote %s",
+        summary["first_loss"],
+        summary["final_loss"],
+        out_dir,
+    )
+    return summary
+
+
+def write_captioner_dir(captioner, out_dir: Path, summary: dict, curve: list[dict], features: dict):
+    with atomic_path(out_dir, directory=True) as tmp:
+        captioner.save_dir(tmp, metadata={"features": features, "distill": summary["settings"]})
+        write_json(tmp / "distill.json", summary)
+        with open(tmp / "curve.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(curve)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--params", default="{}", help="JSON object (or @file): seed, device, distill, extract"
+    )
+    parser.add_argument("--pseudolabels", required=True, help="pseudolabel stage JSON lines")
+    parser.add_argument(
+        "--pool", required=True, help="shard directory of the pseudo-labelled clips"
+    )
+    parser.add_argument("--encoder", required=True, help="aligned audio encoder directory")
+    parser.add_argument("--prefix", required=True, help="prefix stage output directory")
+    parser.add_argument(
+        "--captioner", required=True, help="a save_pretrained LLaVA-class captioner"
+    )
+    parser.add_argument("--out", required=True, help="output trained-captioner directory")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = parse_params(args.params)
+    distill(
+        args.pseudolabels,
+        args.pool,
+        args.encoder,
+        args.prefix,
+        args.captioner,
+        args.out,
+        settings=params.get("distill"),
+        seed=params.get("seed", 0),
+        device=params.get("device", "auto"),
+        features=feature_settings(params),
+    )
+    return 0

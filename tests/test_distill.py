@@ -1,0 +1,180 @@
+"""Distillation on tiny models: only the audio projector trains, a SIGTERM-killed run resumes to
+the same weights, and the output is a trained-captioner directory `from_dir` loads.
+
+    pytest tests/test_distill.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from test_prefix import COLOURS, solid, write_shards
+
+from dalipipe.caption.distill import DEFAULTS, distill, fit_projector, training_set
+
+CAPTIONS = ["a dog barks", "a bell rings", "a bird chirps", "a car passes by", "a dog barks twice"]
+QUICK = {**DEFAULTS, "lr": 0.01, "batch_size": 2, "epochs": 2, "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tiny_models, tmp_path_factory):
+    from dalipipe.models.captioner import AudioCaptioner
+    from dalipipe.models.cavmae import save_encoder
+
+    root = tmp_path_factory.mktemp("distill-inputs")
+    rng = np.random.default_rng(1)
+    clips = [(f"clip{i}", [solid(COLOURS[i % 4])], rng.normal(size=(64, 32)), {}) for i in range(6)]
+    pool = write_shards(root / "pool", clips)
+    rows = [{"clip_id": f"clip{i}", "caption": c, "settings": {}} for i, c in enumerate(CAPTIONS)]
+    rows[1]["caption"] = None  # a clip that failed in pseudolabel
+    rows[2]["caption"] = "  "  # an empty generation
+    rows.append({"clip_id": "elsewhere", "caption": "not in the pool", "settings": {}})
+    pseudolabels = root / "mmd.jsonl"
+    pseudolabels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoder_dir = root / "align" / "mmd"
+    save_encoder(tiny_models.audio_encoder(), encoder_dir)
+    prefix_dir = root / "prefix"
+    prefix_dir.mkdir()
+    captioner = AudioCaptioner.from_base(tiny_models.llava)
+    captioner.init_prefix(n_tokens=4, std=0.5, seed=1)
+    captioner.save_prefix(prefix_dir / "prefix.safetensors")
+    return {
+        "pseudolabels": pseudolabels,
+        "pool": pool,
+        "encoder_dir": encoder_dir,
+        "prefix_dir": prefix_dir,
+        "captioner_path": tiny_models.llava,
+    }
+
+
+def assembled(stage_inputs):
+    from dalipipe.caption.assemble import assemble
+
+    return assemble(
+        stage_inputs["captioner_path"],
+        encoder_dir=stage_inputs["encoder_dir"],
+        prefix_dir=stage_inputs["prefix_dir"],
+        device=torch.device("cpu"),
+    )
+
+
+def test_training_set_keeps_captioned_pool_clips(stage_inputs):
+    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
+    assert [e["clip_id"] for e in examples] == ["clip0", "clip3", "clip4"]
+    assert [e["caption"] for e in examples] == [
+        "a dog barks",
+        "a car passes by",
+        "a dog barks twice",
+    ]
+    assert examples[0]["fbank"].shape == (64, 32) and "frame" not in examples[0]
+    assert training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio+image")[0][
+        "frame"
+    ].size == (48, 40)
+
+
+def test_only_the_audio_projector_trains_and_the_loss_falls(stage_inputs, tmp_path):
+    captioner = assembled(stage_inputs)
+    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
+    before = {k: v.clone() for k, v in captioner.state_dict().items()}
+    image_projector = {k: v.clone() for k, v in captioner.image_projector.state_dict().items()}
+    assert all(
+        torch.equal(image_projector[k], v)
+        for k, v in captioner.audio_projector.state_dict().items()
+    )
+    curve = fit_projector(captioner, examples, tmp_path / "ckpt", settings={**QUICK, "epochs": 4})
+    assert len(curve) == 8  # 3 clips at batch 2: 2 steps per epoch
+    assert np.mean([c["loss"] for c in curve[-2:]]) < np.mean([c["loss"] for c in curve[:2]]) - 0.05
+    after = captioner.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    projector = {k for k in before if k.startswith("audio_projector.")}
+    assert projector and changed == projector
+    assert all(
+        torch.equal(image_projector[k], v)
+        for k, v in captioner.image_projector.state_dict().items()
+    )
+
+
+def test_sigterm_then_rerun_gives_the_uninterrupted_projector(stage_inputs, tmp_path, monkeypatch):
+    import dalipipe.training as training
+
+    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
+    reference = assembled(stage_inputs)
+    reference_curve = fit_projector(reference, examples, tmp_path / "ref.ckpt", settings=QUICK)
+
+    killed = assembled(stage_inputs)
+    calls = {"n": 0}
+    real_loss = killed.caption_loss
+
+    def loss_then_sigterm(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(**kwargs)
+
+    monkeypatch.setattr(killed, "caption_loss", loss_then_sigterm)
+    monkeypatch.setitem(training._sigterm, "requested", False)
+    with pytest.raises(SystemExit) as stop:
+        fit_projector(killed, examples, tmp_path / "run.ckpt", settings=QUICK)
+    assert stop.value.code == training.PREEMPTED_EXIT_CODE
+
+    monkeypatch.setitem(training._sigterm, "requested", False)
+    resumed = assembled(stage_inputs)
+    curve = fit_projector(resumed, examples, tmp_path / "run.ckpt", settings=QUICK)
+    assert [c["step"] for c in curve] == [1, 2, 3, 4]
+    assert [c["loss"] for c in curve] == pytest.approx(
+        [c["loss"] for c in reference_curve], abs=1e-6
+    )
+    for key, value in reference.audio_projector.state_dict().items():
+        torch.testing.assert_close(
+            resumed.audio_projector.state_dict()[key], value, rtol=0, atol=1e-6
+        )
+
+
+def test_distill_writes_a_directory_from_dir_loads(stage_inputs, tmp_path):
+    from dalipipe.models.captioner import AudioCaptioner
+
+    out = tmp_path / "distill" / "mmd"
+    features = {
+        "fbank": {"num_mel_bins": 32, "target_length": 64},
+        "frame_short_side": 32,
+        "window_seconds": 10.0,
+    }
+    summary = distill(
+        stage_inputs["pseudolabels"],
+        stage_inputs["pool"],
+        stage_inputs["encoder_dir"],
+        stage_inputs["prefix_dir"],
+        stage_inputs["captioner_path"],
+        out,
+        settings=QUICK,
+        seed=0,
+        device="cpu",
+        features=features,
+    )
+    assert summary["clips"] == 3 and summary["steps"] == 4
+    assert not (tmp_path / "distill" / "mmd.ckpt").exists()
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "captioner.json",
+        "audio_encoder.json",
+        "audio_encoder.safetensors",
+        "audio_projector.safetensors",
+        "prefix.safetensors",
+        "curve.csv",
+        "distill.json",
+    } <= names
+
+    loaded = AudioCaptioner.from_dir(out)
+    assert loaded.metadata["features"] == features
+    original = assembled(stage_inputs)
+    torch.testing.assert_close(loaded.prefix, original.prefix)
+    for key, value in original.image_projector.state_dict().items():
+        torch.testing.assert_close(loaded.image_projector.state_dict()[key], value)
+        assert not torch.equal(loaded.audio_projector.state_dict()[key], value)
+    for key, value in original.audio_encoder.state_dict().items():
+        torch.testing.assert_close(loaded.audio_encoder.state_dict()[key], value)
