@@ -10,7 +10,9 @@ retried with exponential back-off; requests are spaced by a rate limit. Each fin
 a journal beside the output (``<out>.work/``), so a restart fetches only what is not finished:
 ``ok``, ``unavailable``, ``private`` and ``removed`` are final, ``blocked`` and ``error`` are
 tried again. The output directory holds ``clips/<clip_id>.mp4`` (hard links into the work dir),
-``manifest.csv`` and ``metadata.jsonl`` (DEVELOPING.md).
+``manifest.csv`` and ``metadata.jsonl`` (DEVELOPING.md). The manifest's ``start_s`` is the
+offset in the file (0: the file holds only the segment); the metadata's ``start_s`` is the
+segment's start in the YouTube video.
 
 YouTube ids are checked against ``^[A-Za-z0-9_-]{11}$`` before any URL is built, and yt-dlp runs
 ffmpeg with argument lists, so no shell ever sees an id or a path.
@@ -205,7 +207,10 @@ def fetch_segment(seg: Segment, cfg: dict, clips_dir: Path, ffmpeg_folder: Path,
             reason = _check_clip(path, seg) if path else "yt-dlp reported success but wrote no file"
             if not reason:
                 return {"status": "ok", "reason": "", "path": path}
+            # the host answered and the file is bad (e.g. a segment past the video's end):
+            # the same request would give the same file, so no retry in this run
             status = "error"
+            break
         if status in FINAL_STATUSES:
             break
     return {"status": status, "reason": reason, "path": None}
@@ -278,7 +283,7 @@ def _write_part(segments, results, clips_dir: Path, out_dir: Path) -> list[dict]
                 "status": result["status"],
                 "reason": result["reason"],
                 "split": seg.split,
-                "start_s": seg.start_s,
+                "start_s": 0.0,  # where the clip starts in its file: downloads are cut already
                 "labels": ";".join(seg.labels),
             })  # fmt: skip
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:

@@ -1,0 +1,86 @@
+# AudioSet acquisition, used when acquire.source is "audioset": select segments, download each
+# part with yt-dlp (one job per part), gather the parts.
+#   snakemake --cores 4 results/<run>/acquire/manifest.csv
+# Downloads are resumable: finished clips stay in acquire/part-<i>.work/ (outside the declared
+# output), so a failed or re-run job fetches only what is missing. See dalipipe/data/download.py.
+
+import json
+
+AUDIOSET = config["acquire"].get("audioset") or {}
+AUDIOSET_PARTS = range(config["acquire"].get("parts", 1))
+AUDIOSET_SPLITS = (
+    [AUDIOSET.get("split")] if isinstance(AUDIOSET.get("split"), str) else AUDIOSET.get("split", [])
+)
+AUDIOSET_EXCLUDE = (config.get("filter") or {}).get("exclude_id_lists") or []
+
+
+def audioset_params(with_exclusions):
+    """Only what the job reads, so e.g. changing filter.keep does not reselect or re-download."""
+    payload = {"seed": config["seed"], "device": config["device"]}
+    payload["acquire"] = {"parts": config["acquire"].get("parts", 1), "audioset": AUDIOSET}
+    if with_exclusions:
+        payload["filter"] = {"exclude_id_lists": AUDIOSET_EXCLUDE}
+    return json.dumps(payload, sort_keys=True)
+
+
+if config["acquire"]["source"] == "audioset":
+
+    rule audioset_select:
+        input:
+            segments=[AUDIOSET["segments"][s] for s in AUDIOSET_SPLITS],
+            class_index=AUDIOSET["class_index"],
+            ontology=[AUDIOSET["ontology"]] if AUDIOSET.get("ontology") else [],
+            exclude=AUDIOSET_EXCLUDE,
+        output:
+            parts=expand(f"{RUN}/acquire/selection/part-{{i}}.jsonl", i=AUDIOSET_PARTS),
+            summary=f"{RUN}/acquire/selection/summary.json",
+        params:
+            p=lambda wildcards: audioset_params(with_exclusions=True),  # braces in the JSON
+            out=f"{RUN}/acquire/selection",
+        log:
+            "logs/audioset_select.log",
+        threads: 1
+        resources:
+            mem_mb=8000,  # the unbalanced CSV has ~2M rows
+            runtime=30,
+        shell:
+            "dalipipe audioset-select --params {params.p:q} --out {params.out:q} > {log} 2>&1"
+
+    rule audioset_download:
+        input:
+            selection=f"{RUN}/acquire/selection/part-{{i}}.jsonl",
+            cookies=[AUDIOSET["cookies"]] if AUDIOSET.get("cookies") else [],
+        output:
+            directory(f"{RUN}/acquire/part-{{i}}"),
+        wildcard_constraints:
+            i=r"\d+",
+        params:
+            p=lambda wildcards: audioset_params(with_exclusions=False),
+            selection=f"{RUN}/acquire/selection",
+        log:
+            "logs/audioset_download/part-{i}.log",
+        threads: 1  # the network and YouTube's rate limits bound it, not the CPU
+        resources:
+            mem_mb=2000,
+            runtime=2880,  # minutes; a restart resumes, so a pre-empted job loses little
+        shell:
+            "dalipipe acquire-audioset --params {params.p:q} --selection {params.selection:q}"
+            " --part {wildcards.i} --out {output:q} > {log} 2>&1"
+
+    rule audioset_gather:
+        input:
+            expand(f"{RUN}/acquire/part-{{i}}", i=AUDIOSET_PARTS),
+        output:
+            manifest=f"{RUN}/acquire/manifest.csv",
+            metadata=f"{RUN}/acquire/metadata.jsonl",
+            summary=f"{RUN}/acquire/summary.json",
+        params:
+            out=f"{RUN}/acquire",
+        log:
+            "logs/audioset_gather.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        shell:
+            "dalipipe gather-manifests {input:q} --out {params.out:q} > {log} 2>&1"

@@ -1,0 +1,57 @@
+# The caption filter (paper App. C): caption each extract part's frames and score every clip
+# against its sound labels (one job per part, GPU when present), then keep the closest clips.
+#   snakemake --cores 2 results/miniature/filter/kept.txt
+# filter.captioner may contain {run}; a captioner under results/ (the miniature's bootstrap
+# LLaVA) becomes an input, a hub id (Salesforce/blip2-opt-2.7b) does not.
+
+FILTER = config.get("filter") or {}
+FILTER_PARTS = range(config["acquire"].get("parts", 1))
+FILTER_CAPTIONER = FILTER.get("captioner", "Salesforce/blip2-opt-2.7b").format(run=config["run"])
+
+
+rule filter_part:
+    input:
+        extract=f"{RUN}/extract/part-{{i}}",
+        metadata=f"{RUN}/acquire/metadata.jsonl",
+        captioner=[FILTER_CAPTIONER] if FILTER_CAPTIONER.startswith("results/") else [],
+        exclude=FILTER.get("exclude_id_lists") or [],
+    output:
+        directory(f"{RUN}/filter/part-{{i}}"),
+    wildcard_constraints:
+        i=r"\d+",
+    params:
+        p=lambda wildcards: stage_params("filter"),  # "{run}" in the JSON is not a wildcard
+        captioner=FILTER_CAPTIONER,
+    log:
+        "logs/filter/part-{i}.log",
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=720,  # paper scale: ~20M frames at ~500 frames/s on one H200, split in parts
+        gpu=1,
+    shell:
+        "dalipipe filter --params {params.p:q} --extract {input.extract:q}"
+        " --metadata {input.metadata:q} --captioner {params.captioner:q}"
+        " --out {output:q} > {log} 2>&1"
+
+
+rule filter_merge:
+    input:
+        expand(f"{RUN}/filter/part-{{i}}", i=FILTER_PARTS),
+    output:
+        kept=f"{RUN}/filter/kept.txt",
+        distances=f"{RUN}/filter/distances.csv",
+        histogram=report(f"{RUN}/filter/histogram.png", category="Data"),
+        summary=f"{RUN}/filter/summary.json",
+    params:
+        p=lambda wildcards: stage_params("filter"),  # "{run}" in the JSON is not a wildcard
+        out=f"{RUN}/filter",
+    log:
+        "logs/filter/merge.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "dalipipe filter-merge --params {params.p:q} --parts {input:q}"
+        " --out {params.out:q} > {log} 2>&1"
