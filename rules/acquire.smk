@@ -1,0 +1,84 @@
+# Acquisition from the synthetic world or from local media files (acquire.source "synthetic" or
+# "local"; "audioset" is rules/audioset.smk): one job per part, then the parts are gathered.
+#   snakemake --cores 2 results/miniature/acquire/manifest.csv
+# A clip is the same whatever acquire.parts is (see dalipipe/data/synthetic.py and local.py).
+
+import json
+
+ACQUIRE = config["acquire"]
+ACQUIRE_PARTS = range(ACQUIRE.get("parts", 1))
+ACQUIRE_LOCAL = ACQUIRE.get("local") or {}
+
+
+def acquire_params(*sections, **acquire_keys):
+    """Only what the job reads, so e.g. changing acquire.audioset reruns nothing here."""
+    payload = {"seed": config["seed"], "device": config["device"]}
+    payload.update({name: config.get(name) for name in sections})
+    payload["acquire"] = {"parts": ACQUIRE.get("parts", 1), **acquire_keys}
+    return json.dumps(payload, sort_keys=True)
+
+
+if ACQUIRE["source"] == "synthetic":
+
+    rule acquire_synthetic:
+        output:
+            directory(f"{RUN}/acquire/part-{{i}}"),
+        wildcard_constraints:
+            i=r"\d+",
+        params:
+            p=lambda wildcards: acquire_params("world"),  # braces in the JSON
+        log:
+            "logs/acquire_synthetic/part-{i}.log",
+        threads: 2  # ffmpeg encodes one clip while Python draws the next
+        resources:
+            mem_mb=2000,
+            runtime=60,
+        shell:
+            "dalipipe acquire-synthetic --params {params.p:q} --part {wildcards.i}"
+            " --workers {threads} --out {output:q} > {log} 2>&1"
+
+
+if ACQUIRE["source"] == "local":
+    if not ACQUIRE_LOCAL.get("path"):
+        raise WorkflowError("acquire.source is 'local' but acquire.local.path is not set")
+    require_existing_paths("acquire.local.path")
+
+    rule acquire_local:
+        input:
+            ACQUIRE_LOCAL["path"],
+        output:
+            directory(f"{RUN}/acquire/part-{{i}}"),
+        wildcard_constraints:
+            i=r"\d+",
+        params:
+            p=lambda wildcards: acquire_params(local=ACQUIRE_LOCAL),
+        log:
+            "logs/acquire_local/part-{i}.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=30,
+        shell:
+            "dalipipe acquire-local --params {params.p:q} --source {input:q}"
+            " --part {wildcards.i} --out {output:q} > {log} 2>&1"
+
+
+if ACQUIRE["source"] in ("synthetic", "local"):
+
+    rule acquire_gather:
+        input:
+            expand(f"{RUN}/acquire/part-{{i}}", i=ACQUIRE_PARTS),
+        output:
+            manifest=f"{RUN}/acquire/manifest.csv",
+            metadata=f"{RUN}/acquire/metadata.jsonl",
+            summary=f"{RUN}/acquire/summary.json",
+        params:
+            out=f"{RUN}/acquire",
+        log:
+            "logs/acquire_gather.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=15,
+        shell:
+            "dalipipe gather-manifests {input:q} --out {params.out:q} > {log} 2>&1"

@@ -1,0 +1,36 @@
+# Extraction: frames (first frame of each second), 16 kHz mono WAV and the filterbank input of
+# every acquired clip; one job per acquire part, so part i starts as soon as it is acquired.
+#   snakemake --cores 2 results/miniature/extract/part-0
+# Works for every acquire source: the part directory holds manifest.csv with the clip paths.
+
+import json
+
+EXTRACT_PARTS = range(config["acquire"].get("parts", 1))
+
+
+def extract_params():
+    """The extract section without what only later stages read (keep_wav)."""
+    section = {k: v for k, v in (config.get("extract") or {}).items() if k != "keep_wav"}
+    return json.dumps(
+        {"seed": config["seed"], "device": config["device"], "extract": section}, sort_keys=True
+    )
+
+
+rule extract_part:
+    input:
+        f"{RUN}/acquire/part-{{i}}",
+    output:
+        directory(f"{RUN}/extract/part-{{i}}"),
+    wildcard_constraints:
+        i=r"\d+",
+    params:
+        p=lambda wildcards: extract_params(),  # braces in the JSON
+    log:
+        "logs/extract/part-{i}.log",
+    threads: 2  # ffmpeg decodes one clip while Python computes the last one's filterbank
+    resources:
+        mem_mb=2000,
+        runtime=720,  # paper scale: ~250k clips of 10 s per part
+    shell:
+        "dalipipe extract {input:q}/manifest.csv --out {output:q} --params {params.p:q}"
+        " --workers {threads} > {log} 2>&1"
