@@ -73,18 +73,36 @@ def _read_json(path: str | Path):
 
 
 def ptb_tokenize(
-    predictions: dict[str, str], references: dict[str, list[str]]
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Lower-cased PTB tokens without punctuation, in one Java call for both sides."""
+    systems: dict[str, dict[str, str]], references: dict[str, list[str]]
+) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[str]]]:
+    """Lower-cased PTB tokens without punctuation, in one Java call for every system and the refs."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    # One key space for both sides: a prefix keeps a prediction apart from its references.
-    joined = {f"p:{k}": [{"caption": v}] for k, v in predictions.items()}
-    joined |= {f"r:{k}": [{"caption": r} for r in refs] for k, refs in references.items()}
+    # Tuple keys keep each system's captions apart from each other and from the references.
+    joined = {("ref", k): [{"caption": r} for r in refs] for k, refs in references.items()}
+    for name, captions in systems.items():
+        joined |= {("sys", name, k): [{"caption": v}] for k, v in captions.items()}
     tokens = PTBTokenizer().tokenize(joined)
-    res = {k: tokens[f"p:{k}"] for k in predictions}
-    gts = {k: tokens[f"r:{k}"] for k in predictions}
+    res = {
+        name: {k: tokens[("sys", name, k)] for k in captions} for name, captions in systems.items()
+    }
+    gts = {k: tokens[("ref", k)] for k in references}
     return res, gts
+
+
+def _check_ids(name: str, predictions: dict[str, str], references: dict[str, list[str]]) -> None:
+    missing_refs = sorted(set(predictions) - set(references))
+    if missing_refs:
+        raise ValueError(
+            f"{name}: no references for {len(missing_refs)} clip(s), e.g. {missing_refs[:3]}"
+        )
+    missing_preds = sorted(set(references) - set(predictions))
+    if missing_preds:
+        raise ValueError(
+            f"{name}: no prediction for {len(missing_preds)} clip(s), e.g. {missing_preds[:3]}"
+        )
+    if not predictions:
+        raise ValueError(f"{name}: no captions to score")
 
 
 def score_captions(
@@ -99,78 +117,87 @@ def score_captions(
     Every clip with a prediction must have references; clips with references but no prediction
     are an error too, so a missing caption can never raise a score.
     """
-    missing_refs = sorted(set(predictions) - set(references))
-    if missing_refs:
-        raise ValueError(f"no references for {len(missing_refs)} clip(s), e.g. {missing_refs[:3]}")
-    missing_preds = sorted(set(references) - set(predictions))
-    if missing_preds:
-        raise ValueError(
-            f"no prediction for {len(missing_preds)} clip(s), e.g. {missing_preds[:3]}"
-        )
-    if not predictions:
-        raise ValueError("no captions to score")
+    return score_many({"captions": predictions}, references, spice=spice, embedding=embedding)[
+        "captions"
+    ]
 
+
+def score_many(
+    systems: dict[str, dict[str, str]],
+    references: dict[str, list[str]],
+    *,
+    spice: bool = True,
+    embedding: bool = False,
+) -> dict[str, tuple[dict, dict[str, dict], dict[str, str]]]:
+    """``score_captions`` for several systems at once: one tokenizer run and one METEOR process,
+    which is most of the time on small sets (Java start-up)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
-    res, gts = ptb_tokenize(predictions, references)
-    ids = list(res)
-    corpus: dict[str, float | None] = {}
-    per_clip: dict[str, dict] = {k: {} for k in ids}
-    notes: dict[str, str] = {}
-
-    def keep(name, score, scores):
-        corpus[name] = float(score)
-        for k, s in zip(ids, scores):
-            per_clip[k][name] = float(s)
-
-    bleu, bleu_clips = Bleu(4).compute_score(gts, res, verbose=0)
-    for n in range(4):
-        keep(f"bleu_{n + 1}", bleu[n], bleu_clips[n])
-    keep("meteor", *_meteor(gts, res))
-    keep("rouge_l", *Rouge().compute_score(gts, res))
-    # pycocoevalcap's Cider is CIDEr-D: clipped n-gram counts and a length penalty (sigma 6).
-    keep("cider_d", *Cider().compute_score(gts, res))
-
+    for name, predictions in systems.items():
+        _check_ids(name, predictions, references)
     reason = assets.spice_missing_reason() if spice else "not requested (--no-spice)"
-    if reason is None:
-        from pycocoevalcap.spice.spice import Spice
-
-        score, scores = Spice().compute_score(gts, res)
-        keep("spice", score, [s["All"]["f"] for s in scores])
-        corpus["spider"] = (corpus["cider_d"] + corpus["spice"]) / 2
-        for k in ids:
-            per_clip[k]["spider"] = (per_clip[k]["cider_d"] + per_clip[k]["spice"]) / 2
-    else:
-        for name in ("spice", "spider"):
-            corpus[name] = None
-            notes[name] = f"not computed: {reason}"
-            for k in ids:
-                per_clip[k][name] = None
-
-    if embedding:
-        from dalipipe.evaluate.embedding import caption_similarity
-
-        sims = caption_similarity([predictions[k] for k in ids], [references[k] for k in ids])
-        keep(EMBEDDING_METRIC, sum(sims) / len(sims), sims)
-    corpus = {k: (None if v is not None and math.isnan(v) else v) for k, v in corpus.items()}
-    return corpus, per_clip, notes
-
-
-def _meteor(gts, res):
-    """METEOR 1.5 in a Java subprocess; always reaped, even when scoring fails."""
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    scorer = Meteor()
+    tokens, gts_all = ptb_tokenize(systems, references)
+    meteor = Meteor()
+    results = {}
     try:
-        return scorer.compute_score(gts, res)
+        for name, res in tokens.items():
+            ids = list(res)
+            gts = {k: gts_all[k] for k in ids}
+            corpus: dict[str, float | None] = {}
+            per_clip: dict[str, dict] = {k: {} for k in ids}
+            notes: dict[str, str] = {}
+
+            def keep(metric, score, scores, corpus=corpus, per_clip=per_clip, ids=ids):
+                corpus[metric] = float(score)
+                for k, s in zip(ids, scores):
+                    per_clip[k][metric] = float(s)
+
+            bleu, bleu_clips = Bleu(4).compute_score(gts, res, verbose=0)
+            for n in range(4):
+                keep(f"bleu_{n + 1}", bleu[n], bleu_clips[n])
+            keep("meteor", *meteor.compute_score(gts, res))
+            keep("rouge_l", *Rouge().compute_score(gts, res))
+            # pycocoevalcap's Cider is CIDEr-D: clipped n-gram counts, a length penalty (sigma 6).
+            keep("cider_d", *Cider().compute_score(gts, res))
+            if reason is None:
+                from pycocoevalcap.spice.spice import Spice
+
+                score, scores = Spice().compute_score(gts, res)
+                keep("spice", score, [s["All"]["f"] for s in scores])
+                corpus["spider"] = (corpus["cider_d"] + corpus["spice"]) / 2
+                for k in ids:
+                    per_clip[k]["spider"] = (per_clip[k]["cider_d"] + per_clip[k]["spice"]) / 2
+            else:
+                for metric in ("spice", "spider"):
+                    corpus[metric] = None
+                    notes[metric] = f"not computed: {reason}"
+                    for k in ids:
+                        per_clip[k][metric] = None
+            if embedding:
+                from dalipipe.evaluate.embedding import caption_similarity
+
+                captions = systems[name]
+                sims = caption_similarity([captions[k] for k in ids], [references[k] for k in ids])
+                keep(EMBEDDING_METRIC, sum(sims) / len(sims), sims)
+            corpus = {
+                k: (None if v is not None and math.isnan(v) else v) for k, v in corpus.items()
+            }
+            results[name] = (corpus, per_clip, notes)
     finally:
-        scorer.meteor_p.stdin.close()
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
-        scorer.meteor_p.stdout.close()
-        scorer.meteor_p.stderr.close()
+        _close_meteor(meteor)
+    return results
+
+
+def _close_meteor(scorer) -> None:
+    """Reap METEOR's Java process now rather than whenever the scorer is collected."""
+    scorer.meteor_p.stdin.close()
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+    scorer.meteor_p.stdout.close()
+    scorer.meteor_p.stderr.close()
 
 
 def format_scores(corpus: dict, notes: dict[str, str]) -> str:

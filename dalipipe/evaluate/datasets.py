@@ -1,0 +1,327 @@
+"""Evaluation sets: the miniature's test shards, AudioCaps test and Clotho evaluation.
+
+    from dalipipe.evaluate.datasets import load_dataset
+    ds = load_dataset("audiocaps", {"csv": "test.csv", "media": "clips/"}, fbank_cfg)
+    for clip in ds.clips: fbank, frame = clip.load()
+
+Every set is a list of clips, each with its reference captions (kept as given, five per clip),
+its metadata, and a loader for the model input (normalised filterbank, and the middle frame
+where there is video). A clip whose media is missing or unreadable becomes a row in
+``ds.failed`` with the reason; it never stops the stage.
+
+- miniature: webdataset shards ``<run>/shards/test/*.tar``; references = meta["references"].
+- AudioCaps: CSV ``audiocap_id,youtube_id,start_time,caption``; clip id ``<ytid>_<start ms>``
+  (as the acquire stage names AudioSet segments). Media: a folder laid out like the extract
+  stage's output (``<clip_id>/fbank.npy`` and ``frame_<kk>.jpg``, also inside ``part-*``), or
+  media files named ``<clip_id>.*`` or ``<ytid>.*`` holding the 10-s segment.
+- Clotho: CSV ``file_name,caption_1..caption_5``; audio only (FreeSound has no video); the
+  44.1 kHz files are resampled to 16 kHz before the filterbank (the authors' loaders skipped
+  this). ``dedup`` reproduces the authors' de-duplication of reference captions across the
+  whole set (off by default: the references are the dataset's own).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import subprocess
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dalipipe.data.audioset import clip_id_for
+
+log = logging.getLogger(__name__)
+
+MEDIA_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".mp4", ".mkv", ".webm", ".avi", ".mov"}
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov"}
+
+
+@dataclass
+class EvalClip:
+    clip_id: str
+    references: list[str]
+    meta: dict
+    # () -> (fbank float32 (frames, mel), PIL image or None); raises on unreadable media
+    load: Callable[[], tuple[np.ndarray, object | None]]
+
+
+@dataclass
+class EvalSet:
+    name: str
+    has_video: bool
+    clips: list[EvalClip] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # {"clip_id", "reason"}
+
+    def references(self) -> dict[str, list[str]]:
+        return {c.clip_id: c.references for c in self.clips}
+
+
+def pick_frame(n_frames: int, frame: int | str = "middle") -> int:
+    """Index of the frame shown to the captioner: the middle one (the authors' frame_5 of 10)."""
+    if n_frames < 1:
+        raise ValueError("clip has no frames")
+    if frame == "middle":
+        return n_frames // 2
+    return min(int(frame), n_frames - 1)
+
+
+def dedup_references(refs_by_clip: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The authors' ``drop_duplicates(subset='caption')`` over the whole set, first kept.
+
+    A clip left with no reference is dropped, as their group-by did.
+    """
+    seen: set[str] = set()
+    out = {}
+    for clip_id, refs in refs_by_clip.items():
+        kept = []
+        for ref in refs:
+            if ref not in seen:
+                seen.add(ref)
+                kept.append(ref)
+        if kept:
+            out[clip_id] = kept
+    return out
+
+
+# ----------------------------------------------------------------------------- miniature
+
+
+def read_shard_dir(shard_dir: str | Path) -> list[dict[str, bytes]]:
+    """Samples of every ``*.tar`` in a folder: {"__key__": id, "<field>": bytes, ...}.
+
+    Shards are plain tar files of ``<key>.<field>`` members (webdataset layout); reading them
+    with tarfile keeps evaluation independent of webdataset's pipeline machinery.
+    """
+    shards = sorted(Path(shard_dir).glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{shard_dir}: no *.tar shards")
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = Path(member.name).name
+                    key, _, fld = name.partition(".")
+                    sample = samples.setdefault(key, {"__key__": key})
+                    sample[fld] = tar.extractfile(member).read()
+        except tarfile.TarError as err:
+            raise ValueError(f"{shard}: not a readable tar shard ({err})") from None
+    return list(samples.values())
+
+
+def _decode_sample(sample: dict[str, bytes], frame: int | str):
+    from PIL import Image
+
+    fbank = np.load(io.BytesIO(sample["fbank.npy"])).astype(np.float32)
+    frames = sorted(
+        (k for k in sample if re.fullmatch(r"frame\d+\.jpg", k)), key=lambda k: int(k[5:-4])
+    )
+    image = None
+    if frames:
+        image = Image.open(io.BytesIO(sample[frames[pick_frame(len(frames), frame)]])).convert(
+            "RGB"
+        )
+    return fbank, image
+
+
+def miniature_set(shard_dir: str | Path, frame: int | str = "middle") -> EvalSet:
+    ds = EvalSet("miniature", has_video=True)
+    for sample in read_shard_dir(shard_dir):
+        key = sample["__key__"]
+        try:
+            meta = json.loads(sample["json"])
+            refs = meta["references"]
+            if "fbank.npy" not in sample:
+                raise KeyError("fbank.npy")
+        except (KeyError, json.JSONDecodeError) as err:
+            ds.failed.append(
+                {"clip_id": key, "reason": f"{shard_dir}: sample {key}: missing {err}"}
+            )
+            continue
+        ds.clips.append(EvalClip(key, list(refs), meta, lambda s=sample: _decode_sample(s, frame)))
+    ds.clips.sort(key=lambda c: c.clip_id)
+    return ds
+
+
+# ----------------------------------------------------------------------------- media folders
+
+
+def index_media(media_dir: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(extracted clip folders by clip id, media files by stem) found in ``media_dir``."""
+    media_dir = Path(media_dir)
+    if not media_dir.is_dir():
+        raise FileNotFoundError(f"{media_dir}: media folder not found")
+    extracted, files = {}, {}
+    for parent in [media_dir, *sorted(media_dir.glob("part-*"))]:
+        for path in parent.iterdir():
+            if path.is_dir() and (path / "fbank.npy").is_file():
+                extracted[path.name] = path
+            elif path.is_file() and path.suffix.lower() in MEDIA_SUFFIXES:
+                files[path.stem] = path
+    return extracted, files
+
+
+def _load_extracted(folder: Path, frame: int | str, with_frame: bool):
+    from PIL import Image
+
+    fbank = np.load(folder / "fbank.npy").astype(np.float32)
+    frames = sorted(folder.glob("frame_*.jpg"))
+    image = None
+    if with_frame and frames:
+        image = Image.open(frames[pick_frame(len(frames), frame)]).convert("RGB")
+    return fbank, image
+
+
+def grab_frame(path: Path, second: float):
+    """The first frame at or after ``second`` of a video, through ffmpeg, as a PIL image."""
+    from PIL import Image
+
+    from dalipipe.data.ffmpeg import ffmpeg_exe
+
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-ss", f"{second:.3f}"]
+    cmd += ["-i", str(path), "-frames:v", "1", "-f", "image2pipe", "-c:v", "png", "pipe:1"]
+    result = subprocess.run(cmd, capture_output=True, timeout=120)
+    if result.returncode != 0 or not result.stdout:
+        raise ValueError(f"{path}: no video frame at {second:.1f} s")
+    return Image.open(io.BytesIO(result.stdout)).convert("RGB")
+
+
+def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: bool):
+    from dalipipe.data.fbank import model_input_from_wave
+    from dalipipe.data.ffmpeg import decode_audio
+
+    wave = decode_audio(path, sample_rate=16000)
+    if wave.size == 0:
+        raise ValueError(f"{path}: empty audio")
+    fbank = model_input_from_wave(wave, 16000, fbank_cfg)
+    image = None
+    if with_frame and path.suffix.lower() in VIDEO_SUFFIXES:
+        # Frames are the first of each second; "middle" of a 10-s clip is second 5.
+        n_seconds = max(1, int(len(wave) / 16000))
+        image = grab_frame(path, pick_frame(n_seconds, frame))
+    return fbank, image
+
+
+def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
+    for key in keys:
+        if key in extracted:
+            return lambda f=extracted[key]: _load_extracted(f, frame, with_frame)
+        if key in files:
+            return lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame)
+    return None
+
+
+# ----------------------------------------------------------------------------- AudioCaps, Clotho
+
+
+def read_audiocaps(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """(references, metadata) per clip id, in file order."""
+    refs: dict[str, list[str]] = {}
+    meta: dict[str, dict] = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"audiocap_id", "youtube_id", "start_time", "caption"}
+        if not need <= set(reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: AudioCaps CSV needs columns {sorted(need)}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                start = float(row["start_time"])
+            except ValueError:
+                raise ValueError(
+                    f"{csv_path}:{line}: start_time {row['start_time']!r} is not a number"
+                ) from None
+            clip_id = clip_id_for(row["youtube_id"], start)
+            refs.setdefault(clip_id, []).append(row["caption"].strip())
+            meta.setdefault(
+                clip_id, {"clip_id": clip_id, "youtube_id": row["youtube_id"], "start_s": start}
+            )
+    return refs, meta
+
+
+def read_clotho(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    refs: dict[str, list[str]] = {}
+    meta: dict[str, dict] = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+        if not set(columns) <= set(reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: Clotho CSV needs columns {columns}")
+        for row in reader:
+            clip_id = clotho_clip_id(row["file_name"])
+            if clip_id in refs:
+                raise ValueError(
+                    f"{csv_path}: file names {row['file_name']!r} collide as {clip_id!r}"
+                )
+            refs[clip_id] = [
+                row[f"caption_{i}"].strip() for i in range(1, 6) if row[f"caption_{i}"].strip()
+            ]
+            meta[clip_id] = {"clip_id": clip_id, "file_name": row["file_name"]}
+    return refs, meta
+
+
+def clotho_clip_id(file_name: str) -> str:
+    """'Santa Motor.wav' -> 'Santa_Motor': ids keep to ``[A-Za-z0-9_-]``."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(file_name).stem).strip("_") or "clip"
+
+
+def _media_set(
+    name, refs, meta, media_dir, fbank_cfg, frame, has_video, dedup, key_fields
+) -> EvalSet:
+    if dedup:
+        refs = dedup_references(refs)
+    ds = EvalSet(name, has_video=has_video)
+    if media_dir is None:
+        raise ValueError(f"evaluate.datasets.{name}.media: no media folder configured")
+    extracted, files = index_media(media_dir)
+    for clip_id, clip_refs in refs.items():
+        keys = [clip_id] + [Path(str(meta[clip_id][k])).stem for k in key_fields]
+        loader = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video)
+        if loader is None:
+            ds.failed.append({"clip_id": clip_id, "reason": f"{media_dir}: no media for {clip_id}"})
+            continue
+        ds.clips.append(EvalClip(clip_id, clip_refs, meta[clip_id], loader))
+    log.info("%s: %d clips with media, %d without", name, len(ds.clips), len(ds.failed))
+    return ds
+
+
+def load_dataset(name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle") -> EvalSet:
+    """One configured evaluation set (``evaluate.datasets.<name>``)."""
+    fbank_cfg = fbank_cfg or {}
+    if name == "miniature":
+        return miniature_set(cfg["shards"], frame)
+    if name == "audiocaps":
+        refs, meta = read_audiocaps(cfg["csv"])
+        return _media_set(
+            name,
+            refs,
+            meta,
+            cfg.get("media"),
+            fbank_cfg,
+            frame,
+            True,
+            cfg.get("dedup", False),
+            ["youtube_id"],
+        )
+    if name == "clotho":
+        refs, meta = read_clotho(cfg["csv"])
+        return _media_set(
+            name,
+            refs,
+            meta,
+            cfg.get("media"),
+            fbank_cfg,
+            frame,
+            False,
+            cfg.get("dedup", False),
+            ["file_name"],
+        )
+    raise ValueError(f"evaluate.datasets: unknown dataset {name!r} (miniature, audiocaps, clotho)")

@@ -1,0 +1,365 @@
+"""Stage evaluate: caption a test set with every system and score it, as in the paper's Table 1.
+
+    dalipipe evaluate --params '{"seed": 0, "device": "auto", "evaluate": {...}, "extract": {...}}' \
+        --dataset miniature --shards results/miniature/shards/test \
+        --captioner results/miniature/models/llava --prefix results/miniature/prefix \
+        --align results/miniature/align/mmd results/miniature/align/ot ... \
+        --distill results/miniature/distill/mmd ... --out results/miniature/evaluate/miniature
+
+Systems (config ``evaluate.systems``), decoded greedily with a fixed seed:
+- ``image``: the frozen captioner on the frame, with the learned prefix (paper: "Image only");
+- ``untrained``: audio only through a randomly initialised encoder of the aligned encoders'
+  size (seeded): the floor that alignment must beat;
+- ``audio`` / ``audio_image``: each aligned encoder (directory name = method) before
+  distillation, with the prefix (the paper's stage-1 ablation rows);
+- ``audio_distilled`` / ``audio_image_distilled``: each distilled captioner, without the prefix
+  by default (the authors' inference.sh).
+Writes ``<out>/<system>.json`` (captions, scores), ``references.json``, ``table.csv``,
+``table.md``, ``failed.csv`` and ``gap.npz`` (mean audio token per clip per method and mean
+image token per clip, for the modality-gap PCA figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dalipipe.common import (
+    atomic_path,
+    parse_params,
+    pick_device,
+    seed_everything,
+    setup_logging,
+    write_json,
+)
+from dalipipe.evaluate import metrics, tables, world_scores
+from dalipipe.evaluate.datasets import EvalSet, load_dataset
+
+log = logging.getLogger(__name__)
+
+SYSTEM_KINDS = (
+    "image",
+    "untrained",
+    "audio",
+    "audio_image",
+    "audio_distilled",
+    "audio_image_distilled",
+)
+DEFAULTS = {
+    "systems": list(SYSTEM_KINDS),
+    "max_new_tokens": 64,
+    "batch_size": 16,
+    "prefix_zero_shot": True,
+    "prefix_distilled": False,
+    "frame": "middle",
+    "spice": True,
+    "embedding": False,
+}
+
+
+@dataclass(frozen=True)
+class System:
+    name: str  # file stem and table key: "image", "untrained", "mmd_audio", "mmd_audio_distilled"
+    kind: str
+    method: str  # "" for image and untrained
+    modality: str  # image | audio | audio+image
+    distilled: bool
+    use_prefix: bool
+
+
+def plan_systems(settings: dict, methods: list[str], distilled: list[str]) -> list[System]:
+    """Systems in Table-1 order: image, untrained, then per method zero-shot before distilled."""
+    kinds = settings["systems"]
+    unknown = set(kinds) - set(SYSTEM_KINDS)
+    if unknown:
+        raise ValueError(f"evaluate.systems: unknown {sorted(unknown)}; use {list(SYSTEM_KINDS)}")
+    pz, pd = bool(settings["prefix_zero_shot"]), bool(settings["prefix_distilled"])
+    out = []
+    if "image" in kinds:
+        out.append(System("image", "image", "", "image", False, pz))
+    if "untrained" in kinds:
+        out.append(System("untrained", "untrained", "", "audio", False, pz))
+    for method in methods:
+        for kind, modality, is_distilled in (
+            ("audio", "audio", False),
+            ("audio_image", "audio+image", False),
+            ("audio_distilled", "audio", True),
+            ("audio_image_distilled", "audio+image", True),
+        ):
+            if kind not in kinds or (is_distilled and method not in distilled):
+                continue
+            out.append(
+                System(
+                    f"{method}_{kind}",
+                    kind,
+                    method,
+                    modality,
+                    is_distilled,
+                    pd if is_distilled else pz,
+                )
+            )
+    return out
+
+
+def load_inputs(ds: EvalSet) -> tuple[list, dict]:
+    """Decode every clip once; a clip that fails is recorded in ``ds.failed`` and left out."""
+    kept, inputs = [], {}
+    for clip in tqdm(ds.clips, desc=f"{ds.name}: load", unit="clip"):
+        try:
+            fbank, frame = clip.load()
+            if ds.has_video and frame is None:
+                raise ValueError("no video frame")
+        except Exception as err:  # one broken clip never stops the stage
+            ds.failed.append({"clip_id": clip.clip_id, "reason": str(err)})
+            log.warning("clip %s skipped: %s", clip.clip_id, err)
+            continue
+        kept.append(clip)
+        inputs[clip.clip_id] = (fbank.astype(np.float16), frame)
+    ds.clips = kept
+    return kept, inputs
+
+
+class CaptionerPool:
+    """Builds each system's captioner, reusing the last one when two systems share it."""
+
+    def __init__(self, captioner_dir, prefix_dir, align_dirs, distill_dirs, device, seed):
+        self.captioner_dir, self.prefix_dir = captioner_dir, prefix_dir
+        self.align_dirs, self.distill_dirs = align_dirs, distill_dirs
+        self.device, self.seed = device, seed
+        self._key, self._captioner = None, None
+
+    def get(self, system: System):
+        key = (
+            system.kind == "untrained",
+            system.method if system.kind != "image" else "",
+            system.distilled,
+        )
+        if key != self._key:
+            self._captioner = None  # free the previous model first
+            self._captioner = self._build(system)
+            self._key = key
+        return self._captioner
+
+    def _build(self, system: System):
+        from dalipipe.caption.assemble import assemble
+        from dalipipe.caption.schedule import default_dtype
+        from dalipipe.models.captioner import AudioCaptioner
+
+        dtype = default_dtype(self.device)
+        if system.distilled:
+            return AudioCaptioner.from_dir(
+                self.distill_dirs[system.method], dtype=dtype, device=self.device
+            )
+        prefix = self.prefix_dir if system.use_prefix else None
+        if system.kind == "untrained":
+            captioner = assemble(
+                self.captioner_dir, prefix_dir=prefix, device=self.device, dtype=dtype
+            )
+            captioner.audio_encoder = untrained_encoder(self.align_dirs, self.seed).to(
+                self.device, dtype
+            )
+            return captioner
+        encoder = self.align_dirs[system.method] if system.method else None
+        return assemble(
+            self.captioner_dir,
+            encoder_dir=encoder,
+            prefix_dir=prefix,
+            device=self.device,
+            dtype=dtype,
+        )
+
+
+def untrained_encoder(align_dirs: dict[str, Path], seed: int):
+    """A fresh encoder shaped like the aligned ones, its weights drawn from ``seed``."""
+    import torch
+
+    from dalipipe.models.artifacts import read_config
+    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder
+
+    if not align_dirs:
+        raise ValueError(
+            "system 'untrained' needs at least one aligned encoder (--align) for its size"
+        )
+    first = next(iter(align_dirs.values()))
+    config = AudioEncoderConfig(**read_config(Path(first) / "audio_encoder.json"))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return CavMaeAudioEncoder(config).eval()
+
+
+def caption_all(captioner, system: System, clips, inputs, settings, seed) -> dict[str, str]:
+    import torch
+
+    captions = {}
+    size = int(settings["batch_size"])
+    batches = [clips[i : i + size] for i in range(0, len(clips), size)]
+    for index, batch in enumerate(tqdm(batches, desc=system.name, unit="batch")):
+        pixel_values = fbank = None
+        if "image" in system.modality:
+            pixel_values = captioner.pixel_values([inputs[c.clip_id][1] for c in batch])
+        if "audio" in system.modality:
+            fbank = torch.from_numpy(
+                np.stack([inputs[c.clip_id][0] for c in batch]).astype(np.float32)
+            )
+        texts = captioner.generate(
+            modality=system.modality,
+            pixel_values=pixel_values,
+            fbank=fbank,
+            use_prefix=system.use_prefix and captioner.prefix is not None,
+            max_new_tokens=int(settings["max_new_tokens"]),
+            do_sample=False,
+            seed=seed + index,
+        )
+        captions.update({c.clip_id: t for c, t in zip(batch, texts)})
+    return captions
+
+
+def modality_gap(
+    pool: CaptionerPool, systems, clips, inputs, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Mean image token per clip, and mean audio token per clip for each encoder before distillation."""
+    import torch
+
+    arrays: dict[str, np.ndarray] = {}
+    for system in systems:
+        if system.kind not in ("audio", "untrained"):
+            continue
+        captioner = pool.get(system)
+        means = {"audio": []}
+        if "image" not in arrays:
+            means["image"] = []
+        with torch.no_grad():
+            for i in range(0, len(clips), batch_size):
+                batch = clips[i : i + batch_size]
+                fbank = torch.from_numpy(
+                    np.stack([inputs[c.clip_id][0] for c in batch]).astype(np.float32)
+                )
+                means["audio"].append(captioner.audio_tokens(fbank).float().mean(1).cpu().numpy())
+                if "image" in means:
+                    pv = captioner.pixel_values([inputs[c.clip_id][1] for c in batch])
+                    means["image"].append(captioner.image_tokens(pv).float().mean(1).cpu().numpy())
+        arrays[f"audio/{system.method or 'untrained'}"] = np.concatenate(means["audio"])
+        if "image" in means:
+            arrays["image"] = np.concatenate(means["image"])
+    return arrays
+
+
+def evaluate(
+    params: dict,
+    dataset: str,
+    out: str | Path,
+    *,
+    captioner_dir,
+    prefix_dir=None,
+    align_dirs=(),
+    distill_dirs=(),
+    shards=None,
+) -> dict:
+    settings = {**DEFAULTS, **(params.get("evaluate") or {})}
+    seed = int(params.get("seed", 0))
+    device = pick_device(params.get("device", "auto"))
+    seed_everything(seed)
+    out = Path(out)
+    ds_cfg = dict((settings.get("datasets") or {}).get(dataset) or {})
+    if dataset == "miniature":
+        ds_cfg.setdefault("shards", shards)
+    fbank_cfg = (params.get("extract") or {}).get("fbank") or {}
+    ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"])
+    clips, inputs = load_inputs(ds)
+    if not clips:
+        raise ValueError(f"{dataset}: no readable clip to evaluate ({len(ds.failed)} failed)")
+    align = {Path(d).name: Path(d) for d in align_dirs}
+    distill = {Path(d).name: Path(d) for d in distill_dirs}
+    systems = plan_systems(settings, list(align), list(distill))
+    if not ds.has_video:
+        systems = [s for s in systems if "image" not in s.modality]
+    references = ds.references()
+    pool = CaptionerPool(captioner_dir, prefix_dir, align, distill, device, seed)
+    began = time.time()
+    with atomic_path(out, directory=True) as tmp:
+        write_json(tmp / "references.json", references)
+        all_captions, seconds = {}, {}
+        for system in systems:
+            t0 = time.time()
+            all_captions[system.name] = caption_all(
+                pool.get(system), system, clips, inputs, settings, seed
+            )
+            seconds[system.name] = round(time.time() - t0, 2)
+        scored = metrics.score_many(
+            all_captions,
+            references,
+            spice=bool(settings["spice"]),
+            embedding=bool(settings["embedding"]),
+        )
+        rows, all_notes = [], {}
+        metas = {c.clip_id: c.meta for c in clips}
+        for system in systems:
+            captions = all_captions[system.name]
+            scores, per_clip, notes = scored[system.name]
+            if dataset == "miniature":
+                scores.update(world_scores.world_scores(captions, metas))
+            record = {**asdict(system), "dataset": dataset, "captions": captions, "scores": scores}
+            record.update(notes=notes, per_clip=per_clip, seconds=seconds[system.name])
+            write_json(tmp / f"{system.name}.json", record)
+            rows.append(tables.table_row(system, scores))
+            all_notes.update(notes)
+            log.info(
+                "%s: %s", system.name, metrics.format_scores(scores, notes).replace("\n", "; ")
+            )
+        world = dataset == "miniature"
+        tables.write_csv(tmp / "table.csv", rows, tables.columns(world=world))
+        (tmp / "table.md").write_text(tables.markdown(rows, dataset, world=world, notes=all_notes))
+        if ds.has_video:
+            gap = modality_gap(pool, systems, clips, inputs, int(settings["batch_size"]))
+            np.savez(tmp / "gap.npz", clip_ids=np.array([c.clip_id for c in clips]), **gap)
+        with open(tmp / "failed.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["clip_id", "reason"])
+            writer.writeheader()
+            writer.writerows(ds.failed)
+        summary = {
+            "dataset": dataset,
+            "n_clips": len(clips),
+            "n_failed": len(ds.failed),
+            "systems": [s.name for s in systems],
+            "seconds": round(time.time() - began, 2),
+        }
+        write_json(tmp / "summary.json", summary)
+    log.info("evaluate %s: %s", dataset, json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dalipipe evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--params", default="{}", help="JSON object (or @file): seed, device, evaluate, extract"
+    )
+    parser.add_argument("--dataset", required=True, help="miniature | audiocaps | clotho")
+    parser.add_argument("--shards", help="test shard folder (miniature)")
+    parser.add_argument("--captioner", required=True, help="the base LLaVA-class captioner")
+    parser.add_argument("--prefix", help="prefix stage output folder")
+    parser.add_argument(
+        "--align", nargs="*", default=[], help="aligned encoder folders (name = method)"
+    )
+    parser.add_argument("--distill", nargs="*", default=[], help="distilled captioner folders")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    setup_logging()
+    evaluate(
+        parse_params(args.params),
+        args.dataset,
+        args.out,
+        captioner_dir=args.captioner,
+        prefix_dir=args.prefix,
+        align_dirs=args.align,
+        distill_dirs=args.distill,
+        shards=args.shards,
+    )
+    return 0

@@ -1,0 +1,308 @@
+"""Evaluation sets, world scores and the evaluate stage on tiny real models.
+
+HF_HUB_OFFLINE=1 pytest tests/test_evaluate.py -x -q
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dalipipe.data import world
+from dalipipe.evaluate import datasets, run, tables
+from dalipipe.evaluate.world_scores import world_scores
+
+SHARED = Path("/work/shared/data")
+AUDIOCAPS_CSV = SHARED / "audiocaps" / "test.csv"
+CLOTHO_CSV = SHARED / "clotho" / "clotho_captions_evaluation.csv"
+CLIP_MP4 = SHARED / "clips" / "audioset_00W1lcxW-WU_40_50.mp4"
+CLIP_WAV = SHARED / "clips" / "vggsound_FwVYUHKoLtQ_000034.wav"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data not present")
+
+
+# ----------------------------------------------------------------------------- world scores
+
+
+def test_world_scores_pool_counts_over_clips():
+    meta = {
+        "a": {"heard": ["dog", "bell"], "seen": ["dog"]},  # bell is off-screen
+        "b": {"heard": ["bird"], "seen": ["bird", "drum"]},  # drum is silent
+        "c": {"heard": ["frog"], "seen": []},
+    }
+    captions = {
+        "a": "a dog barks and a bell chimes",  # 2 hits, well formed
+        "b": "a drum booms",  # names a silent object: 0 hits, 1 named
+        "c": "frogs frogs frogs",  # 1 hit (plural counts), not well formed
+    }
+    scores = world_scores(captions, meta)
+    assert scores["class_recall"] == pytest.approx(3 / 4)
+    assert scores["class_precision"] == pytest.approx(3 / 4)
+    assert scores["well_formed"] == pytest.approx(2 / 3)
+    assert scores["offscreen_recall"] == pytest.approx(2 / 2)  # bell (a) and frog (c)
+
+
+def test_world_scores_without_anything_named_is_none_not_zero():
+    scores = world_scores(
+        {"a": "a photo of an empty room"}, {"a": {"heard": ["dog"], "seen": ["dog"]}}
+    )
+    assert scores["class_recall"] == 0 and scores["class_precision"] is None
+    assert scores["offscreen_recall"] is None
+    with pytest.raises(ValueError, match="no world metadata for 1 clip"):
+        world_scores({"zz": "x"}, {})
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@needs_shared
+def test_audiocaps_references_group_five_per_clip_and_dedup_is_a_switch():
+    refs, meta = datasets.read_audiocaps(AUDIOCAPS_CSV)
+    assert len(refs) == 975 and all(len(r) == 5 for r in refs.values())
+    assert refs["7fmOlUlwoNg_20000"][0] == "Constant rattling noise and sharp vibrations"
+    assert meta["7fmOlUlwoNg_20000"]["youtube_id"] == "7fmOlUlwoNg"
+    deduped = datasets.dedup_references(refs)
+    total = sum(map(len, refs.values()))
+    distinct = len({c for r in refs.values() for c in r})
+    assert sum(map(len, deduped.values())) == distinct < total
+
+
+@needs_shared
+def test_clotho_reads_five_captions_and_audio_only(tmp_path):
+    refs, meta = datasets.read_clotho(CLOTHO_CSV)
+    assert len(refs) == 1045
+    assert refs["Santa_Motor"][1] == "A person is using electric clippers to trim bushes."
+    (tmp_path / "Santa Motor.wav").write_bytes(CLIP_WAV.read_bytes())
+    ds = datasets.load_dataset(
+        "clotho",
+        {"csv": str(CLOTHO_CSV), "media": str(tmp_path)},
+        {"num_mel_bins": 64, "target_length": 256},
+    )
+    assert not ds.has_video and [c.clip_id for c in ds.clips] == ["Santa_Motor"]
+    assert len(ds.failed) == 1044 and "no media for" in ds.failed[0]["reason"]
+    fbank, frame = ds.clips[0].load()
+    assert fbank.shape == (256, 64) and frame is None
+
+
+@needs_shared
+def test_audiocaps_media_file_gives_fbank_and_middle_frame(tmp_path):
+    csv_path = tmp_path / "ac.csv"
+    csv_path.write_text(
+        "audiocap_id,youtube_id,start_time,caption\n"
+        "1,00W1lcxW-WU,40,someone whistles\n2,00W1lcxW-WU,40,a whistle blows\n"
+        "3,abcdefghijk,0,a dog barks\n"
+    )
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "00W1lcxW-WU.mp4").write_bytes(CLIP_MP4.read_bytes())
+    broken = media / "abcdefghijk_0.mp4"
+    broken.write_bytes(b"not a video")
+    ds = datasets.load_dataset(
+        "audiocaps",
+        {"csv": str(csv_path), "media": str(media)},
+        {"num_mel_bins": 64, "target_length": 256},
+    )
+    assert [c.clip_id for c in ds.clips] == ["00W1lcxW-WU_40000", "abcdefghijk_0"]
+    fbank, frame = ds.clips[0].load()
+    assert fbank.shape == (256, 64) and fbank.dtype == np.float32
+    assert frame.size == (256, 144)  # the clip is 256x144
+    with pytest.raises(Exception, match="abcdefghijk_0.mp4"):
+        ds.clips[1].load()
+
+
+def test_pick_frame_is_the_authors_frame_5_of_10():
+    assert (
+        datasets.pick_frame(10) == 5 and datasets.pick_frame(3) == 1 and datasets.pick_frame(1) == 0
+    )
+    assert datasets.pick_frame(3, 7) == 2
+
+
+# ----------------------------------------------------------------------------- the stage
+
+MEL, FRAMES = 16, 32
+
+
+def _jpeg(rgb) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), rgb).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_test_shard(directory: Path, n: int = 6) -> list[dict]:
+    """A webdataset shard laid out as stage shard writes it (DEVELOPING.md, "Shards")."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [c.name for c in world.CLASSES[:4]]
+    metas = []
+    with tarfile.open(directory / "test-000000.tar", "w") as tar:
+
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for i in range(n):
+            heard = [names[i % 4]]
+            seen = heard if i % 3 else []
+            meta = {
+                "clip_id": f"clip-{i:03d}",
+                "split": "test",
+                "labels": heard,
+                "start_s": 0.0,
+                "heard": heard,
+                "seen": seen,
+                "references": world.reference_captions(heard, rng),
+                "n_frames": 3,
+            }
+            metas.append(meta)
+            fbank = io.BytesIO()
+            np.save(fbank, rng.standard_normal((FRAMES, MEL)).astype(np.float16))
+            add(f"clip-{i:03d}.fbank.npy", fbank.getvalue())
+            for k in range(3):
+                add(f"clip-{i:03d}.frame{k}.jpg", _jpeg(world.CLASSES[i % 4].rgb))
+            add(f"clip-{i:03d}.json", json.dumps(meta).encode())
+        add("clip-bad.json", b'{"clip_id": "clip-bad"}')  # no fbank, no references
+    return metas
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run: base captioner, prefix, two aligned encoders, one distilled captioner."""
+    import torch
+
+    from dalipipe.models.captioner import AudioCaptioner
+    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
+    from dalipipe.models.tiny import make_tiny_llava
+
+    root = tmp_path_factory.mktemp("run")
+    corpus = [
+        c
+        for cls in world.CLASSES
+        for c in (world.audio_caption([cls.name]), world.visual_caption([cls.name]))
+    ]
+    make_tiny_llava(root / "models" / "llava", corpus=corpus, vocab_size=300)
+    config = AudioEncoderConfig(
+        num_mel_bins=MEL,
+        target_length=FRAMES,
+        patch_size=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        out_dim=32,
+    )
+    for i, method in enumerate(["mmd", "ot"]):
+        torch.manual_seed(10 + i)
+        save_encoder(CavMaeAudioEncoder(config), root / "align" / method)
+    captioner = AudioCaptioner.from_base(root / "models" / "llava")
+    captioner.init_prefix(n_tokens=4, std=0.02, seed=0)
+    (root / "prefix").mkdir()
+    captioner.save_prefix(root / "prefix" / "prefix.safetensors")
+    torch.manual_seed(20)
+    distilled = AudioCaptioner.from_base(
+        root / "models" / "llava", audio_encoder=CavMaeAudioEncoder(config)
+    )
+    distilled.save_dir(root / "distill" / "mmd")
+    write_test_shard(root / "shards" / "test")
+    return root
+
+
+def _evaluate(root: Path, out: Path, **settings):
+    params = {
+        "seed": 0,
+        "device": "cpu",
+        "evaluate": {"max_new_tokens": 6, "batch_size": 4, **settings},
+    }
+    return run.evaluate(
+        params,
+        "miniature",
+        out,
+        captioner_dir=root / "models" / "llava",
+        prefix_dir=root / "prefix",
+        align_dirs=[root / "align" / "mmd", root / "align" / "ot"],
+        distill_dirs=[root / "distill" / "mmd"],
+        shards=root / "shards" / "test",
+    )
+
+
+@pytest.mark.slow
+def test_evaluate_writes_every_system_and_a_table(run_dir):
+    out = run_dir / "evaluate" / "miniature"
+    summary = _evaluate(run_dir, out)
+    expected = [
+        "image",
+        "untrained",
+        "mmd_audio",
+        "mmd_audio_image",
+        "mmd_audio_distilled",
+        "mmd_audio_image_distilled",
+        "ot_audio",
+        "ot_audio_image",
+    ]
+    assert summary["systems"] == expected
+    assert summary["n_clips"] == 6 and summary["n_failed"] == 1
+    failed = list(csv.DictReader(open(out / "failed.csv")))
+    assert failed[0]["clip_id"] == "clip-bad" and "missing" in failed[0]["reason"]
+
+    rows = tables.read_csv(out / "table.csv")
+    assert list(rows[0]) == tables.columns(world=True)
+    assert [r["system"] for r in rows] == expected
+    image = json.loads((out / "image.json").read_text())
+    assert image["modality"] == "image" and image["use_prefix"] is True
+    assert len(image["captions"]) == 6
+    # The table holds the scores of the captions it was written from, recomputed here.
+    ws = world_scores(image["captions"], {m["clip_id"]: m for m in _metas(run_dir)})
+    assert rows[0]["class_recall"] == pytest.approx(ws["class_recall"])
+    assert rows[0]["well_formed"] == pytest.approx(ws["well_formed"])
+    assert rows[0]["spider"] is None  # no CoreNLP here; null, never a stand-in
+    distilled = json.loads((out / "mmd_audio_distilled.json").read_text())
+    assert distilled["distilled"] is True and distilled["use_prefix"] is False
+
+    md = (out / "table.md").read_text()
+    assert "| DALI-MMD | audio |" in md and "METEOR (distilled)" in md
+    mmd_line = next(line for line in md.splitlines() if line.startswith("| DALI-MMD | audio |"))
+    ot_line = next(line for line in md.splitlines() if line.startswith("| DALI-OT | audio |"))
+    assert mmd_line.count("|") == ot_line.count("|")
+    assert [c.strip() for c in ot_line.split("|")[-9:-1]] == [""] * 8  # no distilled OT: empty
+    assert "n.c. SPIDEr: not computed: Stanford CoreNLP 3.6.0 missing" in md
+
+    gap = np.load(out / "gap.npz")
+    assert gap["image"].shape == (6, 32)
+    assert set(gap.files) == {"clip_ids", "image", "audio/untrained", "audio/mmd", "audio/ot"}
+    assert not np.allclose(gap["audio/mmd"], gap["audio/ot"])
+
+    # Greedy and seeded: a second run writes the same captions.
+    again = run_dir / "evaluate" / "again"
+    _evaluate(run_dir, again, systems=["untrained", "audio"])
+    for name in ("untrained", "mmd_audio"):
+        first = json.loads((out / f"{name}.json").read_text())["captions"]
+        second = json.loads((again / f"{name}.json").read_text())["captions"]
+        assert first == second
+
+
+def _metas(root: Path) -> list[dict]:
+    samples = datasets.read_shard_dir(root / "shards" / "test")
+    return [json.loads(s["json"]) for s in samples if "fbank.npy" in s]
+
+
+def test_plan_systems_orders_like_table_1_and_rejects_unknown_names():
+    settings = {**run.DEFAULTS}
+    names = [s.name for s in run.plan_systems(settings, ["mmd", "ot_att"], ["ot_att"])]
+    assert names == [
+        "image",
+        "untrained",
+        "mmd_audio",
+        "mmd_audio_image",
+        "ot_att_audio",
+        "ot_att_audio_image",
+        "ot_att_audio_distilled",
+        "ot_att_audio_image_distilled",
+    ]
+    with pytest.raises(ValueError, match="evaluate.systems: unknown"):
+        run.plan_systems({**settings, "systems": ["audio", "beam"]}, [], [])
