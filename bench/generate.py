@@ -1,0 +1,208 @@
+"""Clips per second of pseudo-label generation (image + audio + prefix tokens) by batch size.
+
+    python bench/generate.py                                   # miniature shapes, CPU
+    python bench/generate.py --shape paper --device cuda --batch-sizes 1 16 64
+    python bench/generate.py --captioner results/miniature/models/llava \
+        --encoder results/miniature/align/ot_att --prefix results/miniature/prefix
+
+It times `AudioCaptioner.generate` exactly as stage pseudolabel calls it. Without --captioner,
+a randomly initialised LLaVA of the chosen shape is built in memory (miniature: the bootstrap's
+64 px / 64 image tokens, Llama width 128; paper: CLIP-L/336 + a 7B Llama, 576 image + 512
+audio + 16 prefix tokens, bf16). A random model seldom emits the end token, so each caption
+runs to about --max-new-tokens; the table reports the decode steps per batch so runs with
+trained models (which stop early) stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+SHAPES = {
+    "miniature": {
+        "llava": dict(
+            image_size=64,
+            patch_size=8,
+            vision_hidden=128,
+            vision_layers=3,
+            vision_heads=4,
+            text_hidden=128,
+            text_layers=2,
+            text_heads=4,
+        ),
+        "encoder": dict(num_mel_bins=64, target_length=256, embed_dim=64, depth=2, num_heads=4),
+        "intermediate": None,
+        "vocab": None,
+    },
+    "paper": {
+        "llava": dict(
+            image_size=336,
+            patch_size=14,
+            vision_hidden=1024,
+            vision_layers=24,
+            vision_heads=16,
+            text_hidden=4096,
+            text_layers=32,
+            text_heads=32,
+            max_positions=4096,
+        ),
+        "encoder": dict(),  # AudioEncoderConfig defaults: 1024 x 128 fbank -> 512 tokens
+        "intermediate": 11008,
+        "vocab": 32000,
+    },
+}
+
+
+def random_captioner(shape: str, device, dtype):
+    from transformers import LlavaForConditionalGeneration
+
+    from dalipipe.models.captioner import AudioCaptioner
+    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder
+    from dalipipe.models.tiny import llava_config, llava_processor
+    from dalipipe.models.tokenizer import build_tokenizer
+
+    spec = SHAPES[shape]
+    tokenizer = build_tokenizer([], vocab_size=1000)
+    config = llava_config(tokenizer, **spec["llava"])
+    if spec["intermediate"]:
+        config.text_config.intermediate_size = spec["intermediate"]
+    if spec["vocab"]:
+        config.text_config.vocab_size = spec["vocab"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        llava = LlavaForConditionalGeneration(config).to(dtype)
+        encoder_config = AudioEncoderConfig(
+            out_dim=config.vision_config.hidden_size, **spec["encoder"]
+        )
+        encoder = CavMaeAudioEncoder(encoder_config).to(dtype)
+    processor = llava_processor(
+        tokenizer, config.vision_config.image_size, config.vision_config.patch_size
+    )
+    captioner = AudioCaptioner(llava, processor, audio_encoder=encoder).to(
+        device=device, dtype=dtype
+    )
+    captioner.init_prefix(n_tokens=16, std=1e-4, seed=0)
+    return captioner, (encoder_config.target_length, encoder_config.num_mel_bins)
+
+
+def trained_captioner(args, device, dtype):
+    from dalipipe.caption.assemble import assemble
+
+    captioner = assemble(
+        args.captioner, encoder_dir=args.encoder, prefix_dir=args.prefix, device=device, dtype=dtype
+    )
+    if captioner.prefix is None:
+        captioner.init_prefix(n_tokens=16, std=1e-4, seed=0)
+    config = captioner.audio_encoder.config
+    return captioner, (config.target_length, config.num_mel_bins)
+
+
+def time_batch(captioner, batch_size, fbank_shape, image_size, max_new_tokens, seed):
+    """Seconds for one batch, and the decode steps it ran (the longest caption in the batch)."""
+    rng = np.random.default_rng(seed)
+    frames = [
+        rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(batch_size)
+    ]
+    fbank = torch.from_numpy(rng.normal(size=(batch_size, *fbank_shape)).astype(np.float32))
+    steps = []
+    generate = captioner.llava.generate
+
+    def counting_generate(*args, **kwargs):
+        out = generate(*args, **kwargs)  # with inputs_embeds: only the new tokens
+        steps.append(out.shape[1])
+        return out
+
+    captioner.llava.generate = counting_generate
+    if captioner.device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    try:
+        captioner.generate(
+            modality="audio+image",
+            pixel_values=captioner.pixel_values(frames),
+            fbank=fbank,
+            use_prefix=True,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            seed=seed,
+        )
+        if captioner.device.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        captioner.llava.generate = generate
+    return time.perf_counter() - began, steps[0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="miniature")
+    parser.add_argument("--captioner", help="a save_pretrained LLaVA (instead of a random one)")
+    parser.add_argument("--encoder", help="aligned encoder directory (with --captioner)")
+    parser.add_argument("--prefix", help="prefix stage directory (with --captioner)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    from dalipipe.caption.schedule import default_dtype
+    from dalipipe.common import pick_device
+
+    torch.set_grad_enabled(False)
+    device = pick_device(args.device)
+    dtype = default_dtype(device)
+    if args.captioner:
+        captioner, fbank_shape = trained_captioner(args, device, dtype)
+    else:
+        captioner, fbank_shape = random_captioner(args.shape, device, dtype)
+    image_size = captioner.llava.config.vision_config.image_size
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+        f"threads {torch.get_num_threads()}, dtype {dtype}, shape {args.captioner or args.shape}, "
+        f"fbank {fbank_shape}, max_new_tokens {args.max_new_tokens}"
+    )
+    time_batch(captioner, 1, fbank_shape, image_size, 2, seed=0)  # warm-up
+    results = []
+    print(f"{'batch':>6} {'clips/s':>9} {'s/batch':>9} {'steps':>6}")
+    for batch_size in args.batch_sizes:
+        runs = [
+            time_batch(captioner, batch_size, fbank_shape, image_size, args.max_new_tokens, seed=r)
+            for r in range(args.repeats)
+        ]
+        seconds = statistics.median(s for s, _ in runs)
+        tokens = statistics.mean(t for _, t in runs)
+        results.append(
+            {
+                "batch_size": batch_size,
+                "clips_per_s": batch_size / seconds,
+                "seconds_per_batch": seconds,
+                "mean_new_tokens": tokens,
+            }
+        )
+        print(
+            f"{batch_size:>6} {batch_size / seconds:>9.2f} {seconds:>9.3f} {tokens:>6.1f}",
+            flush=True,
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {
+                    "device": str(device),
+                    "shape": args.captioner or args.shape,
+                    "max_new_tokens": args.max_new_tokens,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
