@@ -1,6 +1,7 @@
 """AudioSet selection on the real segment CSVs, class index and ontology in ../shared/data."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,40 @@ def test_command_writes_parts_and_summary(tmp_path):
     assert summary["excluded_eval_ids"] == 1  # --4gqARaEJE is labelled Dog
     assert all(r.split == "align" and r.youtube_id != "--4gqARaEJE" for p in rows for r in p)
     assert sum(summary["parts"]) == summary["selected"] > 100
+
+
+def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
+    """rules/audioset.smk and rules/filter.smk, with common.smk, in a Snakemake dry run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("rules", "schemas"):
+        (tmp_path / name).symlink_to(repo / name)
+    config = yaml.safe_load((repo / "config.yaml").read_text())
+    config["acquire"].update(source="audioset", parts=3)
+    config["acquire"]["audioset"].update(
+        segments={"eval": str(AS / "eval_segments.csv")},
+        class_index=str(AS / "class_labels_indices.csv"),
+        ontology=str(AS / "ontology.json"),
+        split=["eval"],
+    )
+    config["filter"]["captioner"] = "Salesforce/blip2-opt-2.7b"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config.yaml"\n'
+        + "".join(f'include: "rules/{f}.smk"\n' for f in ("common", "audioset", "filter"))
+    )
+    for i in range(3):  # the extract stage is another rule file's
+        (tmp_path / f"results/{config['run']}/extract/part-{i}").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
+         f"results/{config['run']}/filter/kept.txt"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M))
+    assert jobs == {"audioset_select": "1", "audioset_download": "3", "audioset_gather": "1",
+                    "filter_part": "3", "filter_merge": "1", "total": "9"}  # fmt: skip
