@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from dalipipe.data.local import AUDIO_EXTENSIONS, list_source
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
+BATCH_SIZE = 8  # clips per ffmpeg process
 MANIFEST_FIELDS = [
     "clip_id", "status", "reason", "n_frames", "duration_s",
     "sample_rate", "channels", "width", "height",
@@ -88,30 +90,52 @@ def _frame_filter(short_side: int, skip_s: float, window_s: float) -> str:
     return f"{trim},{select},{scale}:flags=area,setsar=1"
 
 
-def _command(src, clip_dir: Path, start_s, window_s, short_side, video: bool, audio: bool):
-    seek = start_s - SEEK_MARGIN_S if start_s > SEEK_AFTER_S else 0.0
-    skip = start_s - seek
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats"]
-    if seek > 0:
-        cmd += ["-ss", f"{seek:.6f}"]
-    cmd += ["-t", f"{skip + window_s + 1:.6f}", "-i", file_url(src)]
+@dataclass(frozen=True)
+class Job:
+    """One clip to extract: where from, which window, where to."""
+
+    src: str
+    clip_dir: Path
+    start_s: float = 0.0
+    window_s: float = 10.0
+    short_side: int = 336
+
+    @property
+    def pcm(self) -> Path:
+        return self.clip_dir / "audio.s16"
+
+
+def _io_args(k: int, job: Job, video: bool) -> tuple[list[str], list[str]]:
+    """ffmpeg input and output arguments of input #k."""
+    seek = job.start_s - SEEK_MARGIN_S if job.start_s > SEEK_AFTER_S else 0.0
+    skip = job.start_s - seek
+    inputs = ["-ss", f"{seek:.6f}"] if seek > 0 else []
+    inputs += ["-t", f"{skip + job.window_s + 1:.6f}", "-i", file_url(job.src)]
+    outputs = []
     if video:
-        vf = _frame_filter(short_side, skip, window_s)
-        cmd += ["-map", "0:v:0", "-vf", vf, "-fps_mode", "passthrough"]
-        cmd += ["-frames:v", str(math.ceil(window_s)), "-q:v", "2", "-start_number", "0"]
-        cmd += [file_url(clip_dir / "frame_%02d.jpg")]
-    if audio:
-        af = f"atrim=start={skip:.6f}:duration={window_s:.6f}," + first_channel_filter(SAMPLE_RATE)
-        cmd += ["-map", "0:a:0", "-af", af, "-f", "s16le", "-c:a", "pcm_s16le", "pipe:1"]
-    return cmd
+        vf = _frame_filter(job.short_side, skip, job.window_s)
+        outputs += ["-map", f"{k}:v:0", "-vf", vf, "-fps_mode", "passthrough"]
+        outputs += ["-frames:v", str(math.ceil(job.window_s)), "-q:v", "2", "-start_number", "0"]
+        outputs += [file_url(job.clip_dir / "frame_%02d.jpg")]
+    af = f"atrim=start={skip:.6f}:duration={job.window_s:.6f}," + first_channel_filter(SAMPLE_RATE)
+    outputs += ["-map", f"{k}:a:0", "-af", af, "-f", "s16le", "-c:a", "pcm_s16le"]
+    outputs += [file_url(job.pcm)]
+    return inputs, outputs
 
 
-def _run(cmd, src) -> tuple[int, bytes, str]:
+def _run(jobs: list[Job], videos: list[bool]) -> tuple[int, str]:
+    """One ffmpeg process for all `jobs`: each input gets its own frame and audio outputs."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-y"]
+    outputs = []
+    for k, (job, video) in enumerate(zip(jobs, videos)):
+        i, o = _io_args(k, job, video)
+        cmd += i
+        outputs += o
     try:
-        result = subprocess.run(cmd, capture_output=True, timeout=600)
+        result = subprocess.run(cmd + outputs, capture_output=True, timeout=600 * len(jobs))
     except subprocess.TimeoutExpired as exc:
-        raise ExtractError(f"{src}: ffmpeg took longer than 600 s") from exc
-    return result.returncode, result.stdout, result.stderr.decode("utf-8", "replace")
+        raise ExtractError(f"{jobs[0].src}: ffmpeg took longer than {exc.timeout} s") from exc
+    return result.returncode, result.stderr.decode("utf-8", "replace")
 
 
 def _error_line(text: str) -> str:
@@ -119,30 +143,36 @@ def _error_line(text: str) -> str:
     return lines[-1] if lines else (text.strip().splitlines() or ["no message"])[-1]
 
 
-def decode_window(src, clip_dir: Path, start_s: float, window_s: float, short_side: int):
-    """Run ffmpeg on one clip; returns (MediaInfo, int16 audio). Frames land in clip_dir."""
-    video = Path(src).suffix.lower() not in AUDIO_EXTENSIONS
-    code, pcm, err = _run(_command(src, clip_dir, start_s, window_s, short_side, video, True), src)
-    if code != 0:
-        try:
-            info = parse_info(err, src)
-        except MediaError as exc:
-            raise ExtractError(str(exc)) from exc
-        if not info.has_audio:
-            raise ExtractError(f"{src}: no audio stream")
-        if video and not info.has_video:  # an audio file with a video-like name: retry
-            for frame in clip_dir.glob("frame_*.jpg"):
-                frame.unlink()
-            code, pcm, err = _run(
-                _command(src, clip_dir, start_s, window_s, short_side, False, True), src
-            )
-        if code != 0:
-            raise ExtractError(f"{src}: ffmpeg failed ({_error_line(err)})")
+def _wants_video(job: Job) -> bool:
+    return Path(job.src).suffix.lower() not in AUDIO_EXTENSIONS
+
+
+def _info(err: str, job: Job, index: int = 0) -> MediaInfo:
     try:
-        info = parse_info(err, src)
+        return parse_info(err, job.src, index)
     except MediaError as exc:
         raise ExtractError(str(exc)) from exc
-    return info, np.frombuffer(pcm, dtype="<i2")
+
+
+def _reset(job: Job) -> None:
+    shutil.rmtree(job.clip_dir, ignore_errors=True)
+    job.clip_dir.mkdir(parents=True)
+
+
+def decode_window(job: Job) -> MediaInfo:
+    """Run ffmpeg on one clip: frames and raw audio land in job.clip_dir."""
+    video = _wants_video(job)
+    code, err = _run([job], [video])
+    if code != 0:
+        info = _info(err, job)
+        if not info.has_audio:
+            raise ExtractError(f"{job.src}: no audio stream")
+        if video and not info.has_video:  # an audio file with a video-like name: retry
+            _reset(job)
+            code, err = _run([job], [False])
+        if code != 0:
+            raise ExtractError(f"{job.src}: ffmpeg failed ({_error_line(err)})")
+    return _info(err, job)
 
 
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
@@ -153,20 +183,102 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -
         f.writeframes(samples.astype("<i2").tobytes())
 
 
-def _check_audio(src, info: MediaInfo, samples: np.ndarray, start_s, window_s, min_s) -> None:
+def _check_audio(job: Job, info: MediaInfo, samples: np.ndarray, min_s: float) -> None:
+    src, start_s = job.src, job.start_s
     seconds = len(samples) / SAMPLE_RATE
     if info.duration is not None and start_s >= info.duration:
         raise ExtractError(f"{src}: start_s {start_s:g} is past the end ({info.duration:g} s)")
     if seconds < min_s:
         raise ExtractError(f"{src}: too short: {seconds:.2f} s of audio (minimum {min_s:g} s)")
     if info.duration is not None:
-        expected = min(info.duration - start_s, window_s)
+        expected = min(info.duration - start_s, job.window_s)
         if seconds < 0.5 * expected:
             raise ExtractError(
                 f"{src}: truncated or corrupt: decoded {seconds:.2f} s of {expected:.2f} s"
             )
     if np.abs(samples.astype(np.int32)).max() <= 1:
         raise ExtractError(f"{src}: silent audio (every sample is zero)")
+
+
+def _finish(job: Job, info: MediaInfo, fbank: dict, min_seconds: float) -> dict:
+    """Check what ffmpeg wrote, then write audio.wav and fbank.npy; returns the row."""
+    from dalipipe.data.fbank import model_input_from_wave  # another stage's module
+
+    samples = np.fromfile(job.pcm, dtype="<i2") if job.pcm.exists() else np.zeros(0, "<i2")
+    job.pcm.unlink(missing_ok=True)
+    _check_audio(job, info, samples, min_seconds)
+    frames = sorted(job.clip_dir.glob("frame_*.jpg"))
+    if not info.has_video:  # e.g. cover art in an audio file: not video frames
+        for frame in frames:
+            frame.unlink()
+        frames = []
+    elif not frames:
+        raise ExtractError(f"{job.src}: the video stream gave no frames")
+    write_wav(job.clip_dir / "audio.wav", samples)
+    features = model_input_from_wave(samples.astype(np.float32) / 32768.0, SAMPLE_RATE, fbank)
+    if not np.isfinite(features).all():
+        raise ExtractError(f"{job.src}: filterbank has non-finite values")
+    np.save(job.clip_dir / "fbank.npy", features.astype(np.float16))
+    return {
+        "status": "ok",
+        "reason": "",
+        "n_frames": len(frames),
+        "duration_s": round(len(samples) / SAMPLE_RATE, 4),
+        "sample_rate": info.sample_rate,
+        "channels": info.channels,
+        "width": info.width if info.has_video else "",
+        "height": info.height if info.has_video else "",
+    }
+
+
+def _guarded(job: Job, work) -> dict | ExtractError:
+    """Run work(); on failure leave no clip directory and return the error."""
+    try:
+        return work()
+    except ExtractError as exc:
+        shutil.rmtree(job.clip_dir, ignore_errors=True)
+        return exc
+    except Exception as exc:  # a bug shows in the log, but one clip never stops the stage
+        log.exception("%s: unexpected error", job.src)
+        shutil.rmtree(job.clip_dir, ignore_errors=True)
+        return ExtractError(f"{job.src}: {type(exc).__name__}: {exc}")
+    except BaseException:
+        shutil.rmtree(job.clip_dir, ignore_errors=True)
+        raise
+
+
+def extract_batch(jobs: list[Job], fbank: dict, min_seconds: float = 1.0) -> list:
+    """Extract several clips with one ffmpeg process (its start-up costs as much as a small
+    clip's decoding); if that process fails, each clip is extracted alone so that one broken
+    file only fails itself. Returns a row or an ExtractError per job."""
+    results: list = [None] * len(jobs)
+    ready = []
+    for i, job in enumerate(jobs):
+        try:
+            check_file(job.src)
+        except MediaError as exc:
+            results[i] = ExtractError(str(exc))
+            continue
+        _reset(job)
+        ready.append(i)
+    if len(ready) > 1:
+        batch = [jobs[i] for i in ready]
+        code, err = _run(batch, [_wants_video(job) for job in batch])
+        if code == 0:
+            for k, i in enumerate(ready):
+                job = jobs[i]
+                results[i] = _guarded(
+                    job, lambda job=job, k=k: _finish(job, _info(err, job, k), fbank, min_seconds)
+                )
+            return results
+        for job in batch:
+            _reset(job)
+    for i in ready:
+        job = jobs[i]
+        results[i] = _guarded(
+            job, lambda job=job: _finish(job, decode_window(job), fbank, min_seconds)
+        )
+    return results
 
 
 def extract_clip(
@@ -180,45 +292,12 @@ def extract_clip(
     min_seconds: float = 1.0,
 ) -> dict:
     """Frames, audio.wav and fbank.npy of one clip into clip_dir; returns its manifest row
-    (without clip_id). Raises ExtractError with the reason; clip_dir is then left empty."""
-    from dalipipe.data.fbank import model_input_from_wave  # another stage's module
-
-    clip_dir = Path(clip_dir)
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        try:
-            check_file(src)
-        except MediaError as exc:
-            raise ExtractError(str(exc)) from exc
-        info, samples = decode_window(src, clip_dir, start_s, window_s, short_side)
-        _check_audio(src, info, samples, start_s, window_s, min_seconds)
-        frames = sorted(clip_dir.glob("frame_*.jpg"))
-        if not info.has_video:  # e.g. cover art in an audio file: not video frames
-            for frame in frames:
-                frame.unlink()
-            frames = []
-        elif not frames:
-            raise ExtractError(f"{src}: the video stream gave no frames")
-        n_frames = len(frames)
-        write_wav(clip_dir / "audio.wav", samples)
-        wave_f32 = samples.astype(np.float32) / 32768.0
-        features = model_input_from_wave(wave_f32, SAMPLE_RATE, fbank)
-        if not np.isfinite(features).all():
-            raise ExtractError(f"{src}: filterbank has non-finite values")
-        np.save(clip_dir / "fbank.npy", features.astype(np.float16))
-    except BaseException:
-        shutil.rmtree(clip_dir, ignore_errors=True)
-        raise
-    return {
-        "status": "ok",
-        "reason": "",
-        "n_frames": n_frames,
-        "duration_s": round(len(samples) / SAMPLE_RATE, 4),
-        "sample_rate": info.sample_rate,
-        "channels": info.channels,
-        "width": info.width if info.has_video else "",
-        "height": info.height if info.has_video else "",
-    }
+    (without clip_id). Raises ExtractError with the reason; clip_dir is then removed."""
+    job = Job(str(src), Path(clip_dir), start_s, window_s, short_side)
+    (result,) = extract_batch([job], fbank, min_seconds)
+    if isinstance(result, ExtractError):
+        raise result
+    return result
 
 
 def read_sources(source) -> list[dict]:
@@ -280,36 +359,39 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
             + str(sorted({i for i in ids if ids.count(i) > 1})[:5])
         )
     empty = dict.fromkeys(MANIFEST_FIELDS[3:], "")
+    rows = {
+        e["clip_id"]: {"clip_id": e["clip_id"], "status": "failed", "reason": e["reason"], **empty}
+        for e in entries
+    }
+    todo = [e for e in entries if not e["reason"]]
+    batches = [todo[i : i + BATCH_SIZE] for i in range(0, len(todo), BATCH_SIZE)]
 
     with atomic_path(out, directory=True) as tmp:
 
-        def one(entry: dict) -> dict:
-            row = {"clip_id": entry["clip_id"], "status": "failed", **empty}
-            if entry["reason"]:
-                return {**row, "reason": entry["reason"]}
-            try:
-                result = extract_clip(
-                    entry["path"],
-                    tmp / entry["clip_id"],
-                    start_s=entry["start_s"],
-                    window_s=float(cfg["window_seconds"]),
-                    short_side=int(cfg["frame_short_side"]),
-                    fbank=cfg["fbank"],
-                    min_seconds=float(cfg["min_seconds"]),
-                )
-                return {**row, **result}
-            except ExtractError as exc:
-                return {**row, "reason": exc.reason}
-            except Exception as exc:  # one broken clip never stops the stage
-                log.exception("%s: unexpected error", entry["path"])
-                return {**row, "reason": f"{entry['path']}: {type(exc).__name__}: {exc}"}
+        def run(batch: list[dict]) -> list[tuple[str, dict | ExtractError]]:
+            jobs = [
+                Job(e["path"], tmp / e["clip_id"], e["start_s"], window_s, short_side)
+                for e in batch
+            ]
+            results = extract_batch(jobs, cfg["fbank"], float(cfg["min_seconds"]))
+            return [(e["clip_id"], r) for e, r in zip(batch, results)]
 
-        rows = []
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for row in tqdm(pool.map(one, entries), total=len(entries), desc="extract"):
-                if row["status"] != "ok":
-                    log.warning("%s failed: %s", row["clip_id"], row["reason"])
-                rows.append(row)
+        window_s, short_side = float(cfg["window_seconds"]), int(cfg["frame_short_side"])
+        with (
+            ThreadPoolExecutor(max(1, workers)) as pool,
+            tqdm(total=len(todo), desc="extract", unit="clip") as progress,
+        ):
+            for done in pool.map(run, batches):
+                for clip_id, result in done:
+                    if isinstance(result, ExtractError):
+                        rows[clip_id]["reason"] = result.reason
+                    else:
+                        rows[clip_id].update(result)
+                progress.update(len(done))
+        rows = list(rows.values())
+        for row in rows:
+            if row["status"] != "ok":
+                log.warning("%s failed: %s", row["clip_id"], row["reason"])
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()

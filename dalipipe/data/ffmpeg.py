@@ -85,15 +85,15 @@ def _last_error_line(text: str) -> str:
     return lines[-1] if lines else "ffmpeg printed nothing"
 
 
-def parse_info(text: str, path: str | os.PathLike) -> MediaInfo:
-    """Read a MediaInfo from what `ffmpeg -i` prints about input #0."""
-    start = text.find("Input #0")
+def parse_info(text: str, path: str | os.PathLike, index: int = 0) -> MediaInfo:
+    """Read a MediaInfo from what `ffmpeg -i` prints about input #index."""
+    start = text.find(f"Input #{index},")
     if start < 0:
         raise MediaError(path, f"not a readable media file ({_last_error_line(text)})")
     text = text[start:]
-    end = re.search(r"^(Output #|Stream mapping:|Press \[q\])", text, re.M)
+    end = re.search(r"^(Input #|Output #|Stream mapping:|Press \[q\])", text[1:], re.M)
     if end:
-        text = text[: end.start()]
+        text = text[: end.start() + 1]
 
     duration = None
     match = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
@@ -102,7 +102,7 @@ def parse_info(text: str, path: str | os.PathLike) -> MediaInfo:
         duration = int(h) * 3600 + int(m) * 60 + float(s)
 
     # Split the summary into per-stream blocks; a block ends where the next stream starts.
-    blocks = re.split(r"^\s*Stream #0:", text, flags=re.M)[1:]
+    blocks = re.split(rf"^\s*Stream #{index}:", text, flags=re.M)[1:]
     sample_rate = channels = width = height = None
     fps = None
     rotation = 0
