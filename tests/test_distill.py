@@ -169,6 +169,9 @@ def test_distill_writes_a_directory_from_dir_loads(stage_inputs, tmp_path):
         "distill.json",
     } <= names
 
+    base = json.loads((out / "captioner.json").read_text())["base"]
+    assert base.startswith("..")  # relative to the model dir: results can move as a whole
+    assert (out / base).resolve() == stage_inputs["captioner_path"].resolve()
     loaded = AudioCaptioner.from_dir(out)
     assert loaded.metadata["features"] == features
     original = assembled(stage_inputs)

@@ -21,6 +21,7 @@ import argparse
 import csv
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -266,6 +267,9 @@ def distill(
 
 
 def write_captioner_dir(captioner, out_dir: Path, summary: dict, curve: list[dict], features: dict):
+    base = Path(captioner.base)
+    if base.is_dir():  # a local model: recorded relative to the output, so both can move together
+        captioner.base = os.path.relpath(base.resolve(), out_dir.resolve())
     with atomic_path(out_dir, directory=True) as tmp:
         captioner.save_dir(tmp, metadata={"features": features, "distill": summary["settings"]})
         write_json(tmp / "distill.json", summary)
