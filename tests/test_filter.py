@@ -100,7 +100,10 @@ def test_batched_captions_equal_one_by_one(tiny):
 def test_llava_captioner_uses_the_prompt(tiny):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    prompt = "USER: <image>\nWhat can you see in this image? ASSISTANT:"
+    prompt = flt.llava_prompt({"llava_template": "vicuna_v1", "llava_prompt": "What is this?"})
+    assert prompt.startswith("A chat between") and prompt.endswith(
+        "USER: <image>\nWhat is this? ASSISTANT:"
+    )
     captioner = flt.FrameCaptioner(tiny["llava"], prompt=prompt, max_new_tokens=5)
     assert captioner.kind == "llava"
     images = [noise_image(i) for i in range(3)]

@@ -5,7 +5,7 @@
 
 An image captioner describes the first frame of each second (BLIP-2 in the paper; any
 ``LlavaForConditionalGeneration`` checkpoint too, prompted for a description, since the
-miniature run has no BLIP-2). Each frame caption and the clip's label names (joined with ", ",
+miniature run has no BLIP-2; the question goes in the template it was trained with). Each frame caption and the clip's label names (joined with ", ",
 e.g. "Dog, Bark") are embedded by a text encoder:
 
 - ``gpt2`` (the paper): the mean of GPT-2's last hidden state over the text's tokens;
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULTS = {
     "captioner": "Salesforce/blip2-opt-2.7b",
     "captioner_revision": None,
-    "llava_prompt": "USER: <image>\nWhat can you see in this image? ASSISTANT:",
+    "llava_template": "vicuna_v1",  # a template of dalipipe.models.captioner, as bootstrap trains
+    "llava_prompt": "What can you see in this image?",
     "text_encoder": "gpt2",
     "gpt2": "gpt2",
     "gpt2_revision": None,
@@ -161,6 +162,17 @@ class MiniLmEmbedder:
 
     def __call__(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         return self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+
+
+def llava_prompt(cfg: dict) -> str:
+    """The whole LLaVA prompt: the question inside a conversation template."""
+    from dalipipe.models.captioner import TEMPLATES
+
+    if cfg["llava_template"] not in TEMPLATES:
+        raise ValueError(
+            f"filter.llava_template: {cfg['llava_template']!r} not in {list(TEMPLATES)}"
+        )
+    return TEMPLATES[cfg["llava_template"]].format(prompt=cfg["llava_prompt"])
 
 
 def load_text_encoder(cfg: dict, device="cpu"):
@@ -326,7 +338,7 @@ def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name
             cfg["captioner"],
             revision=cfg["captioner_revision"],
             device=device,
-            prompt=cfg["llava_prompt"],
+            prompt=llava_prompt(cfg),
             max_new_tokens=int(cfg["max_new_tokens"]),
         )
 
