@@ -217,3 +217,33 @@ def test_gather_merges_parts_and_counts_statuses(tiny_parts, tmp_path):
     assert json.loads((tmp_path / "acquire" / "summary.json").read_text())["parts"] == 2
     with pytest.raises(ValueError, match="align-000000"):
         gather([root / "part-0", root / "whole"], tmp_path / "again")
+
+
+def test_one_broken_clip_fails_alone(tmp_path, monkeypatch):
+    """A clip that cannot be rendered, and one whose encoding breaks the shared ffmpeg
+    process, are listed as failed; the rest of their batch is written."""
+    cfg = synthetic.world_config(
+        {**TINY, "splits": {"align": 5, "pseudolabel": 0, "prefix": 0, "test": 0}}
+    )
+    real_render, real_encode = synthetic.render_clip, synthetic.encode_mp4s
+
+    def render(clip, *args):
+        if clip[0] == "align-000001":
+            raise ValueError("cannot draw this one")
+        return real_render(clip, *args)
+
+    def encode(clips, *args):
+        if any(c.clip_id == "align-000003" for c in clips):
+            raise RuntimeError("ffmpeg encoding failed")
+        return real_encode(clips, *args)
+
+    monkeypatch.setattr(synthetic, "render_clip", render)
+    monkeypatch.setattr(synthetic, "encode_mp4s", encode)
+    rows = synthetic.generate_part(cfg, 0, 0, 1, tmp_path / "part-0")
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "failed", "ok"]
+    assert rows[1]["reason"] == "ValueError: cannot draw this one"
+    assert rows[3]["reason"] == "RuntimeError: ffmpeg encoding failed"
+    assert sorted(p.name for p in (tmp_path / "part-0" / "clips").iterdir()) == [
+        "align-000000.mp4", "align-000002.mp4", "align-000004.mp4",
+    ]  # fmt: skip
+    assert len(read_jsonl(tmp_path / "part-0" / "metadata.jsonl")) == 3

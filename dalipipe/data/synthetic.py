@@ -10,8 +10,8 @@ share `offscreen_fraction` of clips has one object heard but not seen and a shar
 `silent_fraction` one object seen but silent (those clips have at least two objects, so
 something is always seen and something always heard). Frames: large objects on a near-uniform
 light-grey background, drifting slowly; audio: the heard objects' sounds at random gains plus
-pink background noise. Frames are piped to ffmpeg as raw RGB and the audio as raw PCM through
-a second pipe, and ffmpeg writes H.264 + AAC.
+pink background noise. Raw RGB frames and PCM audio of 8 clips at a time go to one ffmpeg
+process, which writes each clip as its own H.264 + AAC MP4.
 
 Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv (paths as OUT was given, so relative to
 the working directory when OUT is),
@@ -24,10 +24,10 @@ import argparse
 import csv
 import logging
 import math
-import os
+import shutil
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
 log = logging.getLogger(__name__)
 
 SPLITS = ("align", "pseudolabel", "prefix", "test")
+BATCH_SIZE = 8  # clips per ffmpeg process
 MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
 WORLD_DEFAULTS = {
     "n_classes": 12,
@@ -175,41 +176,48 @@ def render_audio(spec: dict, cfg: dict, rng: np.random.Generator) -> np.ndarray:
     return np.clip(mix, -1, 1).astype(np.float32)
 
 
-def encode_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, sr: int) -> None:
-    """H.264 + AAC MP4 from raw RGB frames (stdin) and 16-bit PCM (a second pipe)."""
-    n, h, w, _ = frames.shape
-    pcm = (audio * 32767).round().astype("<i2").tobytes()
-    read_fd, write_fd = os.pipe()
-    cmd = [
-        ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:0",
-        "-f", "s16le", "-ar", str(sr), "-ac", "1", "-i", f"pipe:{read_fd}",
-        "-map", "0:v", "-map", "1:a",
-        "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
-        "-threads", "1", "-g", str(fps),
-        "-c:a", "aac", "-b:a", "64k",
-        "-movflags", "+faststart", file_url(path),
-    ]  # fmt: skip
+@dataclass
+class Rendered:
+    """One clip drawn and synthesised, waiting to be encoded."""
+
+    clip_id: str
+    path: Path  # the MP4 to write
+    frames: np.ndarray  # (n, h, w, 3) uint8
+    audio: np.ndarray  # float32 mono
+    meta: dict
+
+
+def encode_mp4s(clips: list[Rendered], fps: int, sr: int, scratch: Path) -> None:
+    """H.264 + AAC MP4s from raw RGB frames and 16-bit PCM, all with one ffmpeg process
+    (its start-up costs as much as encoding a miniature clip). Each output has its own
+    encoders, so a clip's bytes do not depend on which clips share its process."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y"]
+    outputs = []
+    scratch.mkdir(parents=True, exist_ok=True)
     try:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(read_fd,)
-        )
+        for k, clip in enumerate(clips):
+            n, h, w, _ = clip.frames.shape
+            video, audio = scratch / f"{clip.clip_id}.rgb", scratch / f"{clip.clip_id}.s16"
+            video.write_bytes(clip.frames.tobytes())
+            audio.write_bytes((clip.audio * 32767).round().astype("<i2").tobytes())
+            cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps)]
+            cmd += ["-i", file_url(video)]
+            cmd += ["-f", "s16le", "-ar", str(sr), "-ac", "1", "-i", file_url(audio)]
+            outputs += [
+                "-map", f"{2 * k}:v", "-map", f"{2 * k + 1}:a",
+                "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+                "-threads", "1", "-g", str(fps),
+                "-c:a", "aac", "-b:a", "64k",
+                "-movflags", "+faststart", file_url(clip.path),
+            ]  # fmt: skip
+        result = subprocess.run(cmd + outputs, capture_output=True, timeout=60 + 30 * len(clips))
     finally:
-        os.close(read_fd)
-
-    def feed_audio():
-        try:
-            with os.fdopen(write_fd, "wb") as pipe:
-                pipe.write(pcm)
-        except BrokenPipeError:
-            pass  # ffmpeg failed; its stderr says why
-
-    writer = threading.Thread(target=feed_audio, daemon=True)
-    writer.start()
-    _, err = proc.communicate(frames.tobytes(), timeout=120)
-    writer.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{path}: ffmpeg encoding failed: {err.decode(errors='replace')}")
+        shutil.rmtree(scratch, ignore_errors=True)
+    if result.returncode != 0:
+        names = ", ".join(c.clip_id for c in clips)
+        raise RuntimeError(
+            f"ffmpeg encoding of {names} failed: {result.stderr.decode(errors='replace')}"
+        )
 
 
 def clip_metadata(clip_id: str, split: str, spec: dict, rng: np.random.Generator) -> dict:
@@ -231,16 +239,45 @@ def clip_metadata(clip_id: str, split: str, spec: dict, rng: np.random.Generator
     return meta
 
 
-def make_clip(clip: tuple[str, str, int], cfg: dict, seed: int, clips_dir: Path) -> dict:
-    """Compose, render and encode one clip; returns its metadata."""
+def render_clip(clip: tuple[str, str, int], cfg: dict, seed: int, clips_dir: Path) -> Rendered:
+    """Compose, draw and synthesise one clip."""
     clip_id, split, index = clip
     rng = clip_rng(seed, split, index)
     spec = compose(rng, cfg)
     frames = render_frames(spec, cfg, rng)
     audio = render_audio(spec, cfg, rng)
     meta = clip_metadata(clip_id, split, spec, rng)
-    encode_mp4(clips_dir / f"{clip_id}.mp4", frames, cfg["fps"], audio, cfg["sample_rate"])
-    return meta
+    return Rendered(clip_id, clips_dir / f"{clip_id}.mp4", frames, audio, meta)
+
+
+def make_clips(clips: list, cfg: dict, seed: int, clips_dir: Path) -> list[tuple[dict | None, str]]:
+    """Render and encode a batch of clips; (metadata, "") or (None, reason) for each. When the
+    shared ffmpeg process fails, the clips are encoded one by one so that only the broken
+    one fails."""
+    results: list = [None] * len(clips)
+    rendered = []
+    for i, clip in enumerate(clips):
+        try:
+            rendered.append((i, render_clip(clip, cfg, seed, clips_dir)))
+        except Exception as exc:  # one broken clip is recorded, never fatal
+            results[i] = (None, f"{type(exc).__name__}: {exc}")
+
+    def encode(group: list[tuple[int, Rendered]]) -> None:
+        scratch = clips_dir / f".raw-{group[0][1].clip_id}"
+        encode_mp4s([r for _, r in group], cfg["fps"], cfg["sample_rate"], scratch)
+        for i, r in group:
+            results[i] = (r.meta, "")
+
+    try:
+        if rendered:
+            encode(rendered)
+    except Exception:
+        for one in rendered:
+            try:
+                encode([one])
+            except Exception as exc:
+                results[one[0]] = (None, f"{type(exc).__name__}: {exc}")
+    return results
 
 
 def generate_part(
@@ -250,36 +287,35 @@ def generate_part(
     if not 0 <= part < parts:
         raise ValueError(f"--part must be in [0, {parts}), got {part}")
     clips = all_clips(cfg["splits"])[part::parts]
+    batches = [clips[i : i + BATCH_SIZE] for i in range(0, len(clips), BATCH_SIZE)]
     log.info("part %d/%d: %d clips of %.2f s", part, parts, len(clips), cfg["clip_seconds"])
     with atomic_path(out, directory=True) as tmp:
         clips_dir = tmp / "clips"
         clips_dir.mkdir()
         rows, metas = [], []
-
-        def one(clip):
-            try:
-                return clip, make_clip(clip, cfg, seed, clips_dir), ""
-            except Exception as exc:  # one broken clip is recorded, never fatal
-                log.warning("clip %s failed: %s", clip[0], exc)
-                return clip, None, f"{type(exc).__name__}: {exc}"
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for (clip_id, split, _), meta, reason in tqdm(
-                pool.map(one, clips), total=len(clips), desc=f"synthetic part {part}"
-            ):
-                rows.append(
-                    {
-                        "clip_id": clip_id,
-                        "path": str(out / "clips" / f"{clip_id}.mp4"),
-                        "status": "ok" if meta else "failed",
-                        "reason": reason,
-                        "split": split,
-                        "start_s": 0.0,
-                        "labels": ";".join(meta["labels"]) if meta else "",
-                    }
-                )
-                if meta:
-                    metas.append(meta)
+        with (
+            ThreadPoolExecutor(max(1, workers)) as pool,
+            tqdm(total=len(clips), desc=f"synthetic part {part}", unit="clip") as progress,
+        ):
+            done = pool.map(lambda batch: make_clips(batch, cfg, seed, clips_dir), batches)
+            for batch, results in zip(batches, done):
+                for (clip_id, split, _), (meta, reason) in zip(batch, results):
+                    if reason:
+                        log.warning("clip %s failed: %s", clip_id, reason)
+                    rows.append(
+                        {
+                            "clip_id": clip_id,
+                            "path": str(out / "clips" / f"{clip_id}.mp4"),
+                            "status": "ok" if meta else "failed",
+                            "reason": reason,
+                            "split": split,
+                            "start_s": 0.0,
+                            "labels": ";".join(meta["labels"]) if meta else "",
+                        }
+                    )
+                    if meta:
+                        metas.append(meta)
+                progress.update(len(batch))
         write_manifest(tmp / "manifest.csv", rows)
         write_jsonl(tmp / "metadata.jsonl", metas)
     failed = sum(r["status"] != "ok" for r in rows)

@@ -223,13 +223,14 @@ def _onsets(seconds: float, period: float, rng: np.random.Generator) -> np.ndarr
     return np.arange(first, seconds, period)
 
 
-def _events(t, onsets, make_event) -> np.ndarray:
-    """Sum of events; make_event(tau) gets the time since onset (tau >= 0)."""
+def _events(t, sr, onsets, make_event, length: float) -> np.ndarray:
+    """Sum of events of `length` seconds; make_event(tau) gets the time since onset."""
     out = np.zeros_like(t)
     for onset in onsets:
-        tau = t - onset
-        live = tau >= 0
-        out[live] += make_event(tau[live])
+        start = int(np.ceil(onset * sr))
+        stop = min(len(t), start + int(length * sr))
+        if start < stop:
+            out[start:stop] += make_event(t[start:stop] - onset)
     return out
 
 
@@ -252,7 +253,7 @@ def _bell(t, sr, pitch, rng):
     def strike(tau):
         return sum(a * np.sin(2 * np.pi * f0 * k * tau) for k, a in partials) * np.exp(-tau / 0.35)
 
-    return _events(t, _onsets(t[-1], 0.9, rng), strike)
+    return _events(t, sr, _onsets(t[-1], 0.9, rng), strike, 1.75)
 
 
 def _bark(t, sr, pitch, rng):
@@ -266,7 +267,7 @@ def _bark(t, sr, pitch, rng):
 
     onsets = _onsets(t[-1], 0.65, rng)
     onsets = np.sort(np.concatenate([onsets, onsets + 0.2]))  # barks come in pairs
-    return _events(t, onsets, woof)
+    return _events(t, sr, onsets, woof, 0.13)
 
 
 def _drum(t, sr, pitch, rng):
@@ -276,7 +277,7 @@ def _drum(t, sr, pitch, rng):
         phase = 2 * np.pi * (f0 * tau + 60 * 0.04 * (1 - np.exp(-tau / 0.04)))  # pitch drop
         return np.sin(phase) * np.exp(-tau / 0.18)
 
-    return _events(t, _onsets(t[-1], 0.33, rng), thump)
+    return _events(t, sr, _onsets(t[-1], 0.33, rng), thump, 0.9)
 
 
 def _chirp(t, sr, pitch, rng):
@@ -289,7 +290,7 @@ def _chirp(t, sr, pitch, rng):
 
     groups = _onsets(t[-1], 0.8, rng)
     onsets = np.concatenate([groups + 0.09 * k for k in range(3)])  # three tweets per group
-    return _events(t, onsets, tweet)
+    return _events(t, sr, onsets, tweet, 0.06)
 
 
 def _siren(t, sr, pitch, rng):
@@ -311,7 +312,7 @@ def _croak(t, sr, pitch, rng):
         pulses = (np.sin(2 * np.pi * 25 * tau) > 0).astype(float)
         return live * pulses * np.sign(np.sin(2 * np.pi * f0 * tau)) * 0.8
 
-    return _events(t, _onsets(t[-1], 0.7, rng), croak)
+    return _events(t, sr, _onsets(t[-1], 0.7, rng), croak, 0.3)
 
 
 def _tick(t, sr, pitch, rng):
@@ -349,7 +350,7 @@ def _honk(t, sr, pitch, rng):
         live = tau < 0.35
         return live * sum(2 * ((f * pitch * tau) % 1.0) - 1 for f in (280, 350)) * 0.5
 
-    return _events(t, _onsets(t[-1], 0.75, rng), honk)
+    return _events(t, sr, _onsets(t[-1], 0.75, rng), honk, 0.35)
 
 
 def _hum(t, sr, pitch, rng):
@@ -366,15 +367,11 @@ def _hoot(t, sr, pitch, rng):
         return live * np.sin(phase) * np.sin(np.pi * np.clip(tau / 0.4, 0, 1))
 
     onsets = _onsets(t[-1], 1.2, rng)
-    return _events(t, np.sort(np.concatenate([onsets, onsets + 0.5])), hoot)
+    return _events(t, sr, np.sort(np.concatenate([onsets, onsets + 0.5])), hoot, 0.4)
 
 
 def _rattle(t, sr, pitch, rng):
-    env = np.zeros_like(t)
-    for onset in _onsets(t[-1], 0.125, rng):
-        tau = t - onset
-        live = tau >= 0
-        env[live] += np.exp(-tau[live] / 0.03)
+    env = _events(t, sr, _onsets(t[-1], 0.125, rng), lambda tau: np.exp(-tau / 0.03), 0.15)
     return _band(_noise(len(t), rng), sr, 6000 * pitch, 8000) * env
 
 
@@ -386,7 +383,7 @@ def _moo(t, sr, pitch, rng):
         saw = 2 * ((f0 * (1 + 0.15 * tau) * tau) % 1.0) - 1
         return live * saw * np.sin(np.pi * np.clip(tau / 0.9, 0, 1))
 
-    return _events(t, _onsets(t[-1], 1.4, rng), moo)
+    return _events(t, sr, _onsets(t[-1], 1.4, rng), moo, 0.9)
 
 
 SOUNDS: dict[str, Callable] = {
