@@ -23,6 +23,7 @@ from dalipipe.data.audioset import Segment
 
 GOOD, SLOW, FLAKY = "goodVideo01", "slowVideo01", "flakyVideo1"
 MISSING, FORBIDDEN, STALL, TRUNC = "missingVid1", "forbidden01", "stallVideo1", "truncVideo1"
+MEMBERS = "membersOnly"  # its page is served only with the cookie session=let-me-in
 
 
 def make_video(path):
@@ -62,6 +63,13 @@ class VideoHost(http.server.BaseHTTPRequestHandler):
             return self.send_error(404)
         if vid == FORBIDDEN:
             return self.send_error(403)
+        page_request = "Range" not in self.headers  # yt-dlp's; ffmpeg then reads byte ranges
+        if (
+            vid == MEMBERS
+            and page_request
+            and "session=let-me-in" not in self.headers.get("Cookie", "")
+        ):
+            return self.send_error(403)  # like YouTube: the page needs the cookie, media does not
         if vid == FLAKY and count == 1:
             return self.send_error(503)
         if vid == SLOW:
@@ -206,3 +214,22 @@ def test_download_part_against_local_host(host, tmp_path):
     assert set(fetched) == {FORBIDDEN, STALL, TRUNC}
     assert [r["status"] for r in rows_again] == [r["status"] for r in rows]
     assert (out / "clips" / "goodVideo01_5000.mp4").stat().st_size > 10_000
+
+
+def test_cookies_file_is_sent_and_left_untouched(host, tmp_path):
+    cookies = tmp_path / "cookies.txt"
+    text = (
+        "# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t4102444800\tsession\tlet-me-in\n"
+    )
+    cookies.write_text(text)
+    cfg = {"url_template": host, "retries": 0, "rate_limit": 0, "socket_timeout": 5}
+    without = download.acquire_part([segment(MEMBERS)], cfg, tmp_path / "a")
+    with_cookies = download.acquire_part(
+        [segment(MEMBERS)], {**cfg, "cookies": str(cookies)}, tmp_path / "b"
+    )
+    assert (without[0]["status"], with_cookies[0]["status"]) == ("blocked", "ok")
+    assert cookies.read_text() == text  # yt-dlp saved its jar into the job's own copy
+    with pytest.raises(FileNotFoundError, match="acquire.audioset.cookies"):
+        download.acquire_part(
+            [segment(MEMBERS)], {**cfg, "cookies": str(tmp_path / "no")}, tmp_path / "c"
+        )

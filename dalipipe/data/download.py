@@ -240,6 +240,12 @@ def acquire_part(segments: list[Segment], cfg: dict, out_dir: str | Path) -> lis
     journal_path = work / "journal.jsonl"
     done = _read_journal(journal_path)
     folder = ffmpeg_dir(work)
+    if cfg.get("cookies"):
+        # yt-dlp writes the cookie jar back on exit: each job gets its own copy, so parallel
+        # parts never write the user's file at once
+        own = work / "cookies.txt"
+        shutil.copyfile(cfg["cookies"], own)
+        cfg["cookies"] = str(own)
     limiter = RateLimiter(float(cfg["rate_limit"] or 0))
     results: dict[str, dict] = {}
     with open(journal_path, "a", encoding="utf-8") as journal:
