@@ -247,3 +247,19 @@ def test_one_broken_clip_fails_alone(tmp_path, monkeypatch):
         "align-000000.mp4", "align-000002.mp4", "align-000004.mp4",
     ]  # fmt: skip
     assert len(read_jsonl(tmp_path / "part-0" / "metadata.jsonl")) == 3
+
+
+def test_local_cli_splits_a_folder_into_parts(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ["a.mp4", "b.wav", "c.mkv"]:
+        (media / name).write_bytes(b"x")
+    params = json.dumps({"acquire": {"parts": 2, "local": {"path": str(media), "split": "test"}}})
+    assert local.main(["--params", params, "--part", "0", "--out", str(tmp_path / "part-0")]) == 0
+    rows = read_csv(tmp_path / "part-0" / "manifest.csv")
+    assert [(r["clip_id"], r["split"], r["status"]) for r in rows] == [
+        ("a", "test", "ok"),
+        ("c", "test", "ok"),
+    ]
+    with pytest.raises(SystemExit):
+        local.main(["--params", params, "--part", "2", "--out", str(tmp_path / "part-2")])

@@ -352,6 +352,8 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
 
     cfg = {**DEFAULTS, **(params or {})}
     fbank_settings(cfg["fbank"])  # a bad fbank section stops the stage before any clip
+    if "%" in str(out):
+        raise ValueError(f"{out}: ffmpeg would read '%' in the output path as a frame number")
     ids = [e["clip_id"] for e in entries]
     if len(set(ids)) != len(ids):
         raise ValueError(
