@@ -264,7 +264,7 @@ def evaluate(
     shards=None,
 ) -> dict:
     settings = {**DEFAULTS, **(params.get("evaluate") or {})}
-    seed = int(params.get("seed", 0))
+    seed = int(settings["seed"] if settings.get("seed") is not None else params.get("seed", 0))
     device = pick_device(params.get("device", "auto"))
     seed_everything(seed)
     out = Path(out)
@@ -276,8 +276,8 @@ def evaluate(
     clips, inputs = load_inputs(ds)
     if not clips:
         raise ValueError(f"{dataset}: no readable clip to evaluate ({len(ds.failed)} failed)")
-    align = {Path(d).name: Path(d) for d in align_dirs}
-    distill = {Path(d).name: Path(d) for d in distill_dirs}
+    align = {Path(d).name: Path(d) for d in align_dirs if str(d)}
+    distill = {Path(d).name: Path(d) for d in distill_dirs if str(d)}
     systems = plan_systems(settings, list(align), list(distill))
     if not ds.has_video:
         systems = [s for s in systems if "image" not in s.modality]

@@ -77,8 +77,12 @@ def read_csv(path: str | Path) -> list[dict]:
     return rows
 
 
-def _fmt(value) -> str:
-    return "n.c." if value is None else f"{value:.4f}"
+def _fmt(value, metric: str) -> str:
+    """None is "n.c." for a caption metric (explained below the table), "-" for a world ratio
+    with nothing to count."""
+    if value is None:
+        return "-" if metric in WORLD_METRICS else "n.c."
+    return f"{value:.4f}"
 
 
 def _label(row: dict) -> tuple[str, str]:
@@ -116,9 +120,8 @@ def markdown(rows: list[dict], dataset: str, *, world: bool, notes: dict | None 
     ]
     for key in order:
         zero, dist = cells[key].get(False), cells[key].get(True)
-        vals = [_fmt(zero[m]) if zero else "" for m in metrics] + [
-            _fmt(dist[m]) if dist else "" for m in metrics
-        ]
+        vals = [_fmt(zero[m], m) if zero else "" for m in metrics]
+        vals += [_fmt(dist[m], m) if dist else "" for m in metrics]
         lines.append("| " + " | ".join([key[0], key[1], *vals]) + " |")
     for name, note in sorted((notes or {}).items()):
         lines.append("")

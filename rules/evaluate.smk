@@ -1,0 +1,102 @@
+# Evaluation and the report: caption each test set with every system, score it, draw the figures.
+#   snakemake --cores 2 results/miniature/table.csv
+#   snakemake --report report.html        (after a run: tables, examples, curves, modality gap)
+# The commands live in dalipipe/evaluate/; see DEVELOPING.md for the artifacts they read.
+
+EVAL = config.get("evaluate") or {}
+EVAL_DATASETS = list(EVAL.get("datasets") or {"miniature": {}})
+EVAL_METHODS = EVAL.get("methods") or (config.get("align") or {}).get("methods") or []
+EVAL_DISTILLED = (
+    EVAL_METHODS if EVAL.get("distilled_methods") is None else EVAL["distilled_methods"]
+)
+if not any(kind.endswith("distilled") for kind in EVAL.get("systems") or ["audio_distilled"]):
+    EVAL_DISTILLED = []
+EVAL_CAPTIONER = globals().get("CAPTIONER", f"{RUN}/models/llava")
+
+
+def evaluate_inputs(wildcards):
+    inputs = {
+        "captioner": EVAL_CAPTIONER,
+        "prefix": f"{RUN}/prefix",
+        "align": expand(f"{RUN}/align/{{m}}", m=EVAL_METHODS),
+        "distill": expand(f"{RUN}/distill/{{m}}", m=EVAL_DISTILLED),
+    }
+    if wildcards.dataset == "miniature":
+        inputs["data"] = f"{RUN}/shards/test"
+    else:
+        inputs["data"] = [EVAL["datasets"][wildcards.dataset][k] for k in ("csv", "media")]
+    return inputs
+
+
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        directory(f"{RUN}/evaluate/{{dataset}}"),
+    wildcard_constraints:
+        dataset="miniature|audiocaps|clotho",
+    params:
+        p=stage_params("evaluate", "extract"),
+        shards=lambda wc: f"--shards {RUN}/shards/test" if wc.dataset == "miniature" else "",
+    log:
+        "logs/evaluate/{dataset}.log",
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=360,
+        gpu=1,
+    shell:
+        "dalipipe evaluate --params {params.p:q} --dataset {wildcards.dataset} {params.shards}"
+        " --captioner {input.captioner:q} --prefix {input.prefix:q}"
+        " --align {input.align:q} --distill {input.distill:q} --out {output:q} > {log} 2>&1"
+
+
+def report_curves(wildcards):
+    """Training curves that exist after their stage ran (curve.csv inside each output folder)."""
+    return [f"{RUN}/align/{m}" for m in EVAL_METHODS] + [f"{RUN}/prefix"]
+
+
+EVAL_FIGURES = {}
+if any(name != "clotho" for name in EVAL_DATASETS):  # the PCA needs image tokens
+    EVAL_FIGURES["gap"] = report(
+        f"{RUN}/report/modality_gap.png",
+        caption="../report/modality_gap.rst",
+        category="Modality gap",
+    )
+
+
+rule report_figures:
+    input:
+        evaluate=expand(f"{RUN}/evaluate/{{d}}", d=EVAL_DATASETS),
+        curves=report_curves,
+        manifest=f"{RUN}/acquire/manifest.csv" if "miniature" in EVAL_DATASETS else [],
+    output:
+        table=report(f"{RUN}/table.csv", caption="../report/table.rst", category="Results"),
+        table_md=f"{RUN}/table.md",
+        results=report(
+            f"{RUN}/report/results.html", caption="../report/results.rst", category="Results"
+        ),
+        examples=report(
+            f"{RUN}/report/examples.html", caption="../report/examples.rst", category="Examples"
+        ),
+        curves=report(
+            f"{RUN}/report/curves.png", caption="../report/curves.rst", category="Training"
+        ),
+        **EVAL_FIGURES,
+    params:
+        curves=lambda wc, input: " ".join(f"{d}/curve.csv" for d in input.curves),
+        examples=EVAL.get("examples", 6),
+        shards=f"--shards {RUN}/shards/test" if "miniature" in EVAL_DATASETS else "",
+        manifest=lambda wc, input: f"--acquire {input.manifest}" if input.manifest else "",
+        out=f"{RUN}/report",
+    log:
+        "logs/report_figures.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "dalipipe report --evaluate {input.evaluate:q} --curves {params.curves}"
+        " --examples {params.examples} {params.shards} {params.manifest}"
+        " --out {params.out:q} --table-csv {output.table:q} --table-md {output.table_md:q}"
+        " > {log} 2>&1"

@@ -1,0 +1,250 @@
+"""The report: pages and figures from evaluate outputs, then `snakemake --report` in Chromium.
+
+    HF_HUB_OFFLINE=1 pytest tests/test_report.py -x -q
+
+The Chromium test renders the Snakemake report headless and keeps a screenshot under
+test-artifacts/; it is skipped only where chromium is not installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dalipipe.evaluate import report, tables
+from dalipipe.evaluate.run import System
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+SHARED_WAV = Path("/work/shared/data/clips/vggsound_FwVYUHKoLtQ_000034.wav")
+sys.path.insert(0, str(Path(__file__).parent))
+from test_evaluate import write_test_shard  # noqa: E402
+
+
+def make_evaluate_dir(out: Path, metas: list[dict]) -> None:
+    """An evaluate stage output, written by hand: two systems with known scores."""
+    out.mkdir(parents=True)
+    systems = [
+        System("image", "image", "", "image", False, True),
+        System("mmd_audio", "audio", "mmd", "audio", False, True),
+        System("mmd_audio_distilled", "audio_distilled", "mmd", "audio", True, False),
+    ]
+    refs = {m["clip_id"]: m["references"] for m in metas}
+    rows = []
+    for i, system in enumerate(systems):
+        captions = {m["clip_id"]: f"{system.name} says {m['heard'][0]}" for m in metas}
+        scores = {
+            "bleu_4": 0.1 * i,
+            "meteor": 0.2 + i / 100,
+            "rouge_l": 0.3,
+            "cider_d": 0.5,
+            "spice": None,
+            "spider": None,
+        }
+        scores |= {
+            "class_recall": 0.5,
+            "class_precision": 0.75,
+            "well_formed": 1.0,
+            "offscreen_recall": None,
+        }
+        (out / f"{system.name}.json").write_text(
+            json.dumps({"captions": captions, "scores": scores})
+        )
+        rows.append(tables.table_row(system, scores))
+    tables.write_csv(out / "table.csv", rows, tables.columns(world=True))
+    notes = {"spider": "not computed: Stanford CoreNLP 3.6.0 missing"}
+    (out / "table.md").write_text(tables.markdown(rows, "miniature", world=True, notes=notes))
+    (out / "references.json").write_text(json.dumps(refs))
+    summary = {
+        "dataset": "miniature",
+        "n_clips": len(metas),
+        "n_failed": 1,
+        "systems": [s.name for s in systems],
+    }
+    (out / "summary.json").write_text(json.dumps(summary))
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (len(metas), 8))
+    np.savez(
+        out / "gap.npz",
+        clip_ids=np.array(sorted(refs)),
+        image=image,
+        **{
+            "audio/mmd": image + rng.normal(0, 0.1, image.shape),
+            "audio/untrained": rng.normal(5, 1, image.shape),
+        },
+    )
+
+
+def make_run(root: Path) -> Path:
+    """results/miniature with what report_figures reads: evaluate output, curves, shards, manifest."""
+    run = root / "results" / "miniature"
+    metas = write_test_shard(run / "shards" / "test")
+    for stage in ("align/mmd", "prefix"):
+        (run / stage).mkdir(parents=True)
+        lines = ["step,epoch,loss,lr"] + [f"{s},{s // 5},{2.0 / (1 + s)},0.001" for s in range(20)]
+        (run / stage / "curve.csv").write_text("\n".join(lines) + "\n")
+    (run / "models" / "llava").mkdir(parents=True)
+    (run / "acquire").mkdir()
+    wav = run / "acquire" / "clip-000.wav"
+    if SHARED_WAV.is_file():
+        shutil.copyfile(SHARED_WAV, wav)
+    else:  # a plain tone, written with the standard library
+        wav.write_bytes(report._wav_bytes(np.sin(np.arange(16000) / 5.0) * 0.3, 16000))
+    (run / "acquire" / "manifest.csv").write_text(
+        f"clip_id,path,status,reason,split,start_s,labels\nclip-000,{wav},ok,,test,0,dog\n"
+    )
+    time.sleep(0.05)  # the evaluate output must be newer than its inputs (mtime rerun trigger)
+    make_evaluate_dir(run / "evaluate" / "miniature", metas)
+    return run
+
+
+def test_pca_2d_matches_the_covariance_eigenvectors():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5)) * np.array([5.0, 2.0, 1.0, 0.5, 0.1])
+    points = report.pca_2d(x)
+    _, vecs = np.linalg.eigh(np.cov(x - x.mean(0), rowvar=False))
+    expected = (x - x.mean(0)) @ vecs[:, ::-1][:, :2]
+    # Eigenvectors are defined up to sign.
+    for k in range(2):
+        assert np.allclose(np.abs(points[:, k]), np.abs(expected[:, k]), atol=1e-8)
+    assert points[:, 0].var() > points[:, 1].var()
+
+
+def test_markdown_table_becomes_an_html_table():
+    md = "**x**: a | b\n\n| system | modality | METEOR |\n|---|---|---|\n| DALI-MMD | audio | 0.1000 |\n\nn.c. SPIDEr: why\n"
+    out = report.markdown_table_to_html(md)
+    assert (
+        "<th>METEOR</th>" in out
+        and "<td class='text'>DALI-MMD</td>" in out
+        and "<td>0.1000</td>" in out
+    )
+    assert "<p>n.c. SPIDEr: why</p>" in out and "---" not in out
+
+
+def test_build_report_writes_pages_and_figures(tmp_path):
+    run = make_run(tmp_path)
+    written = report.build_report(
+        [run / "evaluate" / "miniature"],
+        run / "report",
+        curves=[run / "align" / "mmd" / "curve.csv", run / "prefix" / "curve.csv"],
+        acquire_manifest=run / "acquire" / "manifest.csv",
+        shards=run / "shards" / "test",
+        n_examples=2,
+    )
+    assert sorted(p.name for p in written) == [
+        "curves.png",
+        "examples.html",
+        "modality_gap.png",
+        "results.html",
+    ]
+    results = (run / "report" / "results.html").read_text()
+    assert "<td class='text'>DALI-MMD</td>" in results and "<td>0.2100</td>" in results
+    examples = (run / "report" / "examples.html").read_text()
+    assert examples.count("<div class='clip'>") == 2
+    assert "src='data:audio/wav;base64," in examples  # clip-000 has acquired media
+    assert examples.count("src='data:image/jpeg;base64,") == 2
+    assert "mmd_audio says bell" in examples
+    from PIL import Image
+
+    assert Image.open(run / "report" / "modality_gap.png").size[0] > 400
+    report.gather_tables([run / "evaluate" / "miniature"], run / "table.csv", run / "table.md")
+    head = (run / "table.csv").read_text().splitlines()[0]
+    assert head == "dataset," + ",".join(tables.columns(world=True))
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium(*args: str, profile: Path, timeout: int = 120) -> str:
+    cmd = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed")
+def test_snakemake_report_renders_in_headless_chromium(tmp_path):
+    run = make_run(tmp_path)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["evaluate"] = {
+        **config.get("evaluate", {}),
+        "methods": ["mmd"],
+        "systems": ["image", "audio"],
+        "examples": 2,
+    }
+    config["evaluate"]["datasets"] = {"miniature": {}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config.yaml"\n'
+        f'include: "{REPO}/rules/common.smk"\n'
+        f'include: "{REPO}/rules/evaluate.smk"\n'
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    snakemake = [sys.executable, "-m", "snakemake", "--cores", "1"]
+    # Only modification times decide what reruns: the hand-made upstream outputs have no metadata.
+    target = ["results/miniature/table.csv", "--rerun-triggers", "mtime"]
+    done = subprocess.run(
+        [*snakemake, *target], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "report" / "modality_gap.png").is_file()
+    built = subprocess.run(
+        [*snakemake, "results/miniature/table.csv", "--report", "report.html"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    html_file = tmp_path / "report.html"
+    assert html_file.stat().st_size > 10_000
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    profile = tmp_path / "chromium-profile"
+    chromium(
+        "--window-size=1400,1000",
+        f"--screenshot={ARTIFACTS / 'snakemake-report.png'}",
+        html_file.as_uri(),
+        profile=profile,
+    )
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", html_file.as_uri(), profile=profile)
+    # The rendered report lists each category and result the rules declared.
+    for text in ("Results", "Modality gap", "Training", "Examples"):
+        assert text in dom, text
+    for name in ("table.csv", "results.html", "modality_gap.png", "curves.png"):
+        assert name in dom, name
+
+    # The results page itself, as the report opens it: the table is there, rendered.
+    results = run / "report" / "results.html"
+    chromium(
+        "--window-size=1400,700",
+        f"--screenshot={ARTIFACTS / 'results-table.png'}",
+        results.as_uri(),
+        profile=profile,
+    )
+    page = chromium("--dump-dom", results.as_uri(), profile=profile)
+    assert "<table>" in page and "DALI-MMD" in page and "0.2100" in page
+    assert (ARTIFACTS / "snakemake-report.png").stat().st_size > 5_000
