@@ -23,6 +23,8 @@ def test_classes_have_unique_names_colours_and_sounds():
     assert len({c.rgb for c in classes}) == 16
     assert len({c.colour for c in classes}) == 16
     assert len({c.sound for c in classes}) == 16
+    names = {c.name for c in classes}
+    assert not any(c.verb[:-1] in names or c.gerund in names for c in classes)
     assert all(c.shape in world.SHAPES for c in classes)
     assert [c.name for c in world_classes(3)] == ["bell", "dog", "drum"]
     with pytest.raises(ValueError, match="n_classes"):

@@ -42,6 +42,7 @@ from dalipipe.data.ffmpeg import (
     file_url,
     first_channel_filter,
     parse_info,
+    seek_and_skip,
 )
 from dalipipe.data.local import AUDIO_EXTENSIONS, list_source
 
@@ -67,14 +68,6 @@ class ExtractError(Exception):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
-
-
-# ffmpeg's input seek (-ss before -i) is fast but not sample-exact: it can drop or repeat a few
-# milliseconds of audio at the seek point. So a window that starts early in the file is decoded
-# from the beginning and trimmed exactly in the filters; a later one is sought to
-# SEEK_MARGIN_S before its start (fast, for long files) and then trimmed in the same way.
-SEEK_AFTER_S = 30.0
-SEEK_MARGIN_S = 2.0
 
 
 def _frame_filter(short_side: int, skip_s: float, window_s: float) -> str:
@@ -107,8 +100,7 @@ class Job:
 
 def _io_args(k: int, job: Job, video: bool) -> tuple[list[str], list[str]]:
     """ffmpeg input and output arguments of input #k."""
-    seek = job.start_s - SEEK_MARGIN_S if job.start_s > SEEK_AFTER_S else 0.0
-    skip = job.start_s - seek
+    seek, skip = seek_and_skip(job.start_s)  # exact trims, fast seeks into long files
     inputs = ["-ss", f"{seek:.6f}"] if seek > 0 else []
     inputs += ["-t", f"{skip + job.window_s + 1:.6f}", "-i", file_url(job.src)]
     outputs = []
@@ -117,7 +109,8 @@ def _io_args(k: int, job: Job, video: bool) -> tuple[list[str], list[str]]:
         outputs += ["-map", f"{k}:v:0", "-vf", vf, "-fps_mode", "passthrough"]
         outputs += ["-frames:v", str(math.ceil(job.window_s)), "-q:v", "2", "-start_number", "0"]
         outputs += [file_url(job.clip_dir / "frame_%02d.jpg")]
-    af = f"atrim=start={skip:.6f}:duration={job.window_s:.6f}," + first_channel_filter(SAMPLE_RATE)
+    trim = f"atrim=start={skip:.6f}:duration={job.window_s:.6f}"
+    af = f"{first_channel_filter(SAMPLE_RATE)},{trim}"  # trimmed after resampling: exact edges
     outputs += ["-map", f"{k}:a:0", "-af", af, "-f", "s16le", "-c:a", "pcm_s16le"]
     outputs += [file_url(job.pcm)]
     return inputs, outputs

@@ -163,6 +163,20 @@ def first_channel_filter(sample_rate: int) -> str:
     return f"pan=mono|c0=c0,aresample={sample_rate}:resampler=soxr"
 
 
+# ffmpeg's input seek (-ss before -i) is fast but not sample-exact: it can drop or repeat a few
+# milliseconds of audio at the seek point. So a window that starts early in the file is decoded
+# from the beginning and trimmed exactly in the filters; a later one is sought to
+# SEEK_MARGIN_S before its start (fast, for long files) and then trimmed in the same way.
+SEEK_AFTER_S = 30.0
+SEEK_MARGIN_S = 2.0
+
+
+def seek_and_skip(start_s: float) -> tuple[float, float]:
+    """(input seek, then seconds to trim in the filters) for a window starting at start_s."""
+    seek = start_s - SEEK_MARGIN_S if start_s > SEEK_AFTER_S else 0.0
+    return seek, start_s - seek
+
+
 def decode_audio(
     path: str | os.PathLike,
     sample_rate: int = 16000,
@@ -171,12 +185,17 @@ def decode_audio(
 ) -> np.ndarray:
     """The first audio channel as float32 in [-1, 1], resampled to `sample_rate`."""
     check_file(path)
+    seek, skip = seek_and_skip(start_s)
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error"]
-    if start_s > 0:
-        cmd += ["-ss", f"{start_s:.6f}"]
+    if seek > 0:
+        cmd += ["-ss", f"{seek:.6f}"]
+    trim = f"atrim=start={skip:.6f}"
     if duration_s is not None:
-        cmd += ["-t", f"{duration_s:.6f}"]
-    cmd += ["-i", file_url(path), "-map", "0:a:0", "-af", first_channel_filter(sample_rate)]
+        cmd += ["-t", f"{skip + duration_s + 1:.6f}"]
+        trim += f":duration={duration_s:.6f}"
+    cmd += ["-i", file_url(path), "-map", "0:a:0"]
+    # Trim after resampling, so the window's edges are those of the whole resampled signal.
+    cmd += ["-af", f"{first_channel_filter(sample_rate)},{trim}"]
     cmd += ["-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]
     result = subprocess.run(cmd, capture_output=True, timeout=600)
     if result.returncode != 0:

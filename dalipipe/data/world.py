@@ -36,7 +36,8 @@ class SoundClass:
     sound: str  # recipe name in SOUNDS
 
 
-# Ordered so that the first n classes of any world have well-separated colours and all
+# No verb is a class name plus "s" ("a bird whistles" would name a whistle). Ordered so that
+# the first n classes of any world have well-separated colours and all
 # different sound recipes; the colours stay clear of the light-grey background.
 CLASSES: tuple[SoundClass, ...] = (
     SoundClass("bell", "chimes", "chiming", "red", (220, 30, 30), "circle", "bell"),
@@ -44,7 +45,7 @@ CLASSES: tuple[SoundClass, ...] = (
     SoundClass("drum", "booms", "booming", "yellow", (240, 220, 0), "triangle", "drum"),
     SoundClass("bird", "chirps", "chirping", "green", (30, 150, 40), "diamond", "chirp"),
     SoundClass("siren", "wails", "wailing", "blue", (30, 60, 220), "star", "siren"),
-    SoundClass("whistle", "whistles", "whistling", "purple", (130, 40, 180), "cross", "whistle"),
+    SoundClass("whistle", "blows", "blowing", "purple", (130, 40, 180), "cross", "whistle"),
     SoundClass("frog", "croaks", "croaking", "teal", (0, 128, 128), "hexagon", "croak"),
     SoundClass("clock", "ticks", "ticking", "pink", (255, 105, 180), "ring", "tick"),
     SoundClass("engine", "rumbles", "rumbling", "brown", (115, 65, 20), "square", "rumble"),
