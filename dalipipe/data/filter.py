@@ -27,6 +27,8 @@ import csv
 import json
 import logging
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,19 +97,25 @@ class FrameCaptioner:
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
 
-    def __call__(self, images: list) -> list[str]:
+    def prepare(self, images: list):
+        """CPU work (resize, normalise, tokenise): runs in a thread ahead of ``generate``."""
+        return self.processor(
+            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True
+        )
+
+    def generate(self, inputs) -> list[str]:
         import torch
 
-        inputs = self.processor(
-            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True
-        ).to(self.device)
+        inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        return [
-            t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        ]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def __call__(self, images: list) -> list[str]:
+        return self.generate(self.prepare(images))
 
 
 class Gpt2Embedder:
@@ -238,34 +246,63 @@ def plan_clips(extract_dir: Path, metadata: dict[str, dict], exclude: set[str], 
     return todo, skipped, excluded
 
 
-def _clip_batches(clips: list[dict], frames_per_batch: int):
-    """Whole clips per batch, about ``frames_per_batch`` frames each (journalled clip by clip)."""
-    batch, n_frames = [], 0
+def _frame_chunks(clips: list[dict], size: int):
+    """Full batches of ``(clip_id, frame path)``, running across clip boundaries."""
+    chunk = []
     for clip in clips:
-        batch.append(clip)
-        n_frames += len(clip["frames"])
-        if n_frames >= frames_per_batch:
-            yield batch
-            batch, n_frames = [], 0
-    if batch:
-        yield batch
+        for path in clip["frames"]:
+            chunk.append((clip["clip_id"], path))
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
 
 
-def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_path: Path) -> dict:
-    """clip_id -> frame captions, reusing the journal of an interrupted run.
+def _prefetched(chunks, prepare, depth: int = 2):
+    """``(chunk, prepare(chunk))`` with up to ``depth`` chunks prepared ahead in threads,
+    so JPEG decoding and resizing overlap the captioner's generation."""
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(prepare, chunk)))
+            if len(pending) > depth:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
-    ``make_captioner()`` is called only when some clip still needs captions.
-    """
+
+def _load_images(chunk) -> list:
     from PIL import Image
 
+    images = []
+    for _, path in chunk:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def _read_journal(path: Path) -> dict:
     captions = {}
-    if journal_path.exists():
-        for line in journal_path.read_text(encoding="utf-8").splitlines():
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
                 captions[row["clip_id"]] = row["captions"]
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut short by a kill
+    return captions
+
+
+def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_path: Path) -> dict:
+    """clip_id -> frame captions, reusing the journal of an interrupted run.
+
+    Frames go to the captioner in full batches across clips; a clip is journalled as soon as
+    its last frame is captioned. ``make_captioner()`` is called only when work is left.
+    """
+    captions = _read_journal(journal_path)
     todo = [c for c in clips if c["clip_id"] not in captions]
     if len(todo) < len(clips):
         log.info("resuming: %d of %d clips already captioned", len(clips) - len(todo), len(clips))
@@ -273,26 +310,23 @@ def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_pa
         return captions
     captioner = make_captioner()
     journal_path.parent.mkdir(parents=True, exist_ok=True)
-    progress = tqdm(total=sum(len(c["frames"]) for c in todo), desc="caption", unit="frame")
+    wanted = {c["clip_id"]: len(c["frames"]) for c in todo}
+    partial: dict[str, list[str]] = {c["clip_id"]: [] for c in todo}
+    progress = tqdm(total=sum(wanted.values()), desc="caption", unit="frame", mininterval=10)
+
+    def prepare(chunk):
+        return captioner.prepare(_load_images(chunk))
+
     with open(journal_path, "a", encoding="utf-8") as journal:
-        for batch in _clip_batches(todo, batch_size):
-            images, owners = [], []
-            for clip in batch:
-                for path in clip["frames"]:
-                    with Image.open(path) as im:
-                        images.append(im.convert("RGB"))
-                    owners.append(clip["clip_id"])
-            texts = []
-            for i in range(0, len(images), batch_size):
-                texts += captioner(images[i : i + batch_size])
-            for clip in batch:
-                captions[clip["clip_id"]] = [
-                    t for t, o in zip(texts, owners) if o == clip["clip_id"]
-                ]
-                row = {"clip_id": clip["clip_id"], "captions": captions[clip["clip_id"]]}
-                journal.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for chunk, inputs in _prefetched(_frame_chunks(todo, batch_size), prepare):
+            for (clip_id, _), text in zip(chunk, captioner.generate(inputs)):
+                partial[clip_id].append(text)
+                if len(partial[clip_id]) == wanted[clip_id]:
+                    captions[clip_id] = partial.pop(clip_id)
+                    row = {"clip_id": clip_id, "captions": captions[clip_id]}
+                    journal.write(json.dumps(row, ensure_ascii=False) + "\n")
             journal.flush()
-            progress.update(len(images))
+            progress.update(len(chunk))
     progress.close()
     return captions
 
