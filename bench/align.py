@@ -1,0 +1,169 @@
+"""Alignment costs side by side: loss step per method, and exact OT solvers against Sinkhorn.
+
+    python bench/align.py                        # CPU: batch 4 for the losses, 8 clips for OT
+    python bench/align.py --device cuda --batch 256 --ot-batch 64 --encoder
+    python bench/align.py --tokens 64x64,64x128  # other shapes (audio NxD, image NxD)
+
+Shapes default to the paper's: 512 audio tokens (CAV-MAE, already projected to 1024) against 576
+CLIP-L/336 tokens of 1024. Token values are random normals (the frozen CLIP forward costs the same
+for every method and is left out). Part 1 times one training step of each loss: forward, backward
+into the audio tokens (and the scorer for ot_att); with --encoder, the full CAV-MAE audio encoder
+forward and backward is included. Part 2 solves one batch of exact OT problems with POT one after
+another, in a thread pool and in a process pool, then with the batched log-domain Sinkhorn, and
+prints Sinkhorn's transport cost beside exact EMD's on the same batch.
+Compare with notes/performance-anchors.md (58 ms per 512x576 EMD on one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from dalipipe.align.attentive import AttentiveWeights
+from dalipipe.align.objective import METHODS, Objective
+from dalipipe.align.ot import OTSolver, emd_batch, sinkhorn_batch, squared_distances
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def loss_steps(args, device) -> None:
+    (na, da), (nv, dv) = args.shapes
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, nv, dv, generator=gen).to(device)
+    fbank = audio_in = None
+    encoder = None
+    if args.encoder:
+        from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder
+
+        encoder = CavMaeAudioEncoder(AudioEncoderConfig(out_dim=dv)).to(device)
+        fbank = torch.randn(args.batch, 1024, 128, generator=gen).to(device)
+    else:
+        audio_in = torch.randn(args.batch, na, da, generator=gen).to(device)
+        project = torch.nn.Linear(da, dv).to(device)
+    print(
+        f"\n## one training step per method, batch {args.batch}, audio {na}x{da} -> {dv}, "
+        f"image {nv}x{dv}, {'with the CAV-MAE encoder' if encoder else 'loss only'}, "
+        f"{args.precision}, {device}"
+    )
+    print(f"{'method':<24}{'seconds':>10}{'x mmd':>8}")
+    base = None
+    for method in METHODS:
+        variants = [
+            ("exact", {"solver": "exact", "workers": args.workers}),
+            ("sinkhorn", {"solver": "sinkhorn", "eps": 0.05, "iters": 50}),
+        ]
+        for name, ot in variants if method in ("ot", "ot_att") else [("", {})]:
+            solver = OTSolver(**ot) if ot else None
+            scorer = AttentiveWeights(dv).to(device) if method == "ot_att" else None
+            objective = Objective(method, solver, scorer)
+
+            def step(objective=objective, scorer=scorer):
+                with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                    audio = encoder(fbank) if encoder is not None else project(audio_in)
+                    out = objective(audio, image, 100.0 if scorer is not None else None)
+                if out.scorer_loss is not None:
+                    torch.autograd.grad(
+                        out.scorer_loss, list(scorer.parameters()), retain_graph=True
+                    )
+                out.loss.backward()
+
+            seconds = timed(step, args.repeats, device)
+            base = base or seconds
+            label = f"{method} ({name})" if name else method
+            print(f"{label:<24}{seconds:>10.3f}{seconds / base:>8.2f}")
+            if solver is not None:
+                solver.close()
+
+
+def ot_solvers(args, device) -> None:
+    (na, da), (nv, dv) = args.shapes
+    gen = torch.Generator().manual_seed(1)
+    audio = torch.randn(args.ot_batch, na, dv, generator=gen)
+    image = torch.randn(args.ot_batch, nv, dv, generator=gen)
+    cost = squared_distances(audio, image).double()
+    a = torch.full((args.ot_batch, na), 1 / na, dtype=torch.float64)
+    b = torch.full((args.ot_batch, nv), 1 / nv, dtype=torch.float64)
+    cost_np, a_np, b_np = cost.numpy(), a.numpy(), b.numpy()
+    print(
+        f"\n## exact OT for a batch of {args.ot_batch} clips, {na}x{nv} points of {dv}-d, "
+        f"{os.cpu_count()} CPU cores"
+    )
+    print(f"{'solver':<34}{'batch s':>10}{'per clip ms':>13}{'speed-up':>10}")
+    serial = None
+    exact_values = None
+    workers = args.workers or os.cpu_count()
+    for label, kind in [
+        ("POT emd, serial", None),
+        (f"POT emd, {workers} threads", "thread"),
+        (f"POT emd, {workers} processes", "process"),
+    ]:
+        solver = OTSolver("exact", workers=workers if kind else 0, pool=kind or "thread")
+
+        def solve(solver=solver):
+            return emd_batch(cost_np, a_np, b_np, pool=solver.pool())
+
+        seconds = timed(solve, args.repeats, torch.device("cpu"))
+        plan = solve()[0]
+        solver.close()
+        exact_values = (plan * cost_np).sum((1, 2))
+        serial = serial or seconds
+        print(
+            f"{label:<34}{seconds:>10.3f}{1000 * seconds / args.ot_batch:>13.1f}"
+            f"{serial / seconds:>10.2f}"
+        )
+    cost_dev, a_dev, b_dev = (t.float().to(device) for t in (cost, a, b))
+    print(f"\n## batched log-domain Sinkhorn on {device} (float32) vs exact EMD, same batch")
+    print(
+        f"{'eps (of max cost)':<20}{'iters':>6}{'batch s':>10}{'rel. diff of cost (mean / max)':>34}"
+    )
+    for eps, iters in [(0.05, 50), (0.05, 200), (0.01, 200), (0.005, 500)]:
+        seconds = timed(
+            lambda eps=eps, iters=iters: sinkhorn_batch(cost_dev, a_dev, b_dev, eps, iters),
+            args.repeats,
+            device,
+        )
+        plan = sinkhorn_batch(cost_dev, a_dev, b_dev, eps, iters)[0].double().cpu()
+        values = (plan * cost).sum((1, 2)).numpy()
+        rel = np.abs(values - exact_values) / exact_values
+        print(f"{eps:<20}{iters:>6}{seconds:>10.3f}{rel.mean():>22.2e} / {rel.max():.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4, help="clips per loss step")
+    parser.add_argument("--ot-batch", type=int, default=8, help="clips per OT batch")
+    parser.add_argument("--tokens", default="512x1024,576x1024", help="audio NxD,image NxD")
+    parser.add_argument("--workers", type=int, default=0, help="pool size (0: all cores)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--encoder", action="store_true", help="include the CAV-MAE encoder")
+    parser.add_argument("--skip-losses", action="store_true")
+    args = parser.parse_args()
+    args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.tokens.split(",")]
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    if not args.skip_losses:
+        loss_steps(args, device)
+    ot_solvers(args, device)
+
+
+if __name__ == "__main__":
+    main()
