@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalipipe.data.extract import MANIFEST_FIELDS, extract_clip
+from dalipipe.data.extract import MANIFEST_FIELDS, ExtractError, extract_clip
 from dalipipe.data.extract import main as extract_main
 from dalipipe.data.ffmpeg import MediaError, decode_audio, ffmpeg_exe, parse_info, probe
 
@@ -166,3 +166,22 @@ def test_extract_real_clips_and_an_acquire_manifest(tmp_path):
 
     assert Image.open(tmp_path / "out" / "street" / "frame_09.jpg").size == (114, 64)
     assert not (tmp_path / "out" / "gone").exists()
+
+
+def test_a_failed_clip_leaves_the_callers_other_files_alone(tmp_path):
+    """ffmpeg writes frames of a silent clip before the silence is found; only they go."""
+    clip_dir = tmp_path / "work"
+    clip_dir.mkdir()
+    (clip_dir / "keep.txt").write_text("mine")
+    silent = tmp_path / "silent.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=s=32x32:r=4:d=2",
+         "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "2", str(silent)],
+        check=True,
+    )  # fmt: skip
+    with pytest.raises(ExtractError, match="silent audio"):
+        extract_clip(silent, clip_dir, short_side=16, fbank=FBANK)
+    assert sorted(p.name for p in clip_dir.iterdir()) == ["keep.txt"]
+    with pytest.raises(ExtractError, match="silent audio"):
+        extract_clip(silent, tmp_path / "fresh", short_side=16, fbank=FBANK)
+    assert not (tmp_path / "fresh").exists()

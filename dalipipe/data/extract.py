@@ -20,10 +20,10 @@ source file. A clip that cannot be used (no audio, silent, too short, unreadable
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
-import shutil
 import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -147,9 +147,24 @@ def _info(err: str, job: Job, index: int = 0) -> MediaInfo:
         raise ExtractError(str(exc)) from exc
 
 
+def _clear(job: Job) -> None:
+    """Remove what extraction writes (only that: clip_dir may be a caller's folder)."""
+    for path in [*job.clip_dir.glob("frame_*.jpg"), job.pcm] + [
+        job.clip_dir / name for name in ("audio.wav", "fbank.npy")
+    ]:
+        path.unlink(missing_ok=True)
+
+
+def _discard(job: Job) -> None:
+    if job.clip_dir.is_dir():
+        _clear(job)
+        with contextlib.suppress(OSError):  # left in place when it holds other files
+            job.clip_dir.rmdir()
+
+
 def _reset(job: Job) -> None:
-    shutil.rmtree(job.clip_dir, ignore_errors=True)
-    job.clip_dir.mkdir(parents=True)
+    job.clip_dir.mkdir(parents=True, exist_ok=True)
+    _clear(job)
 
 
 def decode_window(job: Job) -> MediaInfo:
@@ -229,14 +244,14 @@ def _guarded(job: Job, work) -> dict | ExtractError:
     try:
         return work()
     except ExtractError as exc:
-        shutil.rmtree(job.clip_dir, ignore_errors=True)
+        _discard(job)
         return exc
     except Exception as exc:  # a bug shows in the log, but one clip never stops the stage
         log.exception("%s: unexpected error", job.src)
-        shutil.rmtree(job.clip_dir, ignore_errors=True)
+        _discard(job)
         return ExtractError(f"{job.src}: {type(exc).__name__}: {exc}")
     except BaseException:
-        shutil.rmtree(job.clip_dir, ignore_errors=True)
+        _discard(job)
         raise
 
 
@@ -285,7 +300,7 @@ def extract_clip(
     min_seconds: float = 1.0,
 ) -> dict:
     """Frames, audio.wav and fbank.npy of one clip into clip_dir; returns its manifest row
-    (without clip_id). Raises ExtractError with the reason; clip_dir is then removed."""
+    (without clip_id). Raises ExtractError with the reason; what it wrote is then removed."""
     job = Job(str(src), Path(clip_dir), start_s, window_s, short_side)
     (result,) = extract_batch([job], fbank, min_seconds)
     if isinstance(result, ExtractError):
