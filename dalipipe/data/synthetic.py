@@ -13,9 +13,9 @@ light-grey background, drifting slowly; audio: the heard objects' sounds at rand
 pink background noise. Raw RGB frames and PCM audio of 8 clips at a time go to one ffmpeg
 process, which writes each clip as its own H.264 + AAC MP4.
 
-Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv (paths as OUT was given, so relative to
-the working directory when OUT is),
-OUT/metadata.jsonl (DEVELOPING.md, "Clip metadata").
+Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv and OUT/metadata.jsonl (DEVELOPING.md).
+Manifest paths start with OUT as given, so they are relative to the working directory when
+OUT is.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def world_config(params: dict | None) -> dict:
     unknown = set(cfg["splits"]) - set(SPLITS)
     if unknown:
         raise ValueError(f"world.splits: unknown split(s) {sorted(unknown)}; use {SPLITS}")
+    if cfg["offscreen_fraction"] + cfg["silent_fraction"] > 1:
+        raise ValueError("world.offscreen_fraction + world.silent_fraction must not exceed 1")
     return cfg
 
 
