@@ -306,3 +306,15 @@ def test_plan_systems_orders_like_table_1_and_rejects_unknown_names():
     ]
     with pytest.raises(ValueError, match="evaluate.systems: unknown"):
         run.plan_systems({**settings, "systems": ["audio", "beam"]}, [], [])
+
+
+def test_media_index_finds_acquire_and_extract_layouts(tmp_path):
+    (tmp_path / "part-0" / "clips").mkdir(parents=True)
+    (tmp_path / "part-0" / "clips" / "abc_1000.mp4").write_bytes(b"x")
+    (tmp_path / "part-1" / "def_0").mkdir(parents=True)
+    np.save(tmp_path / "part-1" / "def_0" / "fbank.npy", np.zeros((4, 2), np.float16))
+    (tmp_path / "notes.txt").write_text("ignored")
+    extracted, files = datasets.index_media(tmp_path)
+    assert list(extracted) == ["def_0"] and list(files) == ["abc_1000"]
+    with pytest.raises(FileNotFoundError, match="media folder not found"):
+        datasets.index_media(tmp_path / "absent")

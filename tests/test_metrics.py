@@ -175,3 +175,26 @@ def test_minilm_similarity_ranks_a_paraphrase_above_an_unrelated_caption():
         [["a dog barks loudly"], ["a dog barks loudly"]],
     )
     assert close > 0.6 and far < 0.3
+
+
+def test_spider_is_the_mean_of_cider_d_and_spice_and_a_spice_failure_is_reported(monkeypatch):
+    def fake_spice(gts, res):  # stands in for the Java scorer; SPIDEr arithmetic is ours
+        if any("fails" in caps[0] for caps in res.values()):
+            raise OSError("cannot write cache")
+        return 0.25, [0.25 for _ in res]
+
+    monkeypatch.setattr(assets, "spice_missing_reason", lambda lib_dir=None: None)
+    monkeypatch.setattr(metrics, "_spice", fake_spice)
+    refs = {"a": ["a dog barks loudly"] * 2, "b": ["heavy rain falls softly"] * 2}
+    results = metrics.score_many(
+        {
+            "ok": {"a": "a dog barks loudly", "b": "heavy rain falls softly"},
+            "bad": {"a": "it fails", "b": "x"},
+        },
+        refs,
+    )
+    ok, _, ok_notes = results["ok"]
+    assert ok["spice"] == 0.25 and ok["spider"] == pytest.approx((10.0 + 0.25) / 2) and not ok_notes
+    bad, bad_clips, bad_notes = results["bad"]
+    assert bad["spider"] is None and bad_clips["a"]["spice"] is None
+    assert bad_notes["spice"] == "not computed: SPICE failed (cannot write cache)"

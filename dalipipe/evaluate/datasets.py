@@ -12,8 +12,9 @@ where there is video). A clip whose media is missing or unreadable becomes a row
 - miniature: webdataset shards ``<run>/shards/test/*.tar``; references = meta["references"].
 - AudioCaps: CSV ``audiocap_id,youtube_id,start_time,caption``; clip id ``<ytid>_<start ms>``
   (as the acquire stage names AudioSet segments). Media: a folder laid out like the extract
-  stage's output (``<clip_id>/fbank.npy`` and ``frame_<kk>.jpg``, also inside ``part-*``), or
-  media files named ``<clip_id>.*`` or ``<ytid>.*`` holding the 10-s segment.
+  stage's output (``<clip_id>/fbank.npy`` and ``frame_<kk>.jpg``, also inside ``part-*``), the
+  acquire stage's output (``part-*/clips/<clip_id>.*``), or a folder of media files named
+  ``<clip_id>.*`` or ``<ytid>.*`` holding the 10-s segment.
 - Clotho: CSV ``file_name,caption_1..caption_5``; audio only (FreeSound has no video); the
   44.1 kHz files are resampled to 16 kHz before the filterbank (the authors' loaders skipped
   this). ``dedup`` reproduces the authors' de-duplication of reference captions across the
@@ -161,7 +162,10 @@ def index_media(media_dir: str | Path) -> tuple[dict[str, Path], dict[str, Path]
     if not media_dir.is_dir():
         raise FileNotFoundError(f"{media_dir}: media folder not found")
     extracted, files = {}, {}
-    for parent in [media_dir, *sorted(media_dir.glob("part-*"))]:
+    # The folder itself, the acquire stage's part-<i>/clips/ and the extract stage's part-<i>/.
+    parents = [media_dir, media_dir / "clips", *sorted(media_dir.glob("part-*"))]
+    parents += sorted(media_dir.glob("part-*/clips"))
+    for parent in (p for p in parents if p.is_dir()):
         for path in parent.iterdir():
             if path.is_dir() and (path / "fbank.npy").is_file():
                 extracted[path.name] = path

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import subprocess
 from pathlib import Path
 
 from dalipipe.common import setup_logging, write_json
@@ -162,18 +163,24 @@ def score_many(
             keep("rouge_l", *Rouge().compute_score(gts, res))
             # pycocoevalcap's Cider is CIDEr-D: clipped n-gram counts, a length penalty (sigma 6).
             keep("cider_d", *Cider().compute_score(gts, res))
-            if reason is None:
-                from pycocoevalcap.spice.spice import Spice
-
-                score, scores = Spice().compute_score(gts, res)
-                keep("spice", score, [s["All"]["f"] for s in scores])
+            spice_reason = reason
+            if spice_reason is None:
+                try:
+                    score, scores = _spice(gts, res)
+                except (OSError, subprocess.CalledProcessError, ValueError) as err:
+                    # SPICE writes a cache beside its jar and needs memory; a failure there
+                    # leaves the other metrics standing and says why SPICE is missing.
+                    spice_reason = f"SPICE failed ({err})"
+                    log.warning("%s: %s", name, spice_reason)
+            if spice_reason is None:
+                keep("spice", score, scores)
                 corpus["spider"] = (corpus["cider_d"] + corpus["spice"]) / 2
                 for k in ids:
                     per_clip[k]["spider"] = (per_clip[k]["cider_d"] + per_clip[k]["spice"]) / 2
             else:
                 for metric in ("spice", "spider"):
                     corpus[metric] = None
-                    notes[metric] = f"not computed: {reason}"
+                    notes[metric] = f"not computed: {spice_reason}"
                     for k in ids:
                         per_clip[k][metric] = None
             if embedding:
@@ -189,6 +196,14 @@ def score_many(
     finally:
         _close_meteor(meteor)
     return results
+
+
+def _spice(gts, res) -> tuple[float, list[float]]:
+    """SPICE F-score, corpus and per clip (Java; parses with Stanford CoreNLP 3.6.0)."""
+    from pycocoevalcap.spice.spice import Spice
+
+    score, scores = Spice().compute_score(gts, res)
+    return float(score), [float(s["All"]["f"]) for s in scores]
 
 
 def _close_meteor(scorer) -> None:
