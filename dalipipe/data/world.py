@@ -36,9 +36,9 @@ class SoundClass:
     sound: str  # recipe name in SOUNDS
 
 
-# No verb is a class name plus "s" ("a bird whistles" would name a whistle). Ordered so that
-# the first n classes of any world have well-separated colours and all
-# different sound recipes; the colours stay clear of the light-grey background.
+# Ordered so that the first n classes of any world have well-separated colours; the colours
+# stay clear of the light-grey background. No verb is a class name plus "s" ("a bird whistles"
+# would name a whistle when captions are scored).
 CLASSES: tuple[SoundClass, ...] = (
     SoundClass("bell", "chimes", "chiming", "red", (220, 30, 30), "circle", "bell"),
     SoundClass("dog", "barks", "barking", "orange", (255, 140, 0), "square", "bark"),
