@@ -15,8 +15,25 @@ import torch
 from dalipipe.caption.schedule import default_dtype
 
 
+def base_settings(params: dict) -> dict:
+    """Revision and captioner options (prompt, template, prefix position) from config `models`,
+    when the run sets them; the captioner's defaults follow the authors' code otherwise."""
+    models = params.get("models") or {}
+    return {
+        "revision": models.get("captioner_revision"),
+        "options": models.get("captioner_options"),
+    }
+
+
 def assemble(
-    captioner_path, *, encoder_dir=None, prefix_dir=None, device: torch.device, dtype=None
+    captioner_path,
+    *,
+    encoder_dir=None,
+    prefix_dir=None,
+    device: torch.device,
+    dtype=None,
+    revision=None,
+    options=None,
 ):
     from dalipipe.models.captioner import AudioCaptioner
     from dalipipe.models.cavmae import load_encoder
@@ -24,7 +41,12 @@ def assemble(
     dtype = dtype or default_dtype(device)
     encoder = load_encoder(encoder_dir, device=device, dtype=dtype) if encoder_dir else None
     captioner = AudioCaptioner.from_base(
-        str(captioner_path), audio_encoder=encoder, dtype=dtype, device=device
+        str(captioner_path),
+        revision=revision,
+        options=options,
+        audio_encoder=encoder,
+        dtype=dtype,
+        device=device,
     )
     if prefix_dir:
         prefix_file = Path(prefix_dir) / "prefix.safetensors"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalipipe.caption.assemble import assemble
+from dalipipe.caption.assemble import assemble, base_settings
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.caption.prefix import epoch_order
 from dalipipe.caption.schedule import adamw_cosine
@@ -222,6 +222,7 @@ def distill(
     settings=None,
     seed=0,
     device="auto",
+    base=None,
     features=None,
 ) -> dict:
     from accelerate import Accelerator
@@ -232,7 +233,11 @@ def distill(
     accelerator = Accelerator(cpu=device == "cpu")
     seed_everything(seed)
     captioner = assemble(
-        captioner_path, encoder_dir=encoder_dir, prefix_dir=prefix_dir, device=accelerator.device
+        captioner_path,
+        encoder_dir=encoder_dir,
+        prefix_dir=prefix_dir,
+        device=accelerator.device,
+        **(base or {}),
     )
     examples = training_set(pseudolabels, pool, settings["modality"])
     began = time.time()
@@ -282,7 +287,9 @@ def write_captioner_dir(captioner, out_dir: Path, summary: dict, curve: list[dic
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe distill", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--params", default="{}", help="JSON object (or @file): seed, device, distill, extract"
+        "--params",
+        default="{}",
+        help="JSON object (or @file): seed, device, distill, extract, models",
     )
     parser.add_argument("--pseudolabels", required=True, help="pseudolabel stage JSON lines")
     parser.add_argument(
@@ -308,5 +315,6 @@ def main(argv: list[str]) -> int:
         seed=params.get("seed", 0),
         device=params.get("device", "auto"),
         features=feature_settings(params),
+        base=base_settings(params),
     )
     return 0

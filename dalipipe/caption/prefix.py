@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dalipipe.caption.assemble import base_settings
 from dalipipe.caption.pairs import load_pairs
 from dalipipe.caption.schedule import adamw_cosine, default_dtype
 from dalipipe.common import (
@@ -137,8 +138,9 @@ def write_prefix(out_dir: Path, captioner, summary: dict, curve: list[dict]) -> 
 
 
 def train_prefix(
-    pairs_src, captioner_path, out_dir, *, settings=None, seed=0, device="auto"
+    pairs_src, captioner_path, out_dir, *, settings=None, seed=0, device="auto", base=None
 ) -> dict:
+    """The stage: `base` holds the captioner's revision and options (`assemble.base_settings`)."""
     from dalipipe.models.captioner import AudioCaptioner
 
     settings = {**DEFAULTS, **(settings or {})}
@@ -148,7 +150,7 @@ def train_prefix(
     device = pick_device(device)
     pairs = load_pairs(pairs_src)
     captioner = AudioCaptioner.from_base(
-        str(captioner_path), dtype=default_dtype(device), device=device
+        str(captioner_path), dtype=default_dtype(device), device=device, **(base or {})
     )
     captioner.init_prefix(n_tokens=settings["n_tokens"], std=settings["init_std"], seed=seed)
     began = time.time()
@@ -176,7 +178,7 @@ def train_prefix(
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe prefix", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--params", default="{}", help="JSON object (or @file) with seed, device, prefix"
+        "--params", default="{}", help="JSON object (or @file) with seed, device, prefix, models"
     )
     parser.add_argument(
         "--pairs", required=True, help="prefix split shard directory or a pairs file"
@@ -195,5 +197,6 @@ def main(argv: list[str]) -> int:
         settings=params.get("prefix"),
         seed=params.get("seed", 0),
         device=params.get("device", "auto"),
+        base=base_settings(params),
     )
     return 0

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalipipe.caption.assemble import assemble
+from dalipipe.caption.assemble import assemble, base_settings
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.common import parse_params, pick_device, seed_everything, setup_logging
 
@@ -90,7 +90,16 @@ def model_inputs(samples: list[dict], modality: str):
 
 
 def pseudolabel(
-    pool, encoder_dir, prefix_dir, captioner_path, out, *, settings=None, seed=0, device="auto"
+    pool,
+    encoder_dir,
+    prefix_dir,
+    captioner_path,
+    out,
+    *,
+    settings=None,
+    seed=0,
+    device="auto",
+    base=None,
 ) -> dict:
     from dalipipe.data.shard import ShardReader
 
@@ -106,6 +115,7 @@ def pseudolabel(
         encoder_dir=encoder_dir if "audio" in modality else None,
         prefix_dir=prefix_dir if settings["use_prefix"] else None,
         device=device,
+        **(base or {}),
     )
     row_settings = {
         key: settings[key] for key in ("modality", "use_prefix", "max_new_tokens", "do_sample")
@@ -165,7 +175,7 @@ def main(argv: list[str]) -> int:
         prog="dalipipe pseudolabel", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--params", default="{}", help="JSON object (or @file): seed, device, pseudolabel"
+        "--params", default="{}", help="JSON object (or @file): seed, device, pseudolabel, models"
     )
     parser.add_argument("--pool", required=True, help="shard directory of the clips to caption")
     parser.add_argument("--encoder", required=True, help="aligned audio encoder directory")
@@ -186,5 +196,6 @@ def main(argv: list[str]) -> int:
         settings=params.get("pseudolabel"),
         seed=params.get("seed", 0),
         device=params.get("device", "auto"),
+        base=base_settings(params),
     )
     return 0 if counts["ok"] or counts["skipped"] else 1
