@@ -181,3 +181,25 @@ def test_distill_writes_a_directory_from_dir_loads(stage_inputs, tmp_path):
         assert not torch.equal(loaded.audio_projector.state_dict()[key], value)
     for key, value in original.audio_encoder.state_dict().items():
         torch.testing.assert_close(loaded.audio_encoder.state_dict()[key], value)
+
+
+def test_bf16_model_trains_float32_projector_weights(stage_inputs, tmp_path):
+    from dalipipe.caption.assemble import assemble
+
+    captioner = assemble(
+        stage_inputs["captioner_path"],
+        encoder_dir=stage_inputs["encoder_dir"],
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+    )
+    start = {k: v.float().clone() for k, v in captioner.audio_projector.state_dict().items()}
+    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
+    curve = fit_projector(
+        captioner, examples, tmp_path / "ckpt", settings={**QUICK, "lr": 2e-4, "epochs": 1}
+    )
+    assert all(np.isfinite(c["loss"]) for c in curve)
+    assert captioner.llava.lm_head.weight.dtype == torch.bfloat16
+    for key, value in captioner.audio_projector.state_dict().items():
+        assert value.dtype == torch.float32
+        # a 2e-4 step is below bf16's resolution for weights of this size, not for float32
+        assert not torch.equal(value, start[key])

@@ -125,6 +125,11 @@ def fit_projector(
 
     accelerator = accelerator or Accelerator(cpu=captioner.device.type == "cpu")
     modality = settings["modality"]
+    # a bf16 model (GPU) trains float32 master weights of the projector under autocast, as the
+    # authors' DeepSpeed bf16 run did; AdamW steps of 2e-4 vanish in bf16 weights
+    low_precision = captioner.dtype != torch.float32
+    if low_precision:
+        captioner.audio_projector.float()
     params = captioner.trainable_parameters("audio_projector")
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = settings["batch_size"] * world
@@ -175,13 +180,15 @@ def fit_projector(
         pixel_values = (
             captioner.pixel_values([e["frame"] for e in mine]) if "image" in modality else None
         )
-        loss = captioner.caption_loss(
-            captions=[e["caption"] for e in mine],
-            modality=modality,
-            pixel_values=pixel_values,
-            fbank=fbank,
-            use_prefix=settings["use_prefix"],
-        )
+        autocast = torch.autocast(captioner.device.type, captioner.dtype, enabled=low_precision)
+        with autocast:
+            loss = captioner.caption_loss(
+                captions=[e["caption"] for e in mine],
+                modality=modality,
+                pixel_values=pixel_values,
+                fbank=fbank,
+                use_prefix=settings["use_prefix"],
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
