@@ -158,3 +158,19 @@ def test_exit_code_is_non_zero_only_when_every_file_fails(model_dir, broken, tmp
         == 1
     )
     assert "needs a video stream" in capsys.readouterr().err
+
+
+def test_a_missing_model_directory_is_one_clear_error(tmp_path, capsys):
+    assert main([str(WAV16K), "--model", str(tmp_path / "no-model")]) == 2
+    assert f"--model {tmp_path / 'no-model'}: " in capsys.readouterr().err
+
+
+def test_start_moves_the_window(tmp_path):
+    _, whole = prepare(WAV16K, FEATURES, "audio", tmp_path / "a")
+    _, later = prepare(WAV16K, FEATURES, "audio", tmp_path / "b", start_s=5.0)
+    from dalipipe.data.fbank import model_input_from_wave
+    from dalipipe.data.ffmpeg import decode_audio
+
+    wave = decode_audio(WAV16K, 16000)[5 * 16000 :]
+    expected = model_input_from_wave(wave, 16000, FEATURES["fbank"])
+    assert np.abs(later - expected).mean() < 0.01 < np.abs(whole - expected).mean()

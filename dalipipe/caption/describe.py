@@ -4,8 +4,8 @@
     dalipipe caption clip.mp4 --model DIR --modality audio+image --json
 
 Any format and sample rate ffmpeg reads. Each file is prepared like the training clips: the
-fbank and frame settings come from the model directory's captioner.json (`features`); the image
-is the video's middle frame. A file that cannot be read gets an error line naming it on stderr
+fbank and frame settings come from the model directory's captioner.json (`features`), the
+window (10 s in the paper) starts at --start, and the image is the window's middle frame. A file that cannot be read gets an error line naming it on stderr
 and the others are still captioned; the exit code is non-zero only when every file failed.
 Decoding is greedy unless --sample (the authors' temperature 0.2); the prefix is off unless
 --prefix, as in the authors' inference script.
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from dalipipe.caption.pairs import middle
+from dalipipe.caption.schedule import default_dtype
 from dalipipe.common import pick_device, setup_logging
 
 log = logging.getLogger("dalipipe.caption")
@@ -35,7 +36,7 @@ class UnusableFile(Exception):
 
 
 def prepare(
-    path: Path, features: dict, modality: str, workdir: Path
+    path: Path, features: dict, modality: str, workdir: Path, start_s: float = 0.0
 ) -> tuple[Image.Image | None, np.ndarray | None]:
     """The middle frame and the fbank of one file, as the extract stage makes them."""
     from dalipipe.data.extract import extract_clip
@@ -46,7 +47,7 @@ def prepare(
     extract_clip(
         path,
         clip_dir,
-        start_s=0.0,
+        start_s=start_s,
         window_s=features.get("window_seconds") or 10.0,
         short_side=features.get("frame_short_side") or 336,
         fbank=fbank_cfg,
@@ -77,9 +78,10 @@ def describe(
     max_new_tokens: int,
     do_sample: bool,
     seed: int,
+    start_s: float = 0.0,
 ) -> str:
     with tempfile.TemporaryDirectory(prefix="dalipipe-caption-") as tmp:
-        frame, fbank = prepare(path, features, modality, Path(tmp))
+        frame, fbank = prepare(path, features, modality, Path(tmp), start_s)
     [caption] = captioner.generate(
         modality=modality,
         pixel_values=captioner.pixel_values([frame]) if frame is not None else None,
@@ -103,13 +105,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sample", action="store_true", help="sample at temperature 0.2 (authors)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=float, default=0.0, help="window start, seconds")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
 
     from dalipipe.models.captioner import AudioCaptioner
 
-    captioner = AudioCaptioner.from_dir(args.model, device=pick_device(args.device))
+    device = pick_device(args.device)
+    try:
+        captioner = AudioCaptioner.from_dir(args.model, device=device, dtype=default_dtype(device))
+    except (OSError, ValueError) as err:
+        print(f"dalipipe caption: error: --model {args.model}: {err}", file=sys.stderr)
+        return 2
     features = captioner.metadata.get("features") or {}
     failures = 0
     for path in args.files:
@@ -123,6 +131,7 @@ def main(argv: list[str]) -> int:
                 max_new_tokens=args.max_new_tokens,
                 do_sample=args.sample,
                 seed=args.seed,
+                start_s=args.start,
             )
         except Exception as err:  # one unreadable file never stops the others
             failures += 1
