@@ -99,7 +99,9 @@ def test_rows_follow_the_pool_and_match_direct_generation(stage_inputs, tmp_path
     assert [rows[0]["caption"], rows[1]["caption"]] == expected
     no_prefix = tmp_path / "no-prefix.jsonl"
     run(stage_inputs, no_prefix, use_prefix=False)
-    assert [r["caption"] for r in read_partial(no_prefix)] != [r["caption"] for r in rows]
+    no_prefix_rows = read_partial(no_prefix)
+    assert [r["caption"] for r in no_prefix_rows] != [r["caption"] for r in rows]
+    assert no_prefix_rows[0]["settings"]["prefix"] is None
 
 
 def test_restart_skips_finished_clips_and_writes_the_same_file(stage_inputs, tmp_path, monkeypatch):

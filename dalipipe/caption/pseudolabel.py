@@ -122,7 +122,11 @@ def pseudolabel(
     }
     if settings["do_sample"]:
         row_settings["temperature"] = settings["temperature"]
-    row_settings.update(seed=seed, encoder=str(encoder_dir), prefix=str(prefix_dir))
+    row_settings.update(
+        seed=seed,
+        encoder=str(encoder_dir) if "audio" in modality else None,
+        prefix=str(prefix_dir) if settings["use_prefix"] else None,
+    )
 
     done = {row["clip_id"] for row in read_partial(partial)}
     if done:
