@@ -222,34 +222,23 @@ def caption_all(captioner, system: System, clips, inputs, settings, seed) -> dic
     return captions
 
 
-def modality_gap(
-    pool: CaptionerPool, systems, clips, inputs, batch_size: int
-) -> dict[str, np.ndarray]:
-    """Mean image token per clip, and mean audio token per clip for each encoder before distillation."""
+def token_means(captioner, clips, inputs, batch_size: int, *, image: bool) -> dict[str, np.ndarray]:
+    """Mean audio token per clip (and mean image token per clip when ``image``), before the
+    projector: the global representations of the paper's modality-gap figure."""
     import torch
 
-    arrays: dict[str, np.ndarray] = {}
-    for system in systems:
-        if system.kind not in ("audio", "untrained"):
-            continue
-        captioner = pool.get(system)
-        means = {"audio": []}
-        if "image" not in arrays:
-            means["image"] = []
-        with torch.no_grad():
-            for i in range(0, len(clips), batch_size):
-                batch = clips[i : i + batch_size]
-                fbank = torch.from_numpy(
-                    np.stack([inputs[c.clip_id][0] for c in batch]).astype(np.float32)
-                )
-                means["audio"].append(captioner.audio_tokens(fbank).float().mean(1).cpu().numpy())
-                if "image" in means:
-                    pv = captioner.pixel_values([inputs[c.clip_id][1] for c in batch])
-                    means["image"].append(captioner.image_tokens(pv).float().mean(1).cpu().numpy())
-        arrays[f"audio/{system.method or 'untrained'}"] = np.concatenate(means["audio"])
-        if "image" in means:
-            arrays["image"] = np.concatenate(means["image"])
-    return arrays
+    means: dict[str, list] = {"audio": [], "image": []}
+    with torch.no_grad():
+        for i in range(0, len(clips), batch_size):
+            batch = clips[i : i + batch_size]
+            fbank = torch.from_numpy(
+                np.stack([inputs[c.clip_id][0] for c in batch]).astype(np.float32)
+            )
+            means["audio"].append(captioner.audio_tokens(fbank).float().mean(1).cpu().numpy())
+            if image:
+                pv = captioner.pixel_values([inputs[c.clip_id][1] for c in batch])
+                means["image"].append(captioner.image_tokens(pv).float().mean(1).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in means.items() if v}
 
 
 def evaluate(
@@ -287,12 +276,21 @@ def evaluate(
     with atomic_path(out, directory=True) as tmp:
         write_json(tmp / "references.json", references)
         all_captions, seconds = {}, {}
+        gap: dict[str, np.ndarray] = {}
         for system in systems:
             t0 = time.time()
+            captioner = pool.get(system)
             all_captions[system.name] = caption_all(
-                pool.get(system), system, clips, inputs, settings, seed
+                captioner, system, clips, inputs, settings, seed
             )
             seconds[system.name] = round(time.time() - t0, 2)
+            if ds.has_video and system.kind in ("audio", "untrained"):
+                # While this encoder is loaded: its tokens for the modality-gap figure.
+                means = token_means(
+                    captioner, clips, inputs, int(settings["batch_size"]), image="image" not in gap
+                )
+                gap[f"audio/{system.method or 'untrained'}"] = means["audio"]
+                gap.setdefault("image", means.get("image"))
         scored = metrics.score_many(
             all_captions,
             references,
@@ -317,8 +315,7 @@ def evaluate(
         world = dataset == "miniature"
         tables.write_csv(tmp / "table.csv", rows, tables.columns(world=world))
         (tmp / "table.md").write_text(tables.markdown(rows, dataset, world=world, notes=all_notes))
-        if ds.has_video:
-            gap = modality_gap(pool, systems, clips, inputs, int(settings["batch_size"]))
+        if gap:
             np.savez(tmp / "gap.npz", clip_ids=np.array([c.clip_id for c in clips]), **gap)
         with open(tmp / "failed.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["clip_id", "reason"])
