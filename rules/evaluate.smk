@@ -84,6 +84,7 @@ rule report_figures:
         ),
         **EVAL_FIGURES,
     params:
+        p=stage_params("evaluate", "extract"),
         curves=lambda wc, input: " ".join(f"{d}/curve.csv" for d in input.curves),
         examples=EVAL.get("examples", 6),
         shards=f"--shards {RUN}/shards/test" if "miniature" in EVAL_DATASETS else "",
@@ -96,7 +97,7 @@ rule report_figures:
         mem_mb=4000,
         runtime=30,
     shell:
-        "dalipipe report --evaluate {input.evaluate:q} --curves {params.curves}"
+        "dalipipe report --params {params.p:q} --evaluate {input.evaluate:q} --curves {params.curves}"
         " --examples {params.examples} {params.shards} {params.manifest}"
         " --out {params.out:q} --table-csv {output.table:q} --table-md {output.table_md:q}"
         " > {log} 2>&1"

@@ -277,9 +277,19 @@ def test_evaluate_writes_every_system_and_a_table(run_dir):
     assert set(gap.files) == {"clip_ids", "image", "audio/untrained", "audio/mmd", "audio/ot"}
     assert not np.allclose(gap["audio/mmd"], gap["audio/ot"])
 
-    # Greedy and seeded: a second run writes the same captions.
+    # Greedy and seeded: a second run, through the command line, writes the same captions.
     again = run_dir / "evaluate" / "again"
-    _evaluate(run_dir, again, systems=["untrained", "audio"])
+    settings = {"max_new_tokens": 6, "batch_size": 4, "systems": ["untrained", "audio"]}
+    argv = ["--params", json.dumps({"seed": 0, "device": "cpu", "evaluate": settings})]
+    argv += ["--dataset", "miniature", "--shards", str(run_dir / "shards" / "test")]
+    argv += ["--captioner", str(run_dir / "models" / "llava"), "--prefix", str(run_dir / "prefix")]
+    argv += ["--align", str(run_dir / "align" / "mmd"), str(run_dir / "align" / "ot"), "--distill"]
+    assert run.main([*argv, "--out", str(again)]) == 0
+    assert json.loads((again / "summary.json").read_text())["systems"] == [
+        "untrained",
+        "mmd_audio",
+        "ot_audio",
+    ]
     for name in ("untrained", "mmd_audio"):
         first = json.loads((out / f"{name}.json").read_text())["captions"]
         second = json.loads((again / f"{name}.json").read_text())["captions"]

@@ -248,3 +248,29 @@ def test_snakemake_report_renders_in_headless_chromium(tmp_path):
     page = chromium("--dump-dom", results.as_uri(), profile=profile)
     assert "<table>" in page and "DALI-MMD" in page and "0.2100" in page
     assert (ARTIFACTS / "snakemake-report.png").stat().st_size > 5_000
+
+
+@pytest.mark.skipif(not SHARED_WAV.is_file(), reason="shared real data not present")
+def test_examples_of_an_audio_only_set_play_the_configured_media(tmp_path):
+    csv_file = tmp_path / "clotho.csv"
+    csv_file.write_text(
+        "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
+        "Violin take.wav,a violin plays,strings,a bow on strings,music,a fiddle tune\n"
+    )
+    media = tmp_path / "audio"
+    media.mkdir()
+    shutil.copyfile(SHARED_WAV, media / "Violin take.wav")
+    out = tmp_path / "evaluate" / "clotho"
+    out.mkdir(parents=True)
+    (out / "references.json").write_text(json.dumps({"Violin_take": ["a violin plays"]}))
+    (out / "summary.json").write_text(json.dumps({"dataset": "clotho", "systems": ["mmd_audio"]}))
+    (out / "mmd_audio.json").write_text(json.dumps({"captions": {"Violin_take": "a bird chirps"}}))
+    params = {
+        "evaluate": {"datasets": {"clotho": {"csv": str(csv_file), "media": str(media)}}},
+        "extract": {"fbank": {"num_mel_bins": 64, "target_length": 256}},
+    }
+    page = report.examples_page(out, 3, {}, None, params)
+    assert page.count("<div class='clip'>") == 1 and "(no frame)" in page
+    assert "src='data:audio/wav;base64," in page and "a bird chirps" in page
+    # Without the dataset's configuration the page still renders, without media.
+    assert "(no audio)" in report.examples_page(out, 3, {}, None, {})

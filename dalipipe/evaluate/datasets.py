@@ -51,6 +51,9 @@ class EvalClip:
     meta: dict
     # () -> (fbank float32 (frames, mel), PIL image or None); raises on unreadable media
     load: Callable[[], tuple[np.ndarray, object | None]]
+    media: Path | None = (
+        None  # a file with the clip's sound, where there is one (the report plays it)
+    )
 
 
 @dataclass
@@ -216,12 +219,16 @@ def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: 
 
 
 def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
+    """(loader, sound file or None) for the first key found, or (None, None)."""
     for key in keys:
         if key in extracted:
-            return lambda f=extracted[key]: _load_extracted(f, frame, with_frame)
+            wav = extracted[key] / "audio.wav"
+            loader = lambda f=extracted[key]: _load_extracted(f, frame, with_frame)  # noqa: E731
+            return loader, wav if wav.is_file() else None
         if key in files:
-            return lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame)
-    return None
+            loader = lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame)  # noqa: E731
+            return loader, files[key]
+    return None, None
 
 
 # ----------------------------------------------------------------------------- AudioCaps, Clotho
@@ -288,11 +295,11 @@ def _media_set(
     extracted, files = index_media(media_dir)
     for clip_id, clip_refs in refs.items():
         keys = [clip_id] + [Path(str(meta[clip_id][k])).stem for k in key_fields]
-        loader = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video)
+        loader, sound = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video)
         if loader is None:
             ds.failed.append({"clip_id": clip_id, "reason": f"{media_dir}: no media for {clip_id}"})
             continue
-        ds.clips.append(EvalClip(clip_id, clip_refs, meta[clip_id], loader))
+        ds.clips.append(EvalClip(clip_id, clip_refs, meta[clip_id], loader, sound))
     log.info("%s: %d clips with media, %d without", name, len(ds.clips), len(ds.failed))
     return ds
 

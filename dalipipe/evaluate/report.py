@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dalipipe.common import atomic_path, setup_logging
+from dalipipe.common import atomic_path, parse_params, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -150,26 +150,46 @@ def _example_media(clip, media: dict[str, Path], max_seconds: float = 10.0):
     return frame_uri, audio_uri
 
 
+def example_clips(evaluate_dir: Path, ids: list[str], params: dict, shards: Path | None) -> dict:
+    """The evaluated clips ``ids`` with their loaders: from the test shards for the miniature,
+    else from the dataset as configured (``evaluate.datasets.<name>``)."""
+    from dalipipe.evaluate.datasets import load_dataset, miniature_set
+
+    dataset = json.loads((evaluate_dir / "summary.json").read_text())["dataset"]
+    settings = params.get("evaluate") or {}
+    try:
+        if dataset == "miniature":
+            clips = miniature_set(shards).clips if shards and Path(shards).is_dir() else []
+        else:
+            cfg = (settings.get("datasets") or {}).get(dataset)
+            fbank_cfg = (params.get("extract") or {}).get("fbank") or {}
+            clips = load_dataset(dataset, cfg, fbank_cfg).clips if cfg else []
+    except (OSError, ValueError) as err:  # examples are a courtesy; the tables stand alone
+        log.warning("examples of %s: cannot open the clips (%s)", dataset, err)
+        clips = []
+    return {c.clip_id: c for c in clips if c.clip_id in ids}
+
+
 def examples_page(
-    evaluate_dir: Path, n_examples: int, media: dict[str, Path], shards: Path | None
+    evaluate_dir: Path,
+    n_examples: int,
+    media: dict[str, Path],
+    shards: Path | None,
+    params: dict | None = None,
 ) -> str:
     """Frame, audio, references and every system's caption for the first ``n_examples`` clips."""
-    from dalipipe.evaluate.datasets import miniature_set
-
     references = json.loads((evaluate_dir / "references.json").read_text())
     systems = json.loads((evaluate_dir / "summary.json").read_text())["systems"]
     captions = {
         s: json.loads((evaluate_dir / f"{s}.json").read_text())["captions"] for s in systems
     }
     ids = sorted(references)[:n_examples]
-    loaded = {}
-    if shards is not None and Path(shards).is_dir():
-        loaded = {c.clip_id: c for c in miniature_set(shards).clips if c.clip_id in ids}
+    loaded = example_clips(evaluate_dir, ids, params or {}, shards)
     blocks = []
     for clip_id in ids:
-        frame_uri, audio_uri = (
-            _example_media(loaded[clip_id], media) if clip_id in loaded else (None, None)
-        )
+        clip = loaded.get(clip_id)
+        sounds = {clip_id: clip.media} if clip is not None and clip.media else media
+        frame_uri, audio_uri = _example_media(clip, sounds) if clip else (None, None)
         if audio_uri is None and clip_id in media:
             audio_uri = _example_media_audio_only(media[clip_id])
         left = (
@@ -314,6 +334,7 @@ def build_report(
     acquire_manifest: Path | None = None,
     shards: Path | None = None,
     n_examples: int = 6,
+    params: dict | None = None,
 ) -> list[Path]:
     if not evaluate_dirs:
         raise ValueError("report: no --evaluate folder given")
@@ -324,7 +345,9 @@ def build_report(
     written.append(out / "results.html")
     media = clip_media(acquire_manifest)
     with atomic_path(out / "examples.html") as tmp:
-        tmp.write_text(examples_page(evaluate_dirs[0], n_examples, media, shards), encoding="utf-8")
+        tmp.write_text(
+            examples_page(evaluate_dirs[0], n_examples, media, shards, params), encoding="utf-8"
+        )
     written.append(out / "examples.html")
     present = [Path(c) for c in curves if Path(c).is_file()]
     for missing in set(map(Path, curves)) - set(present):
@@ -352,6 +375,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--histogram", help="the filter stage's histogram.png")
     parser.add_argument("--acquire", help="acquire manifest.csv (audio for the examples)")
     parser.add_argument("--shards", help="test shards (frames for the examples)")
+    parser.add_argument(
+        "--params", default="{}", help="JSON (or @file): evaluate and extract sections (examples)"
+    )
     parser.add_argument("--examples", type=int, default=6, help="how many example clips")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--table-csv", help="also write the run's table.csv (all sets) here")
@@ -371,6 +397,7 @@ def main(argv: list[str]) -> int:
         acquire_manifest=Path(args.acquire) if args.acquire else None,
         shards=Path(args.shards) if args.shards else None,
         n_examples=args.examples,
+        params=parse_params(args.params),
     )
     for path in written:
         log.info("wrote %s", path)
