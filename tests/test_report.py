@@ -211,6 +211,20 @@ def test_snakemake_report_renders_in_headless_chromium(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "report" / "modality_gap.png").is_file()
+    # The evaluate rule's command as Snakemake would run it: every input named, lists expanded.
+    dry = subprocess.run(
+        [*snakemake, *target, "--forcerun", "evaluate", "-n", "-p"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert (
+        "--dataset miniature --shards results/miniature/shards/test --captioner results/miniature/models/llava"
+        " --prefix results/miniature/prefix --align results/miniature/align/mmd --distill  --out"
+        " results/miniature/evaluate/miniature" in dry.stdout
+    )
     built = subprocess.run(
         [*snakemake, "results/miniature/table.csv", "--report", "report.html"],
         cwd=tmp_path,
