@@ -159,7 +159,7 @@ def test_ot_summary_records_the_solver(world, tmp_path):
 @pytest.mark.slow
 def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
     reference = tmp_path / "uninterrupted"
-    run_align(world, "ot_att", reference)
+    run_align(world, "ot_att", reference, cache_image_tokens=True)
 
     out = tmp_path / "interrupted"
     r = world["root"]
@@ -169,7 +169,7 @@ def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
         "dalipipe.cli",
         "align",
         "--params",
-        json.dumps(params_for()),
+        json.dumps(params_for(cache_image_tokens=True)),
         "--method",
         "ot_att",
         "--shards",
@@ -195,7 +195,7 @@ def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
     steps = [v for k, v in saved["__dict__"][0][1]["__dict__"] if k == "step"]
     assert 0 < steps[0] < 18
 
-    run_align(world, "ot_att", out)  # resumes from the checkpoint
+    run_align(world, "ot_att", out, cache_image_tokens=True)  # resumes from the checkpoint
     expected = load_file(reference / "audio_encoder.safetensors")
     got = load_file(out / "audio_encoder.safetensors")
     assert expected.keys() == got.keys()

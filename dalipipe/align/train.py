@@ -58,6 +58,7 @@ DEFAULTS = {
     "time_shift": True,
     "precision": "fp32",  # fp32 | bf16 (autocast)
     "checkpoint_every": 500,
+    "cache_image_tokens": False,  # keep each (clip, frame)'s tokens in memory, float16 (miniature)
     "ot": {"solver": "exact", "eps": 0.05, "iters": 50, "workers": 0, "pool": "thread"},
     "attentive": {
         "heads": 8,
@@ -113,11 +114,15 @@ def augment(
     return fbank
 
 
-def pick_frames(samples: list[dict], frame, gen: torch.Generator | None) -> list[np.ndarray]:
-    """One frame per clip: drawn at random, or the one fixed frame the reader decoded."""
+def pick_frames(samples: list[dict], frame, gen: torch.Generator | None) -> list[int]:
+    """Which frame of each clip: drawn at random, or the fixed index (the reader decoded only it)."""
     if frame != "random":
-        return [sample["frames"][0] for sample in samples]
-    return [s["frames"][int(torch.randint(len(s["frames"]), (1,), generator=gen))] for s in samples]
+        return [int(frame)] * len(samples)
+    return [int(torch.randint(len(s["frames"]), (1,), generator=gen)) for s in samples]
+
+
+def frame_of(sample: dict, index: int, frame) -> np.ndarray:
+    return sample["frames"][0 if frame != "random" else index]
 
 
 def batched(reader, batch_size: int):
@@ -210,6 +215,7 @@ class Run:
                 default=str,
             ).encode()
         ).hexdigest()[:16]
+        self.token_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.progress = {
             "epoch": 1,
             "batch": 0,
@@ -248,6 +254,23 @@ class Run:
         with self.autocast():
             pixels = self.captioner.pixel_values(frames).to(self.device)
             return self.captioner.image_tokens(pixels).float()
+
+    def target_tokens(self, samples: list[dict], frame, gen) -> torch.Tensor:
+        """The frozen tower's tokens for one frame per clip, from the cache where enabled.
+
+        Cached tokens are stored in float16 and always used rounded that way, so a resumed run
+        (whose cache starts empty) sees exactly the values an uninterrupted one does.
+        """
+        indices = pick_frames(samples, frame, gen)
+        keys = [(x["clip_id"], i) for x, i in zip(samples, indices)]
+        if not self.settings["cache_image_tokens"]:
+            return self.image_tokens([frame_of(x, i, frame) for x, i in zip(samples, indices)])
+        missing = [n for n, key in enumerate(keys) if key not in self.token_cache]
+        if missing:
+            fresh = self.image_tokens([frame_of(samples[n], indices[n], frame) for n in missing])
+            for n, tokens in zip(missing, fresh.half().cpu()):
+                self.token_cache[keys[n]] = tokens
+        return torch.stack([self.token_cache[key] for key in keys]).to(self.device).float()
 
     def entropy_lambda(self, epoch: int) -> float | None:
         if self.method != "ot_att":
@@ -326,7 +349,7 @@ class Run:
     def train_step(self, samples: list[dict], epoch: int) -> dict[str, float]:
         s, p = self.settings, self.progress
         gen = step_generator(self.seed, epoch, p["batch"], self.rank)
-        image = self.image_tokens(pick_frames(samples, s["frame"], gen))
+        image = self.target_tokens(samples, s["frame"], gen)
         fbank = torch.from_numpy(np.stack([x["fbank"] for x in samples]).astype(np.float32))
         fbank = augment(fbank, gen, s["noise"], s["time_shift"]).to(self.device)
         self.encoder.train()
@@ -367,7 +390,7 @@ class Run:
         total = torch.zeros(2, device=self.device)
         stream = batched(usable(reader, str(self.val_shards)), s["batch_size"])
         for samples in itertools.islice(stream, s["val_max_batches"]):
-            image = self.image_tokens(pick_frames(samples, s["val_frame"], None))
+            image = self.target_tokens(samples, s["val_frame"], None)
             fbank = torch.from_numpy(np.stack([x["fbank"] for x in samples]).astype(np.float32))
             with self.autocast():
                 audio = self.encoder(fbank.to(self.device))
