@@ -198,3 +198,10 @@ def test_spider_is_the_mean_of_cider_d_and_spice_and_a_spice_failure_is_reported
     bad, bad_clips, bad_notes = results["bad"]
     assert bad["spider"] is None and bad_clips["a"]["spice"] is None
     assert bad_notes["spice"] == "not computed: SPICE failed (cannot write cache)"
+
+
+def test_score_command_names_the_bad_file_and_exits_2(tmp_path, capsys):
+    refs = tmp_path / "refs.json"
+    refs.write_text('{"a": ["x"]}')
+    rc = metrics.main(["--predictions", str(tmp_path / "absent.json"), "--references", str(refs)])
+    assert rc == 2 and "absent.json: file not found" in capsys.readouterr().err

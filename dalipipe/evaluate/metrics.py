@@ -235,11 +235,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-spice", action="store_true", help="skip SPICE even if available")
     args = parser.parse_args(argv)
     setup_logging()
-    predictions = load_predictions(args.predictions)
-    references = load_references(args.references)
-    corpus, per_clip, notes = score_captions(
-        predictions, references, spice=not args.no_spice, embedding=args.embedding
-    )
+    try:
+        predictions = load_predictions(args.predictions)
+        references = load_references(args.references)
+        corpus, per_clip, notes = score_captions(
+            predictions, references, spice=not args.no_spice, embedding=args.embedding
+        )
+    except (OSError, ValueError) as err:
+        log.error("%s", err)
+        return 2
     print(format_scores(corpus, notes))
     if args.out:
         write_json(args.out, {"scores": corpus, "notes": notes, "n_clips": len(predictions)})
