@@ -58,7 +58,7 @@ DEFAULTS = {
     "time_shift": True,
     "precision": "fp32",  # fp32 | bf16 (autocast)
     "checkpoint_every": 500,
-    "cache_image_tokens": False,  # keep each (clip, frame)'s tokens in memory, float16 (miniature)
+    "image_token_cache_gb": 0.0,  # RAM for the frozen tokens of seen (clip, frame)s; 0: none
     "ot": {"solver": "exact", "eps": 0.05, "iters": 50, "workers": 0, "pool": "thread"},
     "attentive": {
         "heads": 8,
@@ -216,6 +216,7 @@ class Run:
             ).encode()
         ).hexdigest()[:16]
         self.token_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.token_cache_bytes = 0
         self.progress = {
             "epoch": 1,
             "batch": 0,
@@ -258,19 +259,26 @@ class Run:
     def target_tokens(self, samples: list[dict], frame, gen) -> torch.Tensor:
         """The frozen tower's tokens for one frame per clip, from the cache where enabled.
 
-        Cached tokens are stored in float16 and always used rounded that way, so a resumed run
-        (whose cache starts empty) sees exactly the values an uninterrupted one does.
+        Cached tokens are float16, and with a cache every token is used rounded that way, cached
+        or not, so a resumed run (whose cache starts empty) sees exactly the values an
+        uninterrupted one does. The cache stops growing at ``image_token_cache_gb``.
         """
         indices = pick_frames(samples, frame, gen)
-        keys = [(x["clip_id"], i) for x, i in zip(samples, indices)]
-        if not self.settings["cache_image_tokens"]:
+        budget = self.settings["image_token_cache_gb"] * 2**30
+        if budget <= 0:
             return self.image_tokens([frame_of(x, i, frame) for x, i in zip(samples, indices)])
+        keys = [(x["clip_id"], i) for x, i in zip(samples, indices)]
         missing = [n for n, key in enumerate(keys) if key not in self.token_cache]
+        tokens = {}
         if missing:
             fresh = self.image_tokens([frame_of(samples[n], indices[n], frame) for n in missing])
-            for n, tokens in zip(missing, fresh.half().cpu()):
-                self.token_cache[keys[n]] = tokens
-        return torch.stack([self.token_cache[key] for key in keys]).to(self.device).float()
+            for n, values in zip(missing, fresh.half().cpu()):
+                tokens[keys[n]] = values
+                if self.token_cache_bytes + values.nbytes <= budget:
+                    self.token_cache[keys[n]] = values
+                    self.token_cache_bytes += values.nbytes
+        stacked = [tokens[key] if key in tokens else self.token_cache[key] for key in keys]
+        return torch.stack(stacked).to(self.device).float()
 
     def entropy_lambda(self, epoch: int) -> float | None:
         if self.method != "ot_att":
