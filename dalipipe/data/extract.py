@@ -4,11 +4,13 @@
         --params '{"extract": {"window_seconds": 10, "frame_short_side": 64, "fbank": {...}}}'
     dalipipe extract my_videos/ --out /tmp/extracted      # a folder or CSV works too
 
-One ffmpeg process per clip reads the window [start_s, start_s + window_seconds) once and
-writes both the frames (the first frame of each second, short side `frame_short_side`, JPEG)
-and the audio (first channel, resampled to 16 kHz with the SoX resampler) to a pipe; Python
-writes the WAV and computes `fbank.npy` with `dalipipe.data.fbank`. The stream summary ffmpeg
-prints on the way is parsed for the manifest, so no separate probe runs for a normal clip.
+ffmpeg reads each clip's window [start_s, start_s + window_seconds) once and writes both the
+frames (the first frame of each second, short side `frame_short_side`, JPEG) and the audio
+(first channel, resampled to 16 kHz with the SoX resampler, trimmed sample-exactly); Python
+checks the audio, writes the WAV and computes `fbank.npy` with `dalipipe.data.fbank`. Eight
+clips share one ffmpeg process, whose start-up costs as much as decoding a miniature clip; if
+that process fails, its clips are extracted one by one so that a broken file fails alone.
+The stream summary ffmpeg prints is parsed for the manifest, so no separate probe runs.
 
 Output: OUT/<clip_id>/frame_<kk>.jpg, audio.wav, fbank.npy (float16) and OUT/manifest.csv:
 `clip_id,status,reason,n_frames,duration_s,sample_rate,channels,width,height`, where
