@@ -25,7 +25,7 @@ def align_launcher(wildcards, resources):
     gpus = getattr(resources, "gpu", None) or getattr(resources, "gres", None) or 0
     count = int(re.findall(r"\d+", str(gpus))[-1]) if re.search(r"\d", str(gpus)) else 0
     if count > 1:
-        return f"accelerate launch --num_processes {count} -m dalipipe.cli"
+        return f"accelerate launch --multi_gpu --num_processes {count} -m dalipipe.cli"
     return "dalipipe"
 
 

@@ -348,6 +348,15 @@ class Run:
                 return
             yield batch
 
+    def epoch_means(self) -> dict[str, float]:
+        """The epoch's mean training losses, averaged over the processes too."""
+        p = self.progress
+        means = {k: v / max(p["count"], 1) for k, v in sorted(p["sums"].items())}
+        if self.world > 1 and means:
+            values = torch.tensor(list(means.values()), device=self.device, dtype=torch.float64)
+            means = dict(zip(means, self.accelerator.reduce(values, reduction="mean").tolist()))
+        return means
+
     def _reduce_grads(self, params) -> None:
         if self.world > 1:
             for p in params:
@@ -463,7 +472,7 @@ class Run:
                 "lr": self.scheduler.get_last_lr()[0],
                 "entropy_lambda": lam,
                 "val_loss": val,
-                **{f"train_{k}": v / max(p["count"], 1) for k, v in p["sums"].items()},
+                **{f"train_{k}": v for k, v in self.epoch_means().items()},
             }
             log.info("epoch %d: %s", epoch, json.dumps(row))
             p["curve"].append(row)
