@@ -144,13 +144,21 @@ def open_reader(shards, *, shuffle: bool, seed: int, rank: int, world_size: int,
     )
 
 
-def usable(samples, where: str):
-    """Clips without the wanted frame are logged and skipped, never fatal."""
+def usable(samples, where: str, fbank_shape: tuple[int, int] | None = None):
+    """Clips without the wanted frame, or with a filterbank of another shape or with non-finite
+    values, are logged and skipped, never fatal."""
     for sample in samples:
-        if sample["frames"]:
-            yield sample
+        fbank = sample["fbank"]
+        if not sample["frames"]:
+            reason = "no usable frame"
+        elif fbank_shape is not None and tuple(fbank.shape) != tuple(fbank_shape):
+            reason = f"fbank shape {tuple(fbank.shape)}, expected {tuple(fbank_shape)}"
+        elif not np.isfinite(fbank).all():
+            reason = "non-finite fbank values"
         else:
-            log.warning("%s: clip %s has no usable frame, skipped", where, sample["clip_id"])
+            yield sample
+            continue
+        log.warning("%s: clip %s skipped: %s", where, sample["clip_id"], reason)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -178,7 +186,10 @@ class Run:
             )
 
         seed_everything(self.seed)
-        self.captioner = AudioCaptioner.from_base(str(captioner_path)).to(self.device)
+        # Only the vision tower is used; bf16 weights halve its memory at paper scale.
+        dtype = torch.bfloat16 if s["precision"] == "bf16" else torch.float32
+        self.captioner = AudioCaptioner.from_base(str(captioner_path), dtype=dtype)
+        self.captioner.to(self.device)
         self.captioner.eval().requires_grad_(False)
         probe = next(
             usable(
@@ -188,6 +199,7 @@ class Run:
         )
         width = self.image_tokens([probe["frames"][0]]).shape[-1]
         self.encoder = self._build_encoder(params.get("models") or {}, probe["fbank"].shape, width)
+        self.fbank_shape = (self.encoder.config.target_length, self.encoder.config.num_mel_bins)
         self.solver = self.scorer = None
         if method in ("ot", "ot_att"):
             ot = s["ot"]
@@ -405,7 +417,7 @@ class Run:
         )
         self.encoder.eval()
         total = torch.zeros(2, device=self.device)
-        stream = batched(usable(reader, str(self.val_shards)), s["batch_size"])
+        stream = batched(usable(reader, str(self.val_shards), self.fbank_shape), s["batch_size"])
         for samples in itertools.islice(stream, s["val_max_batches"]):
             image = self.target_tokens(samples, s["val_frame"], None)
             fbank = torch.from_numpy(np.stack([x["fbank"] for x in samples]).astype(np.float32))
@@ -441,7 +453,8 @@ class Run:
                 frame=s["frame"],
             )
             reader.set_epoch(epoch)
-            stream = self.in_step(batched(usable(reader, str(self.shards)), s["batch_size"]))
+            clips = usable(reader, str(self.shards), self.fbank_shape)
+            stream = self.in_step(batched(clips, s["batch_size"]))
             batches = itertools.islice(stream, p["batch"], s["max_steps_per_epoch"])
             lam = self.entropy_lambda(epoch)
             bar = tqdm(
@@ -472,6 +485,7 @@ class Run:
                 "lr": self.scheduler.get_last_lr()[0],
                 "entropy_lambda": lam,
                 "val_loss": val,
+                "seconds": round(time.time() - began, 2),
                 **{f"train_{k}": v for k, v in self.epoch_means().items()},
             }
             log.info("epoch %d: %s", epoch, json.dumps(row))
