@@ -560,14 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     setup_logging()
-    summary = align(
-        parse_params(args.params),
-        args.method,
-        args.shards,
-        args.val_shards,
-        args.captioner,
-        args.out,
-    )
+    try:
+        params = parse_params(args.params)
+        summary = align(params, args.method, args.shards, args.val_shards, args.captioner, args.out)
+    except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
+        log.error("align %s: %s", args.method, err)
+        return 1
     log.info(
         "align %s done: %s",
         args.method,
