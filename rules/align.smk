@@ -50,4 +50,4 @@ rule align:
     shell:
         "{params.launch} align --params {params.p:q} --method {wildcards.method}"
         " --shards {input.shards:q} --val-shards {input.val:q}"
-        " --captioner {params.captioner:q} --out {output:q} > {log} 2>&1"
+        " --captioner {params.captioner:q} --out {output:q} --threads {threads} > {log} 2>&1"

@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ DEFAULTS = {
     "time_shift": True,
     "precision": "fp32",  # fp32 | bf16 (autocast)
     "checkpoint_every": 500,
+    "loader_workers": 0,  # processes decoding training clips ahead of the steps
     "image_token_cache_gb": 0.0,  # RAM for the frozen tokens of seen (clip, frame)s; 0: none
     "ot": {"solver": "exact", "eps": 0.05, "iters": 50, "workers": 0, "pool": "thread"},
     "attentive": {
@@ -123,6 +125,23 @@ def pick_frames(samples: list[dict], frame, gen: torch.Generator | None) -> list
 
 def frame_of(sample: dict, index: int, frame) -> np.ndarray:
     return sample["frames"][0 if frame != "random" else index]
+
+
+def _as_is(sample):
+    return sample
+
+
+def in_workers(reader, workers: int):
+    """Decode clips in ``workers`` background processes (0: in this one).
+
+    The DataLoader takes samples from its workers in a fixed round-robin order, so the stream
+    is the same on every run with the same number of workers, and a resume stays exact.
+    """
+    if workers <= 0:
+        return reader
+    return torch.utils.data.DataLoader(
+        reader, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=64
+    )
 
 
 def batched(reader, batch_size: int):
@@ -453,7 +472,9 @@ class Run:
                 frame=s["frame"],
             )
             reader.set_epoch(epoch)
-            clips = usable(reader, str(self.shards), self.fbank_shape)
+            clips = usable(
+                in_workers(reader, s["loader_workers"]), str(self.shards), self.fbank_shape
+            )
             stream = self.in_step(batched(clips, s["batch_size"]))
             batches = itertools.islice(stream, p["batch"], s["max_steps_per_epoch"])
             lam = self.entropy_lambda(epoch)
@@ -558,8 +579,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-shards", required=True, help="validation shards directory")
     parser.add_argument("--captioner", required=True, help="LLaVA-class captioner directory")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of the job, shared by its processes (torch)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
+    if args.threads:
+        # Oversubscribed OpenMP threads are several times slower than fewer, on a busy machine.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, args.threads // world))
     try:
         params = parse_params(args.params)
         summary = align(params, args.method, args.shards, args.val_shards, args.captioner, args.out)
