@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dalipipe.align.train import align, augment, method_settings, step_generator
+from dalipipe.align.train import align, augment, batched, method_settings, step_generator
 
 ENCODER = dict(
     num_mel_bins=32, target_length=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=32
@@ -112,6 +112,12 @@ def test_settings_merge_defaults_config_and_per_method():
         method_settings({"epoch": 3}, "ot")
     with pytest.raises(ValueError, match="--method: unknown 'emd'"):
         method_settings({}, "emd")
+
+
+def test_training_drops_the_last_partial_batch_validation_keeps_it():
+    assert list(batched(range(10), 4)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(batched(range(10), 4, drop_last=False))[-1] == [8, 9]
+    assert list(batched(range(3), 4, drop_last=False)) == [[0, 1, 2]]
 
 
 def test_augment_is_a_per_clip_roll_plus_bounded_noise():

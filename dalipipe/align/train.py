@@ -144,11 +144,11 @@ def in_workers(reader, workers: int):
     )
 
 
-def batched(reader, batch_size: int):
-    """Full batches only (drop_last, as the authors)."""
+def batched(reader, batch_size: int, drop_last: bool = True):
+    """Batches of ``batch_size`` clips; training drops the last partial one, as the authors."""
     iterator = iter(reader)
     while batch := list(itertools.islice(iterator, batch_size)):
-        if len(batch) < batch_size:
+        if len(batch) < batch_size and drop_last:
             return
         yield batch
 
@@ -424,7 +424,7 @@ class Run:
         return {"loss": out.loss.item(), **out.logged}
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> float | None:
         s = self.settings
         reader = open_reader(
             self.val_shards,
@@ -436,7 +436,8 @@ class Run:
         )
         self.encoder.eval()
         total = torch.zeros(2, device=self.device)
-        stream = batched(usable(reader, str(self.val_shards), self.fbank_shape), s["batch_size"])
+        clips = usable(reader, str(self.val_shards), self.fbank_shape)
+        stream = batched(clips, s["batch_size"], drop_last=False)
         for samples in itertools.islice(stream, s["val_max_batches"]):
             image = self.target_tokens(samples, s["val_frame"], None)
             fbank = torch.from_numpy(np.stack([x["fbank"] for x in samples]).astype(np.float32))
@@ -447,12 +448,8 @@ class Run:
         if self.world > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         if total[1] == 0:
-            log.warning(
-                "validation: %s holds fewer clips than one batch (%d)",
-                self.val_shards,
-                s["batch_size"],
-            )
-            return float("nan")
+            log.warning("validation: no usable clip in %s", self.val_shards)
+            return None
         return float(total[0] / total[1])
 
     def train(self) -> dict:
