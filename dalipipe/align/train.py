@@ -91,6 +91,10 @@ def method_settings(align: dict | None, method: str) -> dict:
     return merged
 
 
+# Settings that may change between a run and its resumption without discarding the checkpoint.
+RESUMABLE_CHANGES = ("methods", "checkpoint_every")
+
+
 # --- data --------------------------------------------------------------------------------------
 
 
@@ -163,6 +167,10 @@ def open_reader(shards, *, shuffle: bool, seed: int, rank: int, world_size: int,
     )
 
 
+MAX_SKIP_WARNINGS = 20
+_skipped: dict[str, int] = {}
+
+
 def usable(samples, where: str, fbank_shape: tuple[int, int] | None = None):
     """Clips without the wanted frame, or with a filterbank of another shape or with non-finite
     values, are logged and skipped, never fatal."""
@@ -177,7 +185,15 @@ def usable(samples, where: str, fbank_shape: tuple[int, int] | None = None):
         else:
             yield sample
             continue
-        log.warning("%s: clip %s skipped: %s", where, sample["clip_id"], reason)
+        _skipped[where] = _skipped.get(where, 0) + 1
+        if _skipped[where] <= MAX_SKIP_WARNINGS:
+            log.warning(
+                "%s: clip %s skipped: %s%s",
+                where,
+                sample["clip_id"],
+                reason,
+                " (further skips not logged)" if _skipped[where] == MAX_SKIP_WARNINGS else "",
+            )
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -210,12 +226,11 @@ class Run:
         self.captioner = AudioCaptioner.from_base(str(captioner_path), dtype=dtype)
         self.captioner.to(self.device)
         self.captioner.eval().requires_grad_(False)
-        probe = next(
-            usable(
-                open_reader(val_shards, shuffle=False, seed=self.seed, rank=0, world_size=1),
-                str(val_shards),
-            )
-        )
+        # The first usable training clip sizes the encoder (the test split may lack frames).
+        first = open_reader(shards, shuffle=False, seed=self.seed, rank=0, world_size=1)
+        probe = next(usable(first, str(shards)), None)
+        if probe is None:
+            raise ValueError(f"{shards}: no usable clip (frames and a finite fbank) to train on")
         width = self.image_tokens([probe["frames"][0]]).shape[-1]
         self.encoder = self._build_encoder(params.get("models") or {}, probe["fbank"].shape, width)
         self.fbank_shape = (self.encoder.config.target_length, self.encoder.config.num_mel_bins)
@@ -241,7 +256,13 @@ class Run:
         self.checkpoint = _checkpoint(self.out)
         self.fingerprint = hashlib.sha256(
             json.dumps(
-                [method, s, params.get("models"), self.seed, str(captioner_path)],
+                [
+                    method,
+                    {k: v for k, v in s.items() if k not in RESUMABLE_CHANGES},
+                    params.get("models"),
+                    self.seed,
+                    str(captioner_path),
+                ],
                 sort_keys=True,
                 default=str,
             ).encode()
