@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dalipipe.data import synthetic, world
@@ -164,3 +165,36 @@ def test_two_templates_are_both_trained(tmp_path):
     answer = [t for t, lab in zip(ids, labels) if lab != -100]
     assert tok.decode(answer) == " a photo of a red bell</s>"
     assert "curious user" in tok.decode(ids)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import dalipipe.training as training
+
+    shards = write_world_shards(tmp_path / "shards", 40, n_classes=2)
+    settings = {**TINY, "epochs": 3, "holdout": 4, "batch_size": 8}
+    bootstrap(settings, shards, tmp_path / "straight", seed=0, device="cpu")
+
+    calls = {"n": 0}
+
+    def stop_mid_epoch():  # asked once per step: SIGTERM arrives during step 3 of 4
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    monkeypatch.setattr(training, "sigterm_requested", stop_mid_epoch)
+    with pytest.raises(SystemExit):
+        bootstrap(settings, shards, tmp_path / "resumed", seed=0, device="cpu")
+    assert (tmp_path / "resumed.ckpt").is_dir() and not (tmp_path / "resumed").exists()
+    steps_after_resume = []
+    monkeypatch.setattr(
+        training, "sigterm_requested", lambda: steps_after_resume.append(1) and False
+    )
+    summary = bootstrap(settings, shards, tmp_path / "resumed", seed=0, device="cpu")
+    # 12 steps in all; the rerun does only the 9 left (+ one check per epoch it finishes)
+    assert summary["steps"] == 12 and len(steps_after_resume) == 9 + 3
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
