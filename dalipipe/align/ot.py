@@ -6,9 +6,10 @@
 
 Two solvers give the same kind of answer, a transport plan and centred dual potentials per clip:
 - ``exact``: POT's network simplex (``ot.emd``) in float64 on the CPU, as the authors do; the clips
-  of a batch can be solved in a thread or process pool. POT's solver releases the GIL: threads
-  gave 1.6x on 2 cores at 512x576 (bench/align.py), while processes were slower than serial
-  there, since each clip's 2.4 MB cost matrix is pickled to the worker.
+  of a batch can be solved in a thread or process pool. POT's compiled solver releases the GIL
+  (its extension calls PyEval_SaveThread): threads gave up to 1.6x on 2 busy cores at 512x576
+  (bench/align.py), while processes were slower than serial there, since each clip's 2.4 MB
+  cost matrix is pickled to the worker.
 - ``sinkhorn``: a batched log-domain Sinkhorn on the tensors' own device, with the regularisation
   ``eps`` relative to each clip's cost scaled to a maximum of 1.
 
