@@ -57,6 +57,11 @@ def catch_sigterm() -> None:
         _sigterm["installed"] = True
 
 
+def clear_sigterm() -> None:
+    """Forget a SIGTERM already handled (tests, or a process that runs several stages)."""
+    _sigterm["requested"] = False
+
+
 def sigterm_requested() -> bool:
     if not _sigterm["installed"]:
         catch_sigterm()

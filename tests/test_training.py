@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dalipipe.training import TrainCheckpoint, catch_sigterm, sigterm_requested
+from dalipipe.training import TrainCheckpoint, catch_sigterm, clear_sigterm, sigterm_requested
 
 
 def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
@@ -76,4 +76,6 @@ def test_sigterm_sets_the_flag_instead_of_killing():
         TrainCheckpoint("unused")  # creating a checkpoint re-installs the handler, keeps the flag
         assert sigterm_requested()
     finally:
+        clear_sigterm()
         signal.signal(signal.SIGTERM, previous)
+    assert not sigterm_requested()
