@@ -138,9 +138,10 @@ SelectTypeParameters=CR_Core_Memory
 # without a default a job with no --mem takes the whole node and jobs run one at a time
 DefMemPerCPU=1000
 ReturnToService=2
-# keep finished jobs visible to squeue for 10 min: the Snakemake plugin checks status with squeue
-# (no accounting database here) and uses it only if MinJobAge >= 3 x its first-check delay
-MinJobAge=600
+# keep finished jobs visible to squeue for an hour: the Snakemake plugin checks status with squeue
+# (no accounting database here) and uses it only if MinJobAge >= 3 x its first-check delay; the
+# tests also read finished jobs back with scontrol
+MinJobAge=3600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none

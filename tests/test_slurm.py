@@ -1,7 +1,7 @@
 """The workflow on a real Slurm cluster, through the repository's profile (`--profile slurm`).
 
     bash ci/start-slurm.sh                      # a one-node cluster on this machine (root)
-    pytest tests/test_slurm.py -x -q            # about 5 minutes on 2 cores
+    pytest tests/test_slurm.py -x -q            # about 10 minutes on 2 cores
     bash ci/start-slurm.sh stop
 
 Skipped when `sinfo` is missing or fails. The tests run in order on one copy of the workflow in
@@ -113,13 +113,13 @@ def slurm_jobs(workdir: Path) -> dict[int, str]:
     """Slurm job id -> rule, from the per-job logs the profile keeps under logs/slurm/."""
     jobs = {}
     for path in (workdir / "logs" / "slurm").rglob("*.log"):
-        rule_dir = next(p for p in path.relative_to(workdir / "logs" / "slurm").parts)
+        rule_dir = path.relative_to(workdir / "logs" / "slurm").parts[0]  # rule_<name>
         jobs[int(path.stem)] = rule_dir.removeprefix("rule_")
     return jobs
 
 
 def job_info(job_id: int) -> dict[str, str]:
-    """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge=600 s)."""
+    """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge, 1 h here)."""
     out = subprocess.run(
         ["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30
     ).stdout
