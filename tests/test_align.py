@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dalipipe.align.train import align, augment, batched, method_settings, step_generator
+from dalipipe.align.train import Run, align, augment, batched, method_settings, step_generator
 
 ENCODER = dict(
     num_mel_bins=32, target_length=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=32
@@ -182,6 +182,30 @@ def test_ot_in_bf16_skips_broken_clips_and_records_the_solver(world, tmp_path, c
     assert summary["steps"] == 6 and np.isfinite(summary["final_val_loss"])
     assert "extra-000 skipped: non-finite fbank values" in caplog.text
     assert "extra-001 skipped: fbank shape (40, 32), expected (64, 32)" in caplog.text
+
+
+def test_ot_att_scorer_is_frozen_in_the_first_epoch_then_trained(world, tmp_path):
+    r = world["root"]
+
+    def scorer_after(epochs):
+        run = Run(
+            params_for(epochs=epochs),
+            "ot_att",
+            r / "train",
+            r / "val",
+            world["llava"],
+            tmp_path / f"e{epochs}",
+        )
+        start = {k: v.clone() for k, v in run.scorer.state_dict().items()}
+        encoder_start = run.encoder.proj.weight.clone()
+        run.train()
+        assert not torch.equal(run.encoder.proj.weight, encoder_start)
+        return start, run.scorer.state_dict()
+
+    start, after_one = scorer_after(1)
+    assert all(torch.equal(start[k], after_one[k]) for k in start)
+    start, after_two = scorer_after(2)
+    assert not torch.equal(start["a_q.weight"], after_two["a_q.weight"])
 
 
 @pytest.mark.slow
