@@ -3,19 +3,9 @@
 #   snakemake --cores 2 results/miniature/acquire/manifest.csv
 # A clip is the same whatever acquire.parts is (see dalipipe/data/synthetic.py and local.py).
 
-import json
-
 ACQUIRE = config["acquire"]
 ACQUIRE_PARTS = range(ACQUIRE.get("parts", 1))
 ACQUIRE_LOCAL = ACQUIRE.get("local") or {}
-
-
-def acquire_params(*sections, **acquire_keys):
-    """Only what the job reads, so e.g. changing acquire.audioset reruns nothing here."""
-    payload = {"seed": config["seed"], "device": config["device"]}
-    payload.update({name: config.get(name) for name in sections})
-    payload["acquire"] = {"parts": ACQUIRE.get("parts", 1), **acquire_keys}
-    return json.dumps(payload, sort_keys=True)
 
 
 if ACQUIRE["source"] == "synthetic":
@@ -27,6 +17,8 @@ if ACQUIRE["source"] == "synthetic":
             i=r"\d+",
         params:
             p=lambda wildcards: acquire_params("world"),  # braces in the JSON
+        conda:
+            CONDA_ENV
         log:
             "logs/acquire_synthetic/part-{i}.log",
         threads: 2  # ffmpeg encodes one clip while Python draws the next
@@ -52,6 +44,8 @@ if ACQUIRE["source"] == "local":
             i=r"\d+",
         params:
             p=lambda wildcards: acquire_params(local=ACQUIRE_LOCAL),
+        conda:
+            CONDA_ENV
         log:
             "logs/acquire_local/part-{i}.log",
         threads: 1
@@ -73,7 +67,9 @@ if ACQUIRE["source"] in ("synthetic", "local"):
             metadata=f"{RUN}/acquire/metadata.jsonl",
             summary=f"{RUN}/acquire/summary.json",
         params:
-            out=f"{RUN}/acquire",
+            out=parent_of("manifest"),
+        conda:
+            CONDA_ENV
         log:
             "logs/acquire_gather.log",
         threads: 1

@@ -2,31 +2,6 @@
 #   snakemake --cores 2 results/miniature/align/ot_att
 # The command lives in dalipipe/align/train.py. A killed or pre-empted job leaves its checkpoint
 # in results/<run>/align/<method>.ckpt/ and resumes from it when rerun.
-import os
-import re
-
-
-def align_captioner():
-    """config `models.captioner`: "bootstrap" (the miniature's own), a directory, or a hub id."""
-    name = (config.get("models") or {}).get("captioner", "bootstrap")
-    return f"{RUN}/models/llava" if name == "bootstrap" else str(name)
-
-
-def align_inputs(wildcards):
-    inputs = {"shards": f"{RUN}/shards/align", "val": f"{RUN}/shards/test"}
-    captioner = align_captioner()
-    if captioner.startswith(RUN) or os.path.exists(captioner):  # a hub id is not a file input
-        inputs["captioner"] = captioner
-    return inputs
-
-
-def align_launcher(wildcards, resources):
-    """One process per GPU through accelerate when the job holds several GPUs."""
-    gpus = getattr(resources, "gpu", None) or getattr(resources, "gres", None) or 0
-    count = int(re.findall(r"\d+", str(gpus))[-1]) if re.search(r"\d", str(gpus)) else 0
-    if count > 1:
-        return f"accelerate launch --multi_gpu --num_processes {count} -m dalipipe.cli"
-    return "dalipipe"
 
 
 rule align:
@@ -38,8 +13,10 @@ rule align:
         method="|".join(config.get("align", {}).get("methods") or ["mmd", "ot", "ot_att", "contrastive"]),
     params:
         p=stage_params("align", "models"),
-        captioner=align_captioner(),
-        launch=align_launcher,
+        captioner=captioner_arg,
+        launch=accelerate_launcher,
+    conda:
+        CONDA_ENV
     log:
         "logs/align/{method}.log",
     threads: 2

@@ -4,23 +4,12 @@
 # Downloads are resumable: finished clips stay in acquire/part-<i>.work/ (outside the declared
 # output), so a failed or re-run job fetches only what is missing. See dalipipe/data/download.py.
 
-import json
-
 AUDIOSET = config["acquire"].get("audioset") or {}
 AUDIOSET_PARTS = range(config["acquire"].get("parts", 1))
 AUDIOSET_SPLITS = (
     [AUDIOSET.get("split")] if isinstance(AUDIOSET.get("split"), str) else AUDIOSET.get("split", [])
 )
 AUDIOSET_EXCLUDE = (config.get("filter") or {}).get("exclude_id_lists") or []
-
-
-def audioset_params(with_exclusions):
-    """Only what the job reads, so e.g. changing filter.keep does not reselect or re-download."""
-    payload = {"seed": config["seed"], "device": config["device"]}
-    payload["acquire"] = {"parts": config["acquire"].get("parts", 1), "audioset": AUDIOSET}
-    if with_exclusions:
-        payload["filter"] = {"exclude_id_lists": AUDIOSET_EXCLUDE}
-    return json.dumps(payload, sort_keys=True)
 
 
 if config["acquire"]["source"] == "audioset":
@@ -36,7 +25,9 @@ if config["acquire"]["source"] == "audioset":
             summary=f"{RUN}/acquire/selection/summary.json",
         params:
             p=lambda wildcards: audioset_params(with_exclusions=True),  # braces in the JSON
-            out=f"{RUN}/acquire/selection",
+            out=parent_of("summary"),
+        conda:
+            CONDA_ENV
         log:
             "logs/audioset_select.log",
         threads: 1
@@ -57,6 +48,8 @@ if config["acquire"]["source"] == "audioset":
         params:
             p=lambda wildcards: audioset_params(with_exclusions=False),
             selection=f"{RUN}/acquire/selection",
+        conda:
+            CONDA_ENV
         log:
             "logs/audioset_download/part-{i}.log",
         threads: 1  # the network and YouTube's rate limits bound it, not the CPU
@@ -75,7 +68,9 @@ if config["acquire"]["source"] == "audioset":
             metadata=f"{RUN}/acquire/metadata.jsonl",
             summary=f"{RUN}/acquire/summary.json",
         params:
-            out=f"{RUN}/acquire",
+            out=parent_of("manifest"),
+        conda:
+            CONDA_ENV
         log:
             "logs/audioset_gather.log",
         threads: 1

@@ -18,6 +18,8 @@ rule bootstrap:
         directory(f"{RUN}/models/llava"),
     params:
         p=stage_params("bootstrap"),
+    conda:
+        CONDA_ENV
     log:
         "logs/bootstrap.log",
     threads: 2

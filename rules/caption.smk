@@ -2,32 +2,6 @@
 #   snakemake --cores 2 results/miniature/distill/ot_att
 # The commands live in dalipipe/caption/; see DEVELOPING.md for the artifacts they write.
 
-import os
-import re
-
-
-def caption_captioner():
-    """config `models.captioner`: "bootstrap" (the miniature's own), a directory, or a hub id."""
-    name = (config.get("models") or {}).get("captioner", "bootstrap")
-    return f"{RUN}/models/llava" if name == "bootstrap" else str(name)
-
-
-CAPTIONER = caption_captioner()
-# a hub id is no file input: the job reads it from the Hugging Face cache
-CAPTIONER_INPUT = (
-    [CAPTIONER] if CAPTIONER.startswith(RUN) or os.path.exists(CAPTIONER) else []
-)
-
-
-def caption_launcher(wildcards, resources):
-    """One process per GPU through accelerate when the distill job holds several GPUs."""
-    gpus = str(getattr(resources, "gpu", None) or getattr(resources, "gres", None) or 0)
-    count = int(re.findall(r"\d+", gpus)[-1]) if re.search(r"\d", gpus) else 0
-    if count > 1:
-        return f"accelerate launch --num_processes {count} -m dalipipe.cli"
-    return "dalipipe"
-
-
 rule prefix:
     input:
         pairs=(config.get("prefix") or {}).get("pairs") or f"{RUN}/shards/prefix",
@@ -36,7 +10,9 @@ rule prefix:
         directory(f"{RUN}/prefix"),
     params:
         p=stage_params("prefix", "models"),
-        captioner=CAPTIONER,
+        captioner=captioner_arg,
+    conda:
+        CONDA_ENV
     log:
         "logs/prefix.log",
     threads: 2
@@ -61,7 +37,9 @@ rule pseudolabel:
         method="[A-Za-z0-9_-]+",
     params:
         p=stage_params("pseudolabel", "models"),
-        captioner=CAPTIONER,
+        captioner=captioner_arg,
+    conda:
+        CONDA_ENV
     log:
         "logs/pseudolabel/{method}.log",
     threads: 2
@@ -88,8 +66,10 @@ rule distill:
         method="[A-Za-z0-9_-]+",
     params:
         p=stage_params("distill", "extract", "models"),
-        captioner=CAPTIONER,
-        launch=caption_launcher,
+        captioner=captioner_arg,
+        launch=accelerate_launcher,
+    conda:
+        CONDA_ENV
     log:
         "logs/distill/{method}.log",
     threads: 2

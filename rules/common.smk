@@ -1,6 +1,8 @@
-# Shared by every rule file: config validation, the run directory, stage parameters.
+# Shared by all rule files (config validation, the run directory, stage parameters).
 import json
 import os
+import re
+import shlex
 
 from dalipipe.config import ConfigError, validate_config
 
@@ -10,6 +12,8 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
 RUN = f"results/{config['run']}"
+# every rule's software under `--sdm conda` (the path is relative to the rule files)
+CONDA_ENV = "../envs/dalipipe.yaml"
 
 
 def stage_params(*sections):
@@ -33,3 +37,92 @@ def require_existing_paths(*keys):
         for value in values:
             if value is not None and not os.path.exists(str(value)):
                 raise WorkflowError(f"config key {key}: path {value!r} does not exist")
+
+
+def _captioner():
+    """config `models.captioner`: "bootstrap" (the miniature's own), a directory, or a hub id."""
+    name = (config.get("models") or {}).get("captioner", "bootstrap")
+    return f"{RUN}/models/llava" if name == "bootstrap" else str(name)
+
+
+# Rules pass CAPTIONER on the command line and list CAPTIONER_INPUT as an input: a hub id is
+# no file input (the job reads it from the Hugging Face cache).
+CAPTIONER = _captioner()
+CAPTIONER_INPUT = [CAPTIONER] if CAPTIONER.startswith(RUN) or os.path.exists(CAPTIONER) else []
+
+
+def accelerate_launcher(wildcards, resources):
+    """`dalipipe`, or one process per GPU through accelerate when the job holds several GPUs."""
+    gpus = str(getattr(resources, "gpu", None) or getattr(resources, "gres", None) or 0)
+    count = int(re.findall(r"\d+", gpus)[-1]) if re.search(r"\d", gpus) else 0
+    if count > 1:
+        return f"accelerate launch --multi_gpu --num_processes {count} -m dalipipe.cli"
+    return "dalipipe"
+
+
+# Input and parameter functions of the rule files (kept here, as Snakemake's linter asks for
+# functions apart from rules).
+
+
+def acquire_params(*sections, **acquire_keys):
+    """Only what the job reads, so e.g. changing acquire.audioset reruns nothing here."""
+    payload = {"seed": config["seed"], "device": config["device"]}
+    payload.update({name: config.get(name) for name in sections})
+    payload["acquire"] = {"parts": ACQUIRE.get("parts", 1), **acquire_keys}
+    return json.dumps(payload, sort_keys=True)
+
+
+def audioset_params(with_exclusions):
+    """Only what the job reads, so e.g. changing filter.keep does not reselect or re-download."""
+    payload = {"seed": config["seed"], "device": config["device"]}
+    payload["acquire"] = {"parts": config["acquire"].get("parts", 1), "audioset": AUDIOSET}
+    if with_exclusions:
+        payload["filter"] = {"exclude_id_lists": AUDIOSET_EXCLUDE}
+    return json.dumps(payload, sort_keys=True)
+
+
+def extract_params():
+    """The extract section without what only later stages read (keep_wav)."""
+    section = {k: v for k, v in (config.get("extract") or {}).items() if k != "keep_wav"}
+    return json.dumps(
+        {"seed": config["seed"], "device": config["device"], "extract": section}, sort_keys=True
+    )
+
+
+def shard_kept_arg(wildcards, input):
+    kept = input.get("kept")
+    return f"--kept {shlex.quote(str(kept))}" if kept else ""
+
+
+def align_inputs(wildcards):
+    shards = {"shards": f"{RUN}/shards/align", "val": f"{RUN}/shards/test"}
+    return {**shards, "captioner": CAPTIONER_INPUT}
+
+
+def evaluate_inputs(wildcards):
+    inputs = {
+        "captioner": CAPTIONER_INPUT,
+        "prefix": f"{RUN}/prefix",
+        "align": expand(f"{RUN}/align/{{m}}", m=EVAL_METHODS),
+        "distill": expand(f"{RUN}/distill/{{m}}", m=EVAL_DISTILLED),
+    }
+    if wildcards.dataset == "miniature":
+        inputs["data"] = f"{RUN}/shards/test"
+    else:
+        inputs["data"] = [EVAL["datasets"][wildcards.dataset][k] for k in ("csv", "media")]
+    return inputs
+
+
+def report_curves(wildcards):
+    """Training curves that exist after their stage ran (curve.csv inside each output folder)."""
+    return [f"{RUN}/align/{m}" for m in EVAL_METHODS] + [f"{RUN}/prefix"]
+
+
+def captioner_arg(wildcards, input):
+    """The captioner on the command line: the input path when it is a file input."""
+    return input.captioner if CAPTIONER_INPUT else CAPTIONER
+
+
+def parent_of(name):
+    """A params function: the folder holding output `name` (outputs written side by side)."""
+    return lambda wildcards, output: os.path.dirname(output[name])

@@ -11,21 +11,6 @@ EVAL_DISTILLED = (
 )
 if not any(kind.endswith("distilled") for kind in EVAL.get("systems") or ["audio_distilled"]):
     EVAL_DISTILLED = []
-EVAL_CAPTIONER = globals().get("CAPTIONER", f"{RUN}/models/llava")
-
-
-def evaluate_inputs(wildcards):
-    inputs = {
-        "captioner": EVAL_CAPTIONER,
-        "prefix": f"{RUN}/prefix",
-        "align": expand(f"{RUN}/align/{{m}}", m=EVAL_METHODS),
-        "distill": expand(f"{RUN}/distill/{{m}}", m=EVAL_DISTILLED),
-    }
-    if wildcards.dataset == "miniature":
-        inputs["data"] = f"{RUN}/shards/test"
-    else:
-        inputs["data"] = [EVAL["datasets"][wildcards.dataset][k] for k in ("csv", "media")]
-    return inputs
 
 
 rule evaluate:
@@ -38,6 +23,9 @@ rule evaluate:
     params:
         p=stage_params("evaluate", "extract"),
         shards=lambda wc: f"--shards {RUN}/shards/test" if wc.dataset == "miniature" else "",
+        captioner=captioner_arg,
+    conda:
+        CONDA_ENV
     log:
         "logs/evaluate/{dataset}.log",
     threads: 2
@@ -47,13 +35,8 @@ rule evaluate:
         gpu=1,
     shell:
         "dalipipe evaluate --params {params.p:q} --dataset {wildcards.dataset} {params.shards}"
-        " --captioner {input.captioner:q} --prefix {input.prefix:q}"
+        " --captioner {params.captioner:q} --prefix {input.prefix:q}"
         " --align {input.align:q} --distill {input.distill:q} --out {output:q} > {log} 2>&1"
-
-
-def report_curves(wildcards):
-    """Training curves that exist after their stage ran (curve.csv inside each output folder)."""
-    return [f"{RUN}/align/{m}" for m in EVAL_METHODS] + [f"{RUN}/prefix"]
 
 
 EVAL_FIGURES = {}
@@ -89,7 +72,9 @@ rule report_figures:
         examples=EVAL.get("examples", 6),
         shards=f"--shards {RUN}/shards/test" if "miniature" in EVAL_DATASETS else "",
         manifest=lambda wc, input: f"--acquire {input.manifest}" if input.manifest else "",
-        out=f"{RUN}/report",
+        out=parent_of("results"),
+    conda:
+        CONDA_ENV
     log:
         "logs/report_figures.log",
     threads: 1

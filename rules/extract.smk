@@ -3,17 +3,7 @@
 #   snakemake --cores 2 results/miniature/extract/part-0
 # Works for every acquire source: the part directory holds manifest.csv with the clip paths.
 
-import json
-
 EXTRACT_PARTS = range(config["acquire"].get("parts", 1))
-
-
-def extract_params():
-    """The extract section without what only later stages read (keep_wav)."""
-    section = {k: v for k, v in (config.get("extract") or {}).items() if k != "keep_wav"}
-    return json.dumps(
-        {"seed": config["seed"], "device": config["device"], "extract": section}, sort_keys=True
-    )
 
 
 rule extract_part:
@@ -25,6 +15,8 @@ rule extract_part:
         i=r"\d+",
     params:
         p=lambda wildcards: extract_params(),  # braces in the JSON
+    conda:
+        CONDA_ENV
     log:
         "logs/extract/part-{i}.log",
     threads: 2  # ffmpeg decodes one clip while Python computes the last one's filterbank

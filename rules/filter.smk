@@ -21,7 +21,9 @@ rule filter_part:
         i=r"\d+",
     params:
         p=lambda wildcards: stage_params("filter"),  # "{run}" in the JSON is not a wildcard
-        captioner=FILTER_CAPTIONER,
+        captioner=lambda wildcards, input: input.captioner or FILTER_CAPTIONER,
+    conda:
+        CONDA_ENV
     log:
         "logs/filter/part-{i}.log",
     threads: 2
@@ -45,7 +47,9 @@ rule filter_merge:
         summary=f"{RUN}/filter/summary.json",
     params:
         p=lambda wildcards: stage_params("filter"),  # "{run}" in the JSON is not a wildcard
-        out=f"{RUN}/filter",
+        out=parent_of("kept"),
+    conda:
+        CONDA_ENV
     log:
         "logs/filter/merge.log",
     threads: 1

@@ -3,8 +3,6 @@
 # The align split keeps only the filter's kept clips when filter.enabled; the other splits take
 # every extracted clip of their split. See dalipipe/data/shard.py for the layout.
 
-import shlex
-
 SHARD_EXTRACT_PARTS = expand(
     f"{RUN}/extract/part-{{i}}", i=range(config["acquire"].get("parts", 1))
 )
@@ -14,11 +12,6 @@ SHARD_COMMAND = (
     " --metadata {input.metadata:q} {params.kept} --split {params.split} --out {output:q}"
     " > {log} 2>&1"
 )
-
-
-def shard_kept_arg(wildcards, input):
-    kept = input.get("kept")
-    return f"--kept {shlex.quote(str(kept))}" if kept else ""
 
 
 rule shard_align:
@@ -32,6 +25,8 @@ rule shard_align:
         p=stage_params("extract", "shard"),
         split="align",
         kept=shard_kept_arg,
+    conda:
+        CONDA_ENV
     log:
         "logs/shard/align.log",
     threads: 1
@@ -52,6 +47,8 @@ rule shard_pseudolabel:
         p=stage_params("extract", "shard"),
         split="pseudolabel",
         kept="",
+    conda:
+        CONDA_ENV
     log:
         "logs/shard/pseudolabel.log",
     threads: 1
@@ -72,6 +69,8 @@ rule shard_prefix:
         p=stage_params("extract", "shard"),
         split="prefix",
         kept="",
+    conda:
+        CONDA_ENV
     log:
         "logs/shard/prefix.log",
     threads: 1
@@ -92,6 +91,8 @@ rule shard_test:
         p=stage_params("extract", "shard"),
         split="test",
         kept="",
+    conda:
+        CONDA_ENV
     log:
         "logs/shard/test.log",
     threads: 1
