@@ -15,26 +15,59 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "acquire-synthetic": ("dalipipe.data.synthetic", "generate the synthetic audiovisual world (MP4 clips)"),
+    "acquire-synthetic": (
+        "dalipipe.data.synthetic",
+        "generate the synthetic audiovisual world (MP4 clips)",
+    ),
     "acquire-local": ("dalipipe.data.local", "list a folder or CSV of local media files as clips"),
-    "acquire-audioset": ("dalipipe.data.download", "download AudioSet segments with yt-dlp (one part)"),
+    "acquire-audioset": (
+        "dalipipe.data.download",
+        "download AudioSet segments with yt-dlp (one part)",
+    ),
     "gather-manifests": ("dalipipe.data.gather", "merge per-part manifests and count statuses"),
-    "audioset-select": ("dalipipe.data.audioset", "select AudioSet segments by split, class and count"),
+    "audioset-select": (
+        "dalipipe.data.audioset",
+        "select AudioSet segments by split, class and count",
+    ),
     "extract": ("dalipipe.data.extract", "frames, 16 kHz WAV and filterbank for each clip"),
     "features": ("dalipipe.data.fbank", "raw or normalised Kaldi filterbank of one media file"),
-    "filter": ("dalipipe.data.filter", "caption frames and score clips against their labels (one part)"),
-    "filter-merge": ("dalipipe.data.filter_merge", "merge filter parts and keep the best-matching clips"),
+    "filter": (
+        "dalipipe.data.filter",
+        "caption frames and score clips against their labels (one part)",
+    ),
+    "filter-merge": (
+        "dalipipe.data.filter_merge",
+        "merge filter parts and keep the best-matching clips",
+    ),
     "shard": ("dalipipe.data.shard", "write webdataset shards of extracted clips"),
-    "make-tiny": ("dalipipe.models.tiny", "write tiny LLaVA, BLIP-2, GPT-2 and CAV-MAE checkpoints"),
-    "bootstrap": ("dalipipe.models.bootstrap", "train the miniature LLaVA-class captioner on frames"),
-    "prefix": ("dalipipe.caption.prefix", "learn the prefix tokens on (frame, audio caption) pairs"),
-    "align": ("dalipipe.align.train", "train an audio encoder to match the image-token distribution"),
-    "pseudolabel": ("dalipipe.caption.pseudolabel", "caption the pseudo-label pool from audio+image"),
+    "make-tiny": (
+        "dalipipe.models.tiny",
+        "write tiny LLaVA, BLIP-2, GPT-2 and CAV-MAE checkpoints",
+    ),
+    "bootstrap": (
+        "dalipipe.models.bootstrap",
+        "train the miniature LLaVA-class captioner on frames",
+    ),
+    "prefix": (
+        "dalipipe.caption.prefix",
+        "learn the prefix tokens on (frame, audio caption) pairs",
+    ),
+    "align": (
+        "dalipipe.align.train",
+        "train an audio encoder to match the image-token distribution",
+    ),
+    "pseudolabel": (
+        "dalipipe.caption.pseudolabel",
+        "caption the pseudo-label pool from audio+image",
+    ),
     "distill": ("dalipipe.caption.distill", "fine-tune the audio projector on the pseudo-labels"),
     "caption": ("dalipipe.caption.describe", "describe the sound of audio or video files"),
     "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),
     "score": ("dalipipe.evaluate.metrics", "caption metrics for predictions against references"),
-    "fetch-metric-assets": ("dalipipe.evaluate.assets", "download the Stanford CoreNLP jars SPICE needs"),
+    "fetch-metric-assets": (
+        "dalipipe.evaluate.assets",
+        "download the Stanford CoreNLP jars SPICE needs",
+    ),
     "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
 }
 
