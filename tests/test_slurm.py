@@ -486,3 +486,33 @@ def test_paper_dry_run_lists_the_full_graph_without_reading_data(tmp_path):
     assert counts["align"] == counts["pseudolabel"] == counts["distill"] == methods
     assert counts["prefix"] == 1 and counts["shard_align"] == 1
     assert "bootstrap" not in counts and "acquire_synthetic" not in counts
+
+
+def test_paper_config_sets_every_key_of_the_miniature():
+    """paper.yaml is laid over config.yaml: a key it forgot would silently keep a miniature value.
+
+    Only the miniature's own sections (the synthetic world, the bootstrap captioner, local media)
+    and the miniature's test-split evaluation are left to it.
+    """
+    import yaml
+    from snakemake.utils import update_config, validate
+
+    miniature = yaml.safe_load((REPO / "config.yaml").read_text())
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    miniature_only = {("world",), ("bootstrap",), ("acquire", "local"),
+                      ("evaluate", "datasets", "miniature")}  # fmt: skip
+
+    def missing(mini: dict, full: dict, path: tuple = ()):
+        for key, value in mini.items():
+            here = (*path, key)
+            if here in miniature_only:
+                continue
+            if key not in full:
+                yield ".".join(here)
+            elif isinstance(value, dict) and value and "per_method" not in here:
+                yield from missing(value, full[key], here)
+
+    assert list(missing(miniature, paper)) == []
+    merged = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(merged, paper)
+    validate(merged, str(REPO / "schemas" / "config.schema.yaml"))
