@@ -131,9 +131,15 @@ def restore_rng(state: dict) -> None:
 class TrainCheckpoint:
     """The latest checkpoint of one training run, in ``directory`` (e.g. ``<output>.ckpt``)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, settings: Any = None):
+        """``settings`` (anything JSON-able: the stage's config and inputs) is stored with each
+        checkpoint; a checkpoint written under other settings is discarded, not resumed, so a
+        changed config never continues a stale run."""
         self.directory = Path(directory)
         self.latest = self.directory / "latest"
+        self.settings = (
+            None if settings is None else json.dumps(settings, sort_keys=True, default=str)
+        )
         if not _sigterm["installed"]:
             catch_sigterm()
 
@@ -146,6 +152,8 @@ class TrainCheckpoint:
         ``step``, if given, is stored as ``states["step"]``.
         """
         states = dict(states) if step is None else {**states, "step": step}
+        if self.settings is not None:
+            states["__settings__"] = self.settings
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _flatten({"states": states, "rng": capture_rng()}, tensors)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -165,6 +173,11 @@ class TrainCheckpoint:
             raise ValueError(
                 f"{self.latest}: unreadable checkpoint ({err}); delete it to restart"
             ) from err
+        stored = saved["states"].pop("__settings__", None)
+        if self.settings is not None and stored != self.settings:
+            log.warning("%s was written with other settings: starting afresh", self.latest)
+            self.remove()
+            return None
         if restore_random_state:
             restore_rng(saved["rng"])
         log.info("resuming from %s (step %s)", self.latest, saved["states"].get("step"))

@@ -79,3 +79,10 @@ def test_sigterm_sets_the_flag_instead_of_killing():
         clear_sigterm()
         signal.signal(signal.SIGTERM, previous)
     assert not sigterm_requested()
+
+
+def test_a_checkpoint_written_under_other_settings_is_not_resumed(tmp_path):
+    TrainCheckpoint(tmp_path / "ckpt", settings={"lr": 1e-3}).save({"w": torch.ones(2)}, step=7)
+    assert TrainCheckpoint(tmp_path / "ckpt", settings={"lr": 1e-3}).load()["step"] == 7
+    assert TrainCheckpoint(tmp_path / "ckpt", settings={"lr": 2e-3}).load() is None
+    assert not (tmp_path / "ckpt").exists()  # the stale checkpoint is gone

@@ -142,7 +142,7 @@ def fit_projector(
         warmup_ratio=settings["warmup_ratio"],
         weight_decay=settings["weight_decay"],
     )
-    checkpoint = TrainCheckpoint(checkpoint_dir)
+    checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
     state = checkpoint.load()
     curve: list[dict] = []
     start = 0

@@ -325,7 +325,9 @@ def bootstrap(
     steps_per_epoch = max(1, len(train) // batch_size)
     total = steps_per_epoch * int(cfg["epochs"])
     optimizer = make_optimizer(model, cfg)
-    checkpoint = TrainCheckpoint(f"{out}.ckpt")
+    checkpoint = TrainCheckpoint(
+        f"{out}.ckpt", settings={"bootstrap": cfg, "seed": seed, "clips": len(clips)}
+    )
     saved = checkpoint.load()
     step, curve = 0, []
     if saved:
