@@ -20,7 +20,7 @@ if ACQUIRE["source"] == "synthetic":
         conda:
             CONDA_ENV
         log:
-            "logs/acquire_synthetic/part-{i}.log",
+            f"{LOGS}/acquire_synthetic/part-{{i}}.log",
         threads: 2  # ffmpeg encodes one clip while Python draws the next
         resources:
             mem_mb=2000,
@@ -47,7 +47,7 @@ if ACQUIRE["source"] == "local":
         conda:
             CONDA_ENV
         log:
-            "logs/acquire_local/part-{i}.log",
+            f"{LOGS}/acquire_local/part-{{i}}.log",
         threads: 1
         resources:
             mem_mb=1000,
@@ -71,7 +71,7 @@ if ACQUIRE["source"] in ("synthetic", "local"):
         conda:
             CONDA_ENV
         log:
-            "logs/acquire_gather.log",
+            f"{LOGS}/acquire_gather.log",
         threads: 1
         resources:
             mem_mb=2000,

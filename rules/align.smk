@@ -18,7 +18,7 @@ rule align:
     conda:
         CONDA_ENV
     log:
-        "logs/align/{method}.log",
+        f"{LOGS}/align/{{method}}.log",
     threads: 2
     resources:
         mem_mb=8000,

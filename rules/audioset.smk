@@ -29,7 +29,7 @@ if config["acquire"]["source"] == "audioset":
         conda:
             CONDA_ENV
         log:
-            "logs/audioset_select.log",
+            f"{LOGS}/audioset_select.log",
         threads: 1
         resources:
             mem_mb=8000,  # the unbalanced CSV has ~2M rows
@@ -51,7 +51,7 @@ if config["acquire"]["source"] == "audioset":
         conda:
             CONDA_ENV
         log:
-            "logs/audioset_download/part-{i}.log",
+            f"{LOGS}/audioset_download/part-{{i}}.log",
         threads: 1  # the network and YouTube's rate limits bound it, not the CPU
         resources:
             mem_mb=2000,
@@ -72,7 +72,7 @@ if config["acquire"]["source"] == "audioset":
         conda:
             CONDA_ENV
         log:
-            "logs/audioset_gather.log",
+            f"{LOGS}/audioset_gather.log",
         threads: 1
         resources:
             mem_mb=4000,

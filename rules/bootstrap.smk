@@ -21,7 +21,7 @@ rule bootstrap:
     conda:
         CONDA_ENV
     log:
-        "logs/bootstrap.log",
+        f"{LOGS}/bootstrap.log",
     threads: 2
     resources:
         mem_mb=6000,

@@ -14,7 +14,7 @@ rule prefix:
     conda:
         CONDA_ENV
     log:
-        "logs/prefix.log",
+        f"{LOGS}/prefix.log",
     threads: 2
     resources:
         mem_mb=8000,
@@ -41,7 +41,7 @@ rule pseudolabel:
     conda:
         CONDA_ENV
     log:
-        "logs/pseudolabel/{method}.log",
+        f"{LOGS}/pseudolabel/{{method}}.log",
     threads: 2
     resources:
         mem_mb=32000,
@@ -71,7 +71,7 @@ rule distill:
     conda:
         CONDA_ENV
     log:
-        "logs/distill/{method}.log",
+        f"{LOGS}/distill/{{method}}.log",
     threads: 2
     resources:
         mem_mb=64000,

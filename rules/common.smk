@@ -12,6 +12,8 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
 RUN = f"results/{config['run']}"
+# each rule's log, per run, so the miniature and a preset never overwrite each other's
+LOGS = f"logs/{config['run']}"
 # every rule's software under `--sdm conda` (the path is relative to the rule files)
 CONDA_ENV = "../envs/dalipipe.yaml"
 

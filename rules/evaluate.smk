@@ -27,7 +27,7 @@ rule evaluate:
     conda:
         CONDA_ENV
     log:
-        "logs/evaluate/{dataset}.log",
+        f"{LOGS}/evaluate/{{dataset}}.log",
     threads: 2
     resources:
         mem_mb=32000,
@@ -76,7 +76,7 @@ rule report_figures:
     conda:
         CONDA_ENV
     log:
-        "logs/report_figures.log",
+        f"{LOGS}/report_figures.log",
     threads: 1
     resources:
         mem_mb=4000,

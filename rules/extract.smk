@@ -18,7 +18,7 @@ rule extract_part:
     conda:
         CONDA_ENV
     log:
-        "logs/extract/part-{i}.log",
+        f"{LOGS}/extract/part-{{i}}.log",
     threads: 2  # ffmpeg decodes one clip while Python computes the last one's filterbank
     resources:
         mem_mb=2000,

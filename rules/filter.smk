@@ -25,7 +25,7 @@ rule filter_part:
     conda:
         CONDA_ENV
     log:
-        "logs/filter/part-{i}.log",
+        f"{LOGS}/filter/part-{{i}}.log",
     threads: 2
     resources:
         mem_mb=32000,
@@ -51,7 +51,7 @@ rule filter_merge:
     conda:
         CONDA_ENV
     log:
-        "logs/filter/merge.log",
+        f"{LOGS}/filter/merge.log",
     threads: 1
     resources:
         mem_mb=8000,

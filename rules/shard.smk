@@ -28,7 +28,7 @@ rule shard_align:
     conda:
         CONDA_ENV
     log:
-        "logs/shard/align.log",
+        f"{LOGS}/shard/align.log",
     threads: 1
     resources:
         mem_mb=4000,
@@ -50,7 +50,7 @@ rule shard_pseudolabel:
     conda:
         CONDA_ENV
     log:
-        "logs/shard/pseudolabel.log",
+        f"{LOGS}/shard/pseudolabel.log",
     threads: 1
     resources:
         mem_mb=4000,
@@ -72,7 +72,7 @@ rule shard_prefix:
     conda:
         CONDA_ENV
     log:
-        "logs/shard/prefix.log",
+        f"{LOGS}/shard/prefix.log",
     threads: 1
     resources:
         mem_mb=2000,
@@ -94,7 +94,7 @@ rule shard_test:
     conda:
         CONDA_ENV
     log:
-        "logs/shard/test.log",
+        f"{LOGS}/shard/test.log",
     threads: 1
     resources:
         mem_mb=2000,
