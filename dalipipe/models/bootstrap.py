@@ -9,9 +9,10 @@ drawing one of them:
   * frame -> visual caption (meta["visual_caption"], "a photo of a red bell"), asked with
     image prompts such as "What can you see in this image?";
   * frame -> the sounds its *visible* objects make ("a bell chimes"), asked with sound prompts
-    such as "What sounds would the things in this image make?": what LLaVA knows from its
-    language pre-training (a pictured dog barks), never learned from audio. A visible but
-    silent object is still named, an off-screen one never.
+    such as "What sounds would the things in this image make?" (the miniature config also
+    lists the DALI prompts, since LLaVA follows such instructions natively): what LLaVA knows
+    from its language pre-training (a pictured dog barks), never learned from audio. A visible
+    but silent object is still named, an off-screen one never.
 So the captioner knows the objects by sight only; hearing is what DALI has to add. A first
 version trained the sound captions as text only (no image); its sound answers then ignored
 the image, and the prefix could only steer it to a few fixed sentences (class recall ~0.2). A few
