@@ -33,7 +33,7 @@ from tqdm import tqdm
 from dalipipe.caption.assemble import assemble, base_settings
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.caption.prefix import epoch_order
-from dalipipe.caption.schedule import adamw_cosine
+from dalipipe.caption.schedule import adamw_cosine, load_training_state, save_training_state
 from dalipipe.common import (
     atomic_path,
     parse_params,
@@ -143,16 +143,8 @@ def fit_projector(
         weight_decay=settings["weight_decay"],
     )
     checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
-    state = checkpoint.load()
-    curve: list[dict] = []
-    start = 0
-    if state is not None:
-        start, curve = state["step"], state["curve"]
-        with torch.no_grad():
-            for param, saved in zip(params, state["params"]):
-                param.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    start, curve = load_training_state(checkpoint, params, optimizer, scheduler)
+    if start:
         log.info("resuming distillation at step %d of %d", start, total_steps)
 
     log.info(
@@ -202,15 +194,7 @@ def fit_projector(
         progress.set_postfix(loss=f"{value:.3f}")
         if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
             if accelerator.is_main_process:
-                checkpoint.save(
-                    {
-                        "curve": curve,
-                        "params": [p.detach() for p in params],
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                    },
-                    step=step + 1,
-                )
+                save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
             accelerator.wait_for_everyone()
             if sigterm_requested():
                 log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)

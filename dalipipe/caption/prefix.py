@@ -25,7 +25,12 @@ from tqdm import tqdm
 
 from dalipipe.caption.assemble import base_settings
 from dalipipe.caption.pairs import load_pairs
-from dalipipe.caption.schedule import adamw_cosine, default_dtype
+from dalipipe.caption.schedule import (
+    adamw_cosine,
+    default_dtype,
+    load_training_state,
+    save_training_state,
+)
 from dalipipe.common import (
     atomic_path,
     parse_params,
@@ -80,16 +85,8 @@ def fit_prefix(
         weight_decay=settings["weight_decay"],
     )
     checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
-    state = checkpoint.load()
-    curve: list[dict] = []
-    start = 0
-    if state is not None:
-        start, curve = state["step"], state["curve"]
-        with torch.no_grad():
-            for param, saved in zip(params, state["params"]):
-                param.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    start, curve = load_training_state(checkpoint, params, optimizer, scheduler)
+    if start:
         log.info("resuming prefix tuning at step %d of %d", start, total_steps)
 
     log.info("prefix tuning: %d pairs, %d steps, lr %g", len(pairs), total_steps, settings["lr"])
@@ -112,15 +109,7 @@ def fit_prefix(
         curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
         progress.set_postfix(loss=f"{value:.3f}")
         if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
-            checkpoint.save(
-                {
-                    "curve": curve,
-                    "params": [p.detach() for p in params],
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
-                step=step + 1,
-            )
+            save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
             if sigterm_requested():
                 log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
                 raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -35,3 +35,30 @@ def adamw_cosine(
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU as the authors ran it; float32 on a CPU, where bf16 matmuls are slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_training_state(checkpoint, params, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore trainable tensors, optimiser and schedule from `checkpoint` (a TrainCheckpoint).
+
+    Returns (first step to run, loss curve so far): (0, []) when there is nothing to resume.
+    """
+    state = checkpoint.load()
+    if state is None:
+        return 0, []
+    with torch.no_grad():
+        for param, saved in zip(params, state["params"]):
+            param.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["curve"]
+
+
+def save_training_state(checkpoint, params, optimizer, scheduler, curve, step: int) -> None:
+    """The counterpart of :func:`load_training_state`."""
+    states = {
+        "curve": curve,
+        "params": [p.detach() for p in params],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    checkpoint.save(states, step=step)
