@@ -4,7 +4,10 @@
 # The commands live in dalipipe/evaluate/; see DEVELOPING.md for the artifacts they read.
 
 EVAL = config.get("evaluate") or {}
-EVAL_DATASETS = list(EVAL.get("datasets") or {"miniature": {}})
+# a set configured as null is off (presets such as paper.yaml switch off the miniature's)
+EVAL_DATASETS = [
+    name for name, spec in (EVAL.get("datasets") or {"miniature": {}}).items() if spec is not None
+]
 EVAL_METHODS = EVAL.get("methods") or (config.get("align") or {}).get("methods") or []
 EVAL_DISTILLED = (
     EVAL_METHODS if EVAL.get("distilled_methods") is None else EVAL["distilled_methods"]
