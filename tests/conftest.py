@@ -59,3 +59,32 @@ def tiny_models(tmp_path_factory) -> TinyModels:
         cavmae=paths["cavmae"],
         cavmae_config=paths["cavmae"].with_suffix(".json"),
     )
+
+
+@pytest.fixture(scope="session")
+def snakemake_in():
+    """Run this repository's workflow in another working directory; returns its output.
+
+    The workflow's rules call `dalipipe`, so the running interpreter's bin/ goes first on PATH.
+    """
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def run(workdir, *args: str, timeout: int = 900) -> str:
+        command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(repo / "Snakefile")]
+        result = subprocess.run(
+            [*command, "-d", str(workdir), *args],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0, result.stdout[-5000:]
+        return result.stdout
+
+    return run

@@ -9,9 +9,6 @@ alignment, pseudo-labels, distillation, scoring) moves these numbers.
 """
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,30 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> dict[str, dict[str, float]]:
+def table(tmp_path_factory, snakemake_in) -> dict[str, dict[str, float]]:
     workdir = tmp_path_factory.mktemp("miniature")
     (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--cores",
-            "2",
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(workdir),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=3600,
-    )
-    assert result.returncode == 0, result.stdout[-5000:]
+    snakemake_in(workdir, timeout=3600)
     rows = csv.DictReader(open(workdir / "results" / "miniature" / "table.csv"))
     return {
         row["system"]: {k: float(v) for k, v in row.items() if v not in ("", None) and _number(v)}
