@@ -33,7 +33,7 @@ from tqdm import tqdm
 from dalipipe.caption.assemble import assemble, base_settings
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.caption.prefix import epoch_order
-from dalipipe.caption.schedule import adamw_cosine, load_training_state, save_training_state
+from dalipipe.caption.schedule import save_training_state, start_training
 from dalipipe.common import (
     atomic_path,
     parse_params,
@@ -121,7 +121,7 @@ def fit_projector(
     """
     from accelerate import Accelerator
 
-    from dalipipe.training import PREEMPTED_EXIT_CODE, TrainCheckpoint, sigterm_requested
+    from dalipipe.training import PREEMPTED_EXIT_CODE, sigterm_requested
 
     accelerator = accelerator or Accelerator(cpu=captioner.device.type == "cpu")
     modality = settings["modality"]
@@ -135,15 +135,9 @@ def fit_projector(
     global_batch = settings["batch_size"] * world
     steps_per_epoch = math.ceil(len(examples) / global_batch)
     total_steps = settings["epochs"] * steps_per_epoch
-    optimizer, scheduler = adamw_cosine(
-        params,
-        lr=settings["lr"],
-        total_steps=total_steps,
-        warmup_ratio=settings["warmup_ratio"],
-        weight_decay=settings["weight_decay"],
+    optimizer, scheduler, checkpoint, start, curve = start_training(
+        params, settings, total_steps, checkpoint_dir
     )
-    checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
-    start, curve = load_training_state(checkpoint, params, optimizer, scheduler)
     if start:
         log.info("resuming distillation at step %d of %d", start, total_steps)
 

@@ -26,10 +26,9 @@ from tqdm import tqdm
 from dalipipe.caption.assemble import base_settings
 from dalipipe.caption.pairs import load_pairs
 from dalipipe.caption.schedule import (
-    adamw_cosine,
     default_dtype,
-    load_training_state,
     save_training_state,
+    start_training,
 )
 from dalipipe.common import (
     atomic_path,
@@ -69,7 +68,7 @@ def fit_prefix(
 
     Resumes from `checkpoint_dir` when it holds a checkpoint; on SIGTERM, checkpoints and exits.
     """
-    from dalipipe.training import PREEMPTED_EXIT_CODE, TrainCheckpoint, sigterm_requested
+    from dalipipe.training import PREEMPTED_EXIT_CODE, sigterm_requested
 
     params = captioner.trainable_parameters("prefix")
     pixel_values = captioner.pixel_values([p.image for p in pairs])
@@ -77,15 +76,9 @@ def fit_prefix(
     batch_size = min(settings["batch_size"], len(pairs))
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     total_steps = settings["epochs"] * steps_per_epoch
-    optimizer, scheduler = adamw_cosine(
-        params,
-        lr=settings["lr"],
-        total_steps=total_steps,
-        warmup_ratio=settings["warmup_ratio"],
-        weight_decay=settings["weight_decay"],
+    optimizer, scheduler, checkpoint, start, curve = start_training(
+        params, settings, total_steps, checkpoint_dir
     )
-    checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
-    start, curve = load_training_state(checkpoint, params, optimizer, scheduler)
     if start:
         log.info("resuming prefix tuning at step %d of %d", start, total_steps)
 

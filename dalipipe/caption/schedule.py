@@ -37,6 +37,23 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def start_training(params, settings: dict, total_steps: int, checkpoint_dir):
+    """AdamW + cosine from `settings`, resumed from `checkpoint_dir` when it holds a checkpoint
+    written under the same settings: (optimizer, scheduler, checkpoint, first step, curve)."""
+    from dalipipe.training import TrainCheckpoint
+
+    optimizer, scheduler = adamw_cosine(
+        params,
+        lr=settings["lr"],
+        total_steps=total_steps,
+        warmup_ratio=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+    )
+    checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
+    start, curve = load_training_state(checkpoint, params, optimizer, scheduler)
+    return optimizer, scheduler, checkpoint, start, curve
+
+
 def load_training_state(checkpoint, params, optimizer, scheduler) -> tuple[int, list[dict]]:
     """Restore trainable tensors, optimiser and schedule from `checkpoint` (a TrainCheckpoint).
 
