@@ -1,22 +1,19 @@
 """The AudioSet downloader for real: yt-dlp against a local HTTP server serving generated MP4s.
 
-The server (threaded, on 127.0.0.1) answers byte ranges like a video host, and has ids that
-404, 403, fail once, stall, or cut the body short. yt-dlp's generic extractor reads them, and
-ffmpeg cuts the segment's 10 s out of a 20 s video whose tone changes from 440 Hz to 880 Hz
+The server (tests/video_host.py: threaded, on 127.0.0.1) answers byte ranges like a video host,
+and has ids that 404, 403, fail once, stall, or cut the body short. yt-dlp's generic extractor
+reads them, and ffmpeg cuts the segment's 10 s out of a 20 s video whose tone changes from 440 Hz to 880 Hz
 at 10 s, so the test can hear where the cut fell.
 """
 
 import csv
-import http.server
 import json
-import re
-import subprocess
-import threading
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
+from video_host import make_video, serve_videos
 
 from dalipipe.data import download
 from dalipipe.data.audioset import Segment
@@ -24,95 +21,17 @@ from dalipipe.data.audioset import Segment
 GOOD, SLOW, FLAKY = "goodVideo01", "slowVideo01", "flakyVideo1"
 MISSING, FORBIDDEN, STALL, TRUNC = "missingVid1", "forbidden01", "stallVideo1", "truncVideo1"
 MEMBERS = "membersOnly"  # its page is served only with the cookie session=let-me-in
-
-
-def make_video(path):
-    import imageio_ffmpeg
-
-    tone = "sin(2*PI*if(lt(t\\,10)\\,440\\,880)*t)"
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y",
-         "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=20",
-         "-f", "lavfi", "-i", f"aevalsrc={tone}:s=16000:d=20",
-         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
-        check=True,
-    )  # fmt: skip
-
-
-class VideoHost(http.server.BaseHTTPRequestHandler):
-    video: bytes = b""
-    requests: Counter = Counter()
-    lock = threading.Lock()
-
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self.answer(body=False)
-
-    def do_GET(self):
-        self.answer(body=True)
-
-    def answer(self, body):
-        match = re.fullmatch(r"/v/([A-Za-z0-9_-]{11})\.mp4", self.path)
-        vid = match.group(1) if match else None
-        with self.lock:
-            self.requests[vid] += 1
-            count = self.requests[vid]
-        if vid in (None, MISSING):
-            return self.send_error(404)
-        if vid == FORBIDDEN:
-            return self.send_error(403)
-        page_request = "Range" not in self.headers  # yt-dlp's; ffmpeg then reads byte ranges
-        if (
-            vid == MEMBERS
-            and page_request
-            and "session=let-me-in" not in self.headers.get("Cookie", "")
-        ):
-            return self.send_error(403)  # like YouTube: the page needs the cookie, media does not
-        if vid == FLAKY and count == 1:
-            return self.send_error(503)
-        if vid == SLOW:
-            time.sleep(0.5)
-        if vid == STALL:
-            time.sleep(3.0)  # longer than the socket timeout
-        data = self.video
-        start, end = 0, len(data) - 1
-        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if ranged:
-            start = int(ranged.group(1))
-            end = int(ranged.group(2)) if ranged.group(2) else end
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Type", "video/mp4")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.end_headers()
-        if body:
-            chunk = data[start : end + 1]
-            if vid == TRUNC:
-                chunk = chunk[: len(chunk) // 3]  # promise everything, send a third, hang up
-            try:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (the stalled id): expected
+BEHAVIOURS = {SLOW: "slow", FLAKY: "flaky", MISSING: "missing", FORBIDDEN: "forbidden",
+              STALL: "stall", TRUNC: "trunc", MEMBERS: "members"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
+    """The local video host (tests/video_host.py); ``host.url_template``, ``host.requests``."""
     path = tmp_path_factory.mktemp("host") / "video.mp4"
     make_video(path)
-    VideoHost.video = path.read_bytes()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), VideoHost)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v/{{youtube_id}}.mp4"
-    server.shutdown()
-    server.server_close()
+    with serve_videos(path.read_bytes(), BEHAVIOURS, stall_s=3.0) as server:
+        yield server
 
 
 def segment(vid, start=5.0):
@@ -170,7 +89,7 @@ def test_download_part_against_local_host(host, tmp_path):
 
     from dalipipe.data.ffmpeg import decode_audio, probe
 
-    cfg = {"url_template": host, "retries": 1, "backoff_s": 0.05, "rate_limit": 0,
+    cfg = {"url_template": host.url_template, "retries": 1, "backoff_s": 0.05, "rate_limit": 0,
            "socket_timeout": 1.5, "height": 240}  # fmt: skip
     vids = [GOOD, SLOW, FLAKY, MISSING, FORBIDDEN, STALL, TRUNC]
     segments = [segment(v) for v in vids]
@@ -179,8 +98,8 @@ def test_download_part_against_local_host(host, tmp_path):
     status = {r["clip_id"].split("_")[0]: r["status"] for r in rows}
     assert status == {GOOD: "ok", SLOW: "ok", FLAKY: "ok", MISSING: "unavailable",
                       FORBIDDEN: "blocked", STALL: "error", TRUNC: "error"}  # fmt: skip
-    assert VideoHost.requests[MISSING] == 1  # final: not retried
-    assert VideoHost.requests[FLAKY] >= 2
+    assert host.requests[MISSING] == 1  # final: not retried
+    assert host.requests[FLAKY] >= 2
 
     with open(out / "manifest.csv", newline="") as f:
         manifest = list(csv.DictReader(f))
@@ -207,10 +126,10 @@ def test_download_part_against_local_host(host, tmp_path):
     assert abs(tone_hz(wave[-3 * 16000 :]) - 880) < 5  # source seconds 12-15
 
     # A restart fetches only what is not final; a lost output dir is rebuilt without fetching.
-    before = Counter(VideoHost.requests)
+    before = Counter(host.requests)
     shutil.rmtree(out)
     rows_again = download.acquire_part(segments, cfg, out)
-    fetched = VideoHost.requests - before
+    fetched = host.requests - before
     assert set(fetched) == {FORBIDDEN, STALL, TRUNC}
     assert [r["status"] for r in rows_again] == [r["status"] for r in rows]
     assert (out / "clips" / "goodVideo01_5000.mp4").stat().st_size > 10_000
@@ -222,7 +141,7 @@ def test_cookies_file_is_sent_and_left_untouched(host, tmp_path):
         "# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t4102444800\tsession\tlet-me-in\n"
     )
     cookies.write_text(text)
-    cfg = {"url_template": host, "retries": 0, "rate_limit": 0, "socket_timeout": 5}
+    cfg = {"url_template": host.url_template, "retries": 0, "rate_limit": 0, "socket_timeout": 5}
     without = download.acquire_part([segment(MEMBERS)], cfg, tmp_path / "a")
     with_cookies = download.acquire_part(
         [segment(MEMBERS)], {**cfg, "cookies": str(cookies)}, tmp_path / "b"
