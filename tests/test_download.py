@@ -2,8 +2,8 @@
 
 The server (tests/video_host.py: threaded, on 127.0.0.1) answers byte ranges like a video host,
 and has ids that 404, 403, fail once, stall, or cut the body short. yt-dlp's generic extractor
-reads them, and ffmpeg cuts the segment's 10 s out of a 20 s video whose tone changes from 440 Hz to 880 Hz
-at 10 s, so the test can hear where the cut fell.
+reads them, and ffmpeg cuts the segment's 10 s out of a 20 s video whose tone changes from
+440 Hz to 880 Hz at 10 s, so the test can hear where the cut fell.
 """
 
 import csv
