@@ -185,6 +185,53 @@ def test_kept_list_filters_only_the_align_split(tmp_path):
     assert [s["clip_id"] for s in shard.load_split(tmp_path / "test")] == ["t0"]
 
 
+def test_evaluation_ids_are_dropped_from_every_training_split(tmp_path):
+    """filter.exclude_id_lists at the shards: the only check every training clip passes, since
+    the filter scores only filter.splits and may be off, and a local source selects nothing."""
+    clips = [
+        ("dQw4w9WgXcQ_30000", "align", 0, "ok", 1),  # <ytid>_<ms>
+        ("keepMe00001_0", "align", 0, "ok", 1),
+        ("Y-0Gj8-vB1q4_30_000_40_000", "pseudolabel", 1, "ok", 1),  # Y<ytid>_30.000_40.000.wav
+        ("keepMe00002", "pseudolabel", 1, "ok", 1),
+        ("-0Gj8-vB1q4", "prefix", 0, "ok", 1),  # <ytid>.wav
+        ("street_scene", "prefix", 1, "ok", 1),  # its id only in the metadata (local CSV column)
+        ("a_prefix_clip", "prefix", 1, "ok", 1),
+        ("dQw4w9WgXcQ", "test", 0, "ok", 1),  # the evaluation clip itself stays in test
+    ]
+    parts, metadata = make_extract(tmp_path, clips)
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    rows[5]["youtube_id"] = "Yh9xQ1vKc0Z"
+    metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    audiocaps = tmp_path / "audiocaps_test.csv"
+    audiocaps.write_text(
+        "audiocap_id,youtube_id,start_time,caption\n"
+        "1,dQw4w9WgXcQ,30,A man sings\n2,-0Gj8-vB1q4,30,A dog barks\n"
+    )
+    plain = tmp_path / "clotho_ids.txt"
+    plain.write_text("Yh9xQ1vKc0Z\n")
+    kept = tmp_path / "kept.txt"  # a kept list holding an evaluation clip does not save it
+    kept.write_text("dQw4w9WgXcQ_30000\nkeepMe00001_0\n")
+    params = json.dumps({"seed": 0, "shard": {"samples_per_shard": 10}})
+    argv = ["--params", params, "--extract", *map(str, parts), "--metadata", str(metadata)]
+    exclude = ["--exclude", str(audiocaps), str(plain)]
+    written, excluded = {}, {}
+    for split in ("align", "pseudolabel", "prefix", "test"):
+        extra = ["--kept", str(kept)] if split == "align" else []
+        out = tmp_path / "shards" / split
+        assert shard.main([*argv, *extra, *exclude, "--split", split, "--out", str(out)]) == 0
+        written[split] = ids(shard.load_split(out))
+        excluded[split] = json.loads((out / "index.json").read_text())["counts"].get(
+            "excluded_eval_ids"
+        )
+    assert written == {
+        "align": ["keepMe00001_0"],
+        "pseudolabel": ["keepMe00002"],
+        "prefix": ["a_prefix_clip"],
+        "test": ["dQw4w9WgXcQ"],
+    }
+    assert excluded == {"align": 1, "pseudolabel": 1, "prefix": 2, "test": None}
+
+
 def ids(reader):
     return [s["clip_id"] for s in reader]
 

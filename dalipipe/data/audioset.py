@@ -46,11 +46,16 @@ def clip_id_for(youtube_id: str, start_s: float) -> str:
     return f"{youtube_id}_{round(start_s * 1000)}"
 
 
+# clip ids made from the usual names of AudioSet/AudioCaps files (dalipipe.data.local.safe_id):
+# <ytid>, Y<ytid>, <ytid>_<ms> (ours), Y<ytid>_30_000_40_000 (from Y<ytid>_30.000_40.000.wav)
+_CLIP_ID_WITH_YOUTUBE_ID = re.compile(r"^Y?([A-Za-z0-9_-]{11})(?:_\d+)*$")
+
+
 def youtube_id_of(clip: dict) -> str | None:
-    """The YouTube id of a metadata row: its ``youtube_id`` field, else a ``<ytid>_<ms>`` clip id."""
+    """The YouTube id of a metadata row: its ``youtube_id`` field, else read from its clip id."""
     if clip.get("youtube_id"):
         return clip["youtube_id"]
-    match = re.match(r"^([A-Za-z0-9_-]{11})_\d+$", clip.get("clip_id", ""))
+    match = _CLIP_ID_WITH_YOUTUBE_ID.match(clip.get("clip_id", ""))
     return match.group(1) if match else None
 
 

@@ -5,7 +5,8 @@
 
 A folder is searched recursively for audio and video files (by extension), in sorted order.
 A CSV has a header with a `path` column and optionally `clip_id`, `start_s`, `labels`
-(AudioSet-style names joined by `;`) and `split`; relative paths are taken from the CSV's
+(AudioSet-style names joined by `;`), `split` and `youtube_id` (kept in the metadata, so the
+evaluation-id lists find the clip whatever its name); relative paths are taken from the CSV's
 folder. Clip ids not given are made from the file names (ASCII letters, digits, `_` and `-`;
 `_2`, `_3`... added to repeats). Ids are assigned over the whole list before it is cut into
 parts, so a clip keeps its id whatever the number of parts.
@@ -102,6 +103,8 @@ def list_csv(table: Path, split: str) -> list[dict]:
             "labels": [x.strip() for x in (row.get("labels") or "").split(";") if x.strip()],
             "reason": "",
         }
+        if row.get("youtube_id"):
+            entry["youtube_id"] = row["youtube_id"]
         try:
             entry["start_s"] = float(row.get("start_s") or 0.0)
             if entry["start_s"] < 0:
@@ -160,6 +163,8 @@ def write_part(entries: list[dict], out: Path) -> list[dict]:
                 }
             )
             meta = {k: e[k] for k in ("clip_id", "split", "labels", "start_s", "source")}
+            if e.get("youtube_id"):
+                meta["youtube_id"] = e["youtube_id"]
             metas.append(meta)
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)

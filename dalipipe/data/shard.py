@@ -7,7 +7,10 @@
 Writes ``<split>-<nnnnnn>.tar`` (plain tar in webdataset layout: members ``<key>.frame<k>.jpg``,
 ``<key>.fbank.npy``, optional ``<key>.audio.wav`` and ``<key>.json``, grouped by key and sorted
 by clip id), ``stats-<nnnnnn>.json`` beside each shard, and ``index.json`` (shards, counts, the
-clips skipped and why). Training code reads them with ``ShardReader``; small splits with
+clips skipped and why). ``--exclude`` takes the evaluation-id lists (``filter.exclude_id_lists``):
+a clip of a training split whose YouTube id is listed is dropped and counted
+(``counts.excluded_eval_ids``), whatever the acquire source and whether the filter ran; the
+``test`` split is never filtered this way. Training code reads them with ``ShardReader``; small splits with
 ``load_split``. Tars are byte-for-byte reproducible: fixed member order, mtimes and owners.
 """
 
@@ -33,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
+from dalipipe.data.audioset import read_exclusions, youtube_id_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ FRAME_FILE = re.compile(r"^frame_(\d+)\.jpg$")  # in an extract clip directory
 FRAME_FIELD = re.compile(r"^frame(\d+)\.jpg$")  # in a shard sample
 DEFAULT_SAMPLES_PER_SHARD = 1000
 DEFAULT_REQUIRE_FRAMES = ("align", "pseudolabel", "prefix")  # config shard.require_frames
+EVALUATION_SPLITS = ("test",)  # the evaluation-id lists never drop clips from these
 
 
 def shard_key(clip_id: str) -> str:
@@ -153,8 +158,12 @@ def collect_clips(
     kept: set[str] | None = None,
     need_frames: bool = False,
     keep_wav: bool = False,
+    exclude: set[str] | None = None,
 ) -> tuple[list[Clip], Counter, list[dict]]:
-    """The split's writable clips (sorted by id), counts per outcome, and the skipped clips."""
+    """The split's writable clips (sorted by id), counts per outcome, and the skipped clips.
+
+    ``exclude``: YouTube ids never to write (evaluation sets); counted as ``excluded_eval_ids``.
+    """
     extracted = read_extract_manifests(extract_dirs)
     counts: Counter = Counter()
     skipped: list[dict] = []
@@ -162,7 +171,12 @@ def collect_clips(
     keys: dict[str, str] = {}
     fbank_shape = None
     wanted = sorted(cid for cid, row in metadata.items() if row.get("split") == split)
+    if exclude is not None:
+        counts["excluded_eval_ids"] = 0
     for clip_id in tqdm(wanted, desc=f"check {split}", unit="clip", mininterval=5):
+        if exclude and youtube_id_of(metadata[clip_id]) in exclude:
+            counts["excluded_eval_ids"] += 1
+            continue
         if kept is not None and clip_id not in kept:
             counts["filtered_out"] += 1
             continue
@@ -245,8 +259,13 @@ def write_split(
     kept_path: str | os.PathLike | None = None,
     need_frames: bool | None = None,
     keep_wav: bool = False,
+    exclude_lists: Sequence[str | os.PathLike] = (),
 ) -> dict:
-    """Shard one split into ``out_dir`` (written atomically); returns the index."""
+    """Shard one split into ``out_dir`` (written atomically); returns the index.
+
+    ``exclude_lists``: files of evaluation YouTube ids (``filter.exclude_id_lists``), dropped
+    from every split but the evaluation splits.
+    """
     if samples_per_shard < 1:
         raise ValueError(f"shard.samples_per_shard must be >= 1, got {samples_per_shard}")
     if need_frames is None:
@@ -261,10 +280,18 @@ def write_split(
                 kept_path,
                 split,
             )
+    exclude = None
+    if exclude_lists and split not in EVALUATION_SPLITS:
+        exclude = read_exclusions([str(p) for p in exclude_lists])
     metadata = read_metadata(metadata_path)
     clips, counts, skipped = collect_clips(
-        extract_dirs, metadata, split, kept, need_frames, keep_wav
+        extract_dirs, metadata, split, kept, need_frames, keep_wav, exclude
     )
+    if exclude is not None:
+        log.info(
+            "split %s: %d clip(s) dropped as evaluation ids (%d ids in %s)",
+            split, counts["excluded_eval_ids"], len(exclude), ", ".join(map(str, exclude_lists)),
+        )  # fmt: skip
     if not clips:
         raise RuntimeError(
             f"split {split!r}: no clip to write ({dict(counts)}); see the skipped reasons above"
@@ -479,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extract", nargs="+", required=True, help="extract part directories")
     parser.add_argument("--metadata", required=True, help="the gathered acquire/metadata.jsonl")
     parser.add_argument("--kept", help="filter/kept.txt: the align clips to keep")
+    parser.add_argument(
+        "--exclude", nargs="*", default=[], help="evaluation-id lists (filter.exclude_id_lists)"
+    )
     parser.add_argument("--split", required=True, help="align, pseudolabel, prefix or test")
     parser.add_argument("--out", required=True, help="the split's shard directory")
     args = parser.parse_args(argv)
@@ -496,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             kept_path=args.kept,
             need_frames=args.split in require_frames,
             keep_wav=bool((params.get("extract") or {}).get("keep_wav", False)),
+            exclude_lists=args.exclude,
         )
     except (OSError, ValueError, RuntimeError) as err:
         log.error("shard %s: %s", args.split, err)
