@@ -10,13 +10,18 @@ SHARD_EXTRACT_PARTS = expand(
 )
 SHARD_METADATA = f"{RUN}/acquire/metadata.jsonl"
 SHARD_EXCLUDE = (config.get("filter") or {}).get("exclude_id_lists") or []
-SHARD_EXCLUDE_ARG = (
-    " ".join(["--exclude", *map(shlex.quote, SHARD_EXCLUDE)]) if SHARD_EXCLUDE else ""
-)
+# the training splits' params: the evaluation-id lists only when there are some, so a run
+# without any keeps the params (and the shards) it had
+SHARD_TRAIN_PARAMS = stage_params("extract", "shard")
+if SHARD_EXCLUDE:
+    SHARD_TRAIN_PARAMS = json.dumps(
+        {**json.loads(SHARD_TRAIN_PARAMS), "filter": {"exclude_id_lists": SHARD_EXCLUDE}},
+        sort_keys=True,
+    )
 SHARD_COMMAND = (
     "dalipipe shard --params {params.p:q} --extract {input.extract:q}"
-    " --metadata {input.metadata:q} {params.kept} {params.exclude} --split {params.split}"
-    " --out {output:q} > {log} 2>&1"
+    " --metadata {input.metadata:q} {params.kept} --split {params.split} --out {output:q}"
+    " > {log} 2>&1"
 )
 
 
@@ -29,10 +34,9 @@ rule shard_align:
     output:
         directory(f"{RUN}/shards/align"),
     params:
-        p=stage_params("extract", "shard"),
+        p=SHARD_TRAIN_PARAMS,
         split="align",
         kept=shard_kept_arg,
-        exclude=SHARD_EXCLUDE_ARG,
     conda:
         CONDA_ENV
     log:
@@ -53,10 +57,9 @@ rule shard_pseudolabel:
     output:
         directory(f"{RUN}/shards/pseudolabel"),
     params:
-        p=stage_params("extract", "shard"),
+        p=SHARD_TRAIN_PARAMS,
         split="pseudolabel",
         kept="",
-        exclude=SHARD_EXCLUDE_ARG,
     conda:
         CONDA_ENV
     log:
@@ -77,10 +80,9 @@ rule shard_prefix:
     output:
         directory(f"{RUN}/shards/prefix"),
     params:
-        p=stage_params("extract", "shard"),
+        p=SHARD_TRAIN_PARAMS,
         split="prefix",
         kept="",
-        exclude=SHARD_EXCLUDE_ARG,
     conda:
         CONDA_ENV
     log:
@@ -103,7 +105,6 @@ rule shard_test:
         p=stage_params("extract", "shard"),
         split="test",
         kept="",
-        exclude="",  # the evaluation clips themselves
     conda:
         CONDA_ENV
     log:

@@ -211,14 +211,14 @@ def test_evaluation_ids_are_dropped_from_every_training_split(tmp_path):
     plain.write_text("Yh9xQ1vKc0Z\n")
     kept = tmp_path / "kept.txt"  # a kept list holding an evaluation clip does not save it
     kept.write_text("dQw4w9WgXcQ_30000\nkeepMe00001_0\n")
-    params = json.dumps({"seed": 0, "shard": {"samples_per_shard": 10}})
+    lists = {"exclude_id_lists": [str(audiocaps), str(plain)]}
+    params = json.dumps({"seed": 0, "shard": {"samples_per_shard": 10}, "filter": lists})
     argv = ["--params", params, "--extract", *map(str, parts), "--metadata", str(metadata)]
-    exclude = ["--exclude", str(audiocaps), str(plain)]
     written, excluded = {}, {}
     for split in ("align", "pseudolabel", "prefix", "test"):
         extra = ["--kept", str(kept)] if split == "align" else []
         out = tmp_path / "shards" / split
-        assert shard.main([*argv, *extra, *exclude, "--split", split, "--out", str(out)]) == 0
+        assert shard.main([*argv, *extra, "--split", split, "--out", str(out)]) == 0
         written[split] = ids(shard.load_split(out))
         excluded[split] = json.loads((out / "index.json").read_text())["counts"].get(
             "excluded_eval_ids"

@@ -7,8 +7,8 @@
 Writes ``<split>-<nnnnnn>.tar`` (plain tar in webdataset layout: members ``<key>.frame<k>.jpg``,
 ``<key>.fbank.npy``, optional ``<key>.audio.wav`` and ``<key>.json``, grouped by key and sorted
 by clip id), ``stats-<nnnnnn>.json`` beside each shard, and ``index.json`` (shards, counts, the
-clips skipped and why). ``--exclude`` takes the evaluation-id lists (``filter.exclude_id_lists``):
-a clip of a training split whose YouTube id is listed is dropped and counted
+clips skipped and why). Evaluation-id lists (``filter.exclude_id_lists`` in ``--params``): a clip
+of a training split whose YouTube id is listed is dropped and counted
 (``counts.excluded_eval_ids``), whatever the acquire source and whether the filter ran; the
 ``test`` split is never filtered this way. Training code reads them with ``ShardReader``; small splits with
 ``load_split``. Tars are byte-for-byte reproducible: fixed member order, mtimes and owners.
@@ -502,13 +502,12 @@ def load_split(shard_dir: str | os.PathLike) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe shard", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", help="JSON (or @file) with the shard and extract sections")
+    parser.add_argument(
+        "--params", help="JSON (or @file): sections shard, extract, filter.exclude_id_lists"
+    )
     parser.add_argument("--extract", nargs="+", required=True, help="extract part directories")
     parser.add_argument("--metadata", required=True, help="the gathered acquire/metadata.jsonl")
     parser.add_argument("--kept", help="filter/kept.txt: the align clips to keep")
-    parser.add_argument(
-        "--exclude", nargs="*", default=[], help="evaluation-id lists (filter.exclude_id_lists)"
-    )
     parser.add_argument("--split", required=True, help="align, pseudolabel, prefix or test")
     parser.add_argument("--out", required=True, help="the split's shard directory")
     args = parser.parse_args(argv)
@@ -526,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             kept_path=args.kept,
             need_frames=args.split in require_frames,
             keep_wav=bool((params.get("extract") or {}).get("keep_wav", False)),
-            exclude_lists=args.exclude,
+            exclude_lists=(params.get("filter") or {}).get("exclude_id_lists") or [],
         )
     except (OSError, ValueError, RuntimeError) as err:
         log.error("shard %s: %s", args.split, err)
