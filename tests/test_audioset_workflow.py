@@ -265,7 +265,8 @@ def test_shards_hold_exactly_the_kept_clips(run):
     kept = (results / "filter/kept.txt").read_text().split()
     index = json.loads((results / "shards/align/index.json").read_text())
     assert index["total"] == 3 and [s["count"] for s in index["shards"]] == [2, 1]
-    assert index["counts"]["filtered_out"] == 8 and index["counts"]["written"] == 3
+    # the evaluation id never reached the metadata, so the shard stage's own check finds none
+    assert index["counts"] == {"excluded_eval_ids": 0, "filtered_out": 8, "written": 3}
     samples = load_split(results / "shards/align")
     assert [s["clip_id"] for s in samples] == sorted(kept)
     for sample in samples:
@@ -284,3 +285,34 @@ def test_shards_hold_exactly_the_kept_clips(run):
 def test_a_second_run_does_nothing(run, snakemake_in):
     *_, (workdir, config) = run
     assert "Nothing to be done" in snakemake_in(workdir, TARGET, "--configfile", str(config))
+
+
+def test_a_changed_caption_setting_recaptions_and_downloads_nothing(run, snakemake_in):
+    """filter.max_new_tokens 6 -> 3: the filter parts rerun and caption again (greedy decoding:
+    each new caption is the start of the old one), nothing is fetched, extracted or reselected.
+    The caption journal of the first run must not be reused for the new settings."""
+    results, host, _, (workdir, config) = run
+    before = [
+        json.loads(line)
+        for i in range(2)
+        for line in (results / f"filter/part-{i}/captions.jsonl").open()
+    ]
+    settings = yaml.safe_load(config.read_text())
+    settings["filter"]["max_new_tokens"] = 3
+    changed = config.with_name("audioset-3-tokens.yaml")
+    changed.write_text(yaml.safe_dump(settings))
+    requests = sum(host.requests.values())
+    output = snakemake_in(workdir, TARGET, "--configfile", str(changed))
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", output, re.M))
+    assert jobs == {"filter_part": "2", "filter_merge": "1", "shard_align": "1", "total": "4"}
+    assert sum(host.requests.values()) == requests
+    after = {
+        row["clip_id"]: row["captions"]
+        for i in range(2)
+        for row in map(json.loads, (results / f"filter/part-{i}/captions.jsonl").open())
+    }
+    pairs = [
+        (old, new) for row in before for old, new in zip(row["captions"], after[row["clip_id"]])
+    ]
+    assert len(pairs) == 56 and all(old.startswith(new) for old, new in pairs)
+    assert sum(len(new) < len(old) for old, new in pairs) > 28

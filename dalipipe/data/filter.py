@@ -17,7 +17,9 @@ clip distance = the mean over its frames. Clips whose YouTube id is in an evalua
 (``filter.exclude_id_lists``) are dropped here too, and counted. Writes ``captions.jsonl``
 (one row per clip: its frame captions), ``distances.csv``, ``skipped.csv`` and ``summary.json``;
 ``dalipipe filter-merge`` keeps the closest clips over all parts. Captions are journalled in
-``<out>.work/`` as they are made, so a killed job resumes where it stopped.
+``<out>.work/`` as they are made, so a killed job resumes where it stopped; the journal records
+the captioning settings (captioner, its revision and files, prompt, max_new_tokens) and is
+discarded when they change, so a rerun never reuses another captioner's captions.
 """
 
 from __future__ import annotations
@@ -296,6 +298,41 @@ def _read_journal(path: Path) -> dict:
     return captions
 
 
+def captioning_settings(cfg: dict) -> dict:
+    """What the frame captions depend on; a journal written under other settings is stale.
+
+    A local captioner directory is identified by its files' sizes and mtimes too, so a
+    retrained model at the same path (the miniature's bootstrap) is not taken for the old one.
+    """
+    name = str(cfg["captioner"])
+    files = {}
+    if Path(name).is_dir():
+        files = {
+            p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(Path(name).iterdir())
+            if p.is_file()
+        }
+    return {
+        "captioner": name,
+        "captioner_revision": cfg.get("captioner_revision"),
+        "captioner_files": files,
+        "prompt": llava_prompt(cfg),  # used by LLaVA only; a change costs a BLIP-2 re-run
+        "max_new_tokens": int(cfg["max_new_tokens"]),
+    }
+
+
+def open_journal(journal_path: Path, settings: dict) -> None:
+    """Keep the caption journal only if it was written under ``settings``; record them."""
+    stamp = journal_path.with_name(journal_path.stem + ".settings.json")
+    if journal_path.exists() and not stamp.is_file():
+        log.warning("%s: no settings recorded (an older version); kept as is", journal_path)
+    elif journal_path.exists() and json.loads(stamp.read_text()) != settings:
+        log.info("%s: written under other captioning settings; discarded", journal_path)
+        journal_path.unlink()
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, settings)
+
+
 def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_path: Path) -> dict:
     """clip_id -> frame captions, reusing the journal of an interrupted run.
 
@@ -366,6 +403,7 @@ def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name
         extract_dir, len(clips), len(skipped), excluded,
     )  # fmt: skip
     journal = out_dir.with_name(out_dir.name + ".work") / "captions.jsonl"
+    open_journal(journal, captioning_settings(cfg))
 
     def make_captioner():
         return FrameCaptioner(
