@@ -21,8 +21,9 @@ from dalipipe.data.audioset import Segment
 GOOD, SLOW, FLAKY = "goodVideo01", "slowVideo01", "flakyVideo1"
 MISSING, FORBIDDEN, STALL, TRUNC = "missingVid1", "forbidden01", "stallVideo1", "truncVideo1"
 MEMBERS = "membersOnly"  # its page is served only with the cookie session=let-me-in
+LATER = "comesLater1"  # 404 until a test makes the host serve it
 BEHAVIOURS = {SLOW: "slow", FLAKY: "flaky", MISSING: "missing", FORBIDDEN: "forbidden",
-              STALL: "stall", TRUNC: "trunc", MEMBERS: "members"}  # fmt: skip
+              STALL: "stall", TRUNC: "trunc", MEMBERS: "members", LATER: "missing"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,26 @@ def test_cookies_file_is_sent_and_left_untouched(host, tmp_path):
         download.acquire_part(
             [segment(MEMBERS)], {**cfg, "cookies": str(tmp_path / "no")}, tmp_path / "c"
         )
+
+
+def test_journal_is_redone_under_other_fetch_settings(host, tmp_path):
+    """Final failures are tried again under other access settings (url_template, ytdlp_options,
+    cookies), every clip under another format or height; the same settings fetch nothing."""
+    cfg = {"url_template": host.url_template, "retries": 0, "rate_limit": 0, "socket_timeout": 5,
+           "height": 240}  # fmt: skip
+    segments = [segment(GOOD, start=1.0), segment(LATER)]
+    out = tmp_path / "part-0"
+
+    def statuses(cfg):
+        before = Counter(host.requests)
+        rows = download.acquire_part(segments, cfg, out)
+        fetched = host.requests - before
+        return [r["status"] for r in rows], {v for v in (GOOD, LATER) if fetched[v]}
+
+    assert statuses(cfg) == (["ok", "unavailable"], {GOOD, LATER})
+    host.behaviours.pop(LATER)  # the video is there now (as with a format that works)
+    assert statuses(cfg) == (["ok", "unavailable"], set())  # final: not asked again
+    other_access = {**cfg, "ytdlp_options": {"http_headers": {"X-Test": "1"}}}
+    assert statuses(other_access) == (["ok", "ok"], {LATER})
+    assert statuses({**other_access, "height": 120}) == (["ok", "ok"], {GOOD, LATER})
+    assert statuses({**other_access, "height": 120}) == (["ok", "ok"], set())

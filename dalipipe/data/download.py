@@ -9,7 +9,10 @@ and audio, in the format and height from config ``acquire.audioset``. Transient 
 retried with exponential back-off; requests are spaced by a rate limit. Each finished clip goes to
 a journal beside the output (``<out>.work/``), so a restart fetches only what is not finished:
 ``ok``, ``unavailable``, ``private`` and ``removed`` are final, ``blocked`` and ``error`` are
-tried again. The output directory holds ``clips/<clip_id>.mp4`` (hard links into the work dir),
+tried again. The journal records the settings it was written under: another ``format`` or
+``height`` fetches every clip again (other files), another ``url_template``, ``ytdlp_options``
+or a cookies file given or taken away tries the final failures again (``unavailable`` can be
+the answer to a format no client could get). The output directory holds ``clips/<clip_id>.mp4`` (hard links into the work dir),
 ``manifest.csv`` and ``metadata.jsonl`` (DEVELOPING.md). The manifest's ``start_s`` is the
 offset in the file (0: the file holds only the segment); the metadata's ``start_s`` is the
 segment's start in the YouTube video.
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.common import atomic_path, parse_params, setup_logging, write_json, write_jsonl
 from dalipipe.data.audioset import YOUTUBE_ID, Segment, read_selection
 
 log = logging.getLogger(__name__)
@@ -228,6 +231,37 @@ def _read_journal(path: Path) -> dict[str, dict]:
     return done
 
 
+def fetch_settings(cfg: dict) -> dict:
+    """What a journal row depends on: ``media`` (the files) and ``access`` (final failures)."""
+    return {
+        "media": {"format": cfg["format"].format(height=int(cfg["height"]))},
+        "access": {
+            "url_template": cfg["url_template"],
+            "cookies": bool(cfg.get("cookies")),
+            "ytdlp_options": cfg.get("ytdlp_options") or {},
+        },
+    }
+
+
+def _journal_under(journal_path: Path, done: dict[str, dict], settings: dict) -> dict[str, dict]:
+    """The journal rows still valid under ``settings``; the journal is rewritten to hold them."""
+    stamp = journal_path.with_name("settings.json")
+    old = json.loads(stamp.read_text()) if stamp.is_file() else None
+    kept = done
+    if old is None and done:
+        log.warning("%s: no settings recorded (an older version); kept as is", journal_path)
+    elif old is not None and old.get("media") != settings["media"]:
+        kept = {}
+        log.info("format settings changed: all %d journalled clips are fetched again", len(done))
+    elif old is not None and old.get("access") != settings["access"]:
+        kept = {k: row for k, row in done.items() if row["status"] == "ok"}
+        log.info("access settings changed: %d failed clips are tried again", len(done) - len(kept))
+    if kept is not done:
+        write_jsonl(journal_path, kept.values())
+    write_json(stamp, settings)
+    return kept
+
+
 def acquire_part(segments: list[Segment], cfg: dict, out_dir: str | Path) -> list[dict]:
     """Fetch every segment not finished before; write the part directory; return manifest rows."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
@@ -238,7 +272,7 @@ def acquire_part(segments: list[Segment], cfg: dict, out_dir: str | Path) -> lis
     clips_dir = work / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
     journal_path = work / "journal.jsonl"
-    done = _read_journal(journal_path)
+    done = _journal_under(journal_path, _read_journal(journal_path), fetch_settings(cfg))
     folder = ffmpeg_dir(work)
     if cfg.get("cookies"):
         # yt-dlp writes the cookie jar back on exit: each job gets its own copy, so parallel
