@@ -213,6 +213,13 @@ def test_every_failure_is_a_manifest_row_with_its_status(run):
     assert summary["clips"] == 11 and summary["parts"] == 2
     assert summary["status"] == {"ok": 6, "unavailable": 2, "blocked": 1, "error": 2}
     assert summary["splits"] == {"align": summary["status"]}
+    reasons = summary["top_failure_reasons"]  # grouped by cause, without the clip's id
+    assert sum(reasons.values()) == 5
+    assert reasons["Unable to download webpage: HTTP Error 404: Not Found"] == 2
+    assert reasons["Unable to download webpage: HTTP Error 403: Forbidden"] == 1
+    assert [k for k in reasons if k.startswith("Unable to download webpage: HTTPConnectionPool")
+            and k.endswith("Read timed out. (read timeout=1.5)")]  # fmt: skip
+    assert [k for k in reasons if k.startswith("ffmpeg exited with code")]
     metadata = [json.loads(line) for line in (results / "acquire/metadata.jsonl").open()]
     assert {m["clip_id"] for m in metadata} == set(expected)
     guitar = next(m for m in metadata if m["youtube_id"] == "guitarMus01")

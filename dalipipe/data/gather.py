@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,24 @@ from dalipipe.common import atomic_path, read_jsonl, setup_logging, write_json, 
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
+
+
+# yt-dlp's messages: "[youtube] <id>: Video unavailable (caused by <...>)"
+_YTDLP_PREFIX = re.compile(r"^\[[\w:-]+\] [A-Za-z0-9_-]+: ")
+_CAUSED_BY = re.compile(r"\s*\(caused by .*\)$", re.S)
+
+
+def reason_key(reason: str) -> str:
+    """A failure reason without what names the clip, so that like failures count together.
+
+    A yt-dlp message loses its ``[extractor] <id>: `` prefix and its ``(caused by ...)`` chain;
+    any other reason keeps what follows its last ``: `` (``<path>: file not found``).
+    """
+    if _YTDLP_PREFIX.match(reason):
+        key = _CAUSED_BY.sub("", _YTDLP_PREFIX.sub("", reason))
+    else:
+        key = reason.split(": ")[-1]
+    return key.strip()[:120]
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -54,7 +73,7 @@ def gather(parts: list[Path], out: Path) -> dict:
     by_split: dict[str, Counter] = {}
     for row in rows:
         by_split.setdefault(row["split"], Counter())[row["status"]] += 1
-    reasons = Counter(row["reason"].split(": ")[-1][:80] for row in rows if row["status"] != "ok")
+    reasons = Counter(reason_key(row["reason"]) for row in rows if row["status"] != "ok")
     summary = {
         "clips": len(rows),
         "parts": len(parts),
