@@ -7,8 +7,8 @@ index (``index,mid,display_name``) and the ontology JSON, which lets a class nam
 and every class below it. Malformed rows are logged with their line number and skipped. Clips whose
 YouTube id is in an evaluation set (``filter.exclude_id_lists``) are never selected, so nothing we
 evaluate on is downloaded for training. ``split_names`` renames AudioSet splits to pipeline
-splits (e.g. unbalanced_train -> align, balanced_train -> pseudolabel) in the metadata. Writes ``part-<i>.jsonl`` (one segment per line) and
-``summary.json``.
+splits (e.g. unbalanced_train -> align, balanced_train -> pseudolabel) in the metadata. Writes
+``part-<i>.jsonl`` (one segment per line) and ``summary.json``.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ a journal beside the output (``<out>.work/``), so a restart fetches only what is
 tried again. The journal records the settings it was written under: another ``format`` or
 ``height`` fetches every clip again (other files), another ``url_template``, ``ytdlp_options``
 or a cookies file given or taken away tries the final failures again (``unavailable`` can be
-the answer to a format no client could get). The output directory holds ``clips/<clip_id>.mp4`` (hard links into the work dir),
-``manifest.csv`` and ``metadata.jsonl`` (DEVELOPING.md). The manifest's ``start_s`` is the
+the answer to a format no client could get). The output directory holds ``clips/<clip_id>.mp4``
+(hard links into the work dir), ``manifest.csv`` and ``metadata.jsonl`` (DEVELOPING.md). The manifest's ``start_s`` is the
 offset in the file (0: the file holds only the segment); the metadata's ``start_s`` is the
 segment's start in the YouTube video.
 

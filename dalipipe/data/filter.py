@@ -5,8 +5,9 @@
 
 An image captioner describes the first frame of each second (BLIP-2 in the paper; any
 ``LlavaForConditionalGeneration`` checkpoint too, prompted for a description, since the
-miniature run has no BLIP-2; the question goes in the template it was trained with). Each frame caption and the clip's label names (joined with ", ",
-e.g. "Dog, Bark") are embedded by a text encoder:
+miniature run has no BLIP-2; the question goes in the template it was trained with). Each frame
+caption and the clip's label names (joined with ", ", e.g. "Dog, Bark") are embedded by a text
+encoder:
 
 - ``gpt2`` (the paper): the mean of GPT-2's last hidden state over the text's tokens;
 - ``minilm``: the all-MiniLM-L6-v2 sentence embedding (mean pooling, unit norm) shipped in the

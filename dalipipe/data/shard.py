@@ -10,8 +10,8 @@ by clip id), ``stats-<nnnnnn>.json`` beside each shard, and ``index.json`` (shar
 clips skipped and why). Evaluation-id lists (``filter.exclude_id_lists`` in ``--params``): a clip
 of a training split whose YouTube id is listed is dropped and counted
 (``counts.excluded_eval_ids``), whatever the acquire source and whether the filter ran; the
-``test`` split is never filtered this way. Training code reads them with ``ShardReader``; small splits with
-``load_split``. Tars are byte-for-byte reproducible: fixed member order, mtimes and owners.
+``test`` split is never filtered this way. Training code reads them with ``ShardReader``; small
+splits with ``load_split``. Tars are byte-for-byte reproducible: fixed member order, mtimes and owners.
 """
 
 from __future__ import annotations
