@@ -11,7 +11,11 @@ share `offscreen_fraction` of clips has one object heard but not seen and a shar
 something is always seen and something always heard). Frames: large objects on a near-uniform
 light-grey background, drifting slowly; audio: the heard objects' sounds at random gains plus
 pink background noise. Raw RGB frames and PCM audio of 8 clips at a time go to one ffmpeg
-process, which writes each clip as its own H.264 + AAC MP4.
+process, which writes each clip as its own H.264 + AAC MP4. The video is lossless H.264
+(`-qp 0`): x264's lossy decisions are not always the same from run to run (measured: 2 of 7,116
+clips got another first GOP in one of two runs, pixels off by up to 23/255), and that was enough to
+make two miniature runs of one seed differ; lossless, the decoded frames are the rendered ones
+(after 4:2:0 chroma subsampling) whatever the encoder decides.
 
 Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv and OUT/metadata.jsonl (DEVELOPING.md).
 Manifest paths start with OUT as given, so they are relative to the working directory when
@@ -207,7 +211,7 @@ def encode_mp4s(clips: list[Rendered], fps: int, sr: int, scratch: Path) -> None
             cmd += ["-f", "s16le", "-ar", str(sr), "-ac", "1", "-i", file_url(audio)]
             outputs += [
                 "-map", f"{2 * k}:v", "-map", f"{2 * k + 1}:a",
-                "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+                "-c:v", "libx264", "-preset", "veryfast", "-qp", "0", "-pix_fmt", "yuv420p",
                 "-threads", "1", "-g", str(fps),
                 "-c:a", "aac", "-b:a", "64k",
                 "-movflags", "+faststart", file_url(clip.path),
