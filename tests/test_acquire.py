@@ -263,3 +263,27 @@ def test_local_cli_splits_a_folder_into_parts(tmp_path):
     ]
     with pytest.raises(SystemExit):
         local.main(["--params", params, "--part", "2", "--out", str(tmp_path / "part-2")])
+
+
+def _roundtrip_yuv420(frames: np.ndarray) -> np.ndarray:
+    """The frames through ffmpeg's RGB -> yuv420p -> RGB conversion alone, with no encoder."""
+    n, h, w, _ = frames.shape
+    raw = subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+         "-i", "pipe:0", "-vf", "format=yuv420p", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"],
+        input=frames.tobytes(), capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    return np.frombuffer(raw, np.uint8).reshape(n, h, w, 3)
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_lossless_video_decodes_to_the_rendered_frames(tmp_path, lossless):
+    # world.lossless_video: the decoded frames are the drawn ones (up to 4:2:0 chroma), so no
+    # run-to-run choice of x264's can change them; crf 18 decodes to something close, not equal
+    cfg = synthetic.world_config(TINY)
+    clip = synthetic.render_clip(("align-000000", "align", 0), cfg, 7, tmp_path)
+    synthetic.encode_mp4s([clip], cfg["fps"], cfg["sample_rate"], tmp_path / "raw", lossless)
+    decoded = _first_frame(clip.path, 32)
+    expected = _roundtrip_yuv420(clip.frames[:1])[0]
+    assert np.array_equal(decoded, expected) == lossless
+    assert np.abs(decoded.astype(int) - expected).max() < 40

@@ -11,11 +11,11 @@ share `offscreen_fraction` of clips has one object heard but not seen and a shar
 something is always seen and something always heard). Frames: large objects on a near-uniform
 light-grey background, drifting slowly; audio: the heard objects' sounds at random gains plus
 pink background noise. Raw RGB frames and PCM audio of 8 clips at a time go to one ffmpeg
-process, which writes each clip as its own H.264 + AAC MP4. The video is lossless H.264
-(`-qp 0`): x264's lossy decisions are not always the same from run to run (measured: 2 of 7,116
-clips got another first GOP in one of two runs, pixels off by up to 23/255), and that was enough to
-make two miniature runs of one seed differ; lossless, the decoded frames are the rendered ones
-(after 4:2:0 chroma subsampling) whatever the encoder decides.
+process, which writes each clip as its own H.264 + AAC MP4. `lossless_video` picks lossless
+H.264 (`-qp 0`) over x264's `-crf 18`: x264's lossy choices are not always the same from run to
+run (measured: 2 of 7,116 clips got another first GOP in one of two runs, pixels off by up to
+23/255), enough to make two miniature runs of one seed differ; lossless, the decoded frames are
+the rendered ones (after 4:2:0 chroma subsampling) whatever the encoder decides.
 
 Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv and OUT/metadata.jsonl (DEVELOPING.md).
 Manifest paths start with OUT as given, so they are relative to the working directory when
@@ -56,6 +56,7 @@ WORLD_DEFAULTS = {
     "silent_fraction": 0.15,
     "max_objects": 3,
     "noise_level": 0.05,
+    "lossless_video": False,
     "splits": {"align": 6000, "pseudolabel": 800, "prefix": 16, "test": 300},
 }
 
@@ -193,12 +194,15 @@ class Rendered:
     meta: dict
 
 
-def encode_mp4s(clips: list[Rendered], fps: int, sr: int, scratch: Path) -> None:
+def encode_mp4s(
+    clips: list[Rendered], fps: int, sr: int, scratch: Path, lossless: bool = False
+) -> None:
     """H.264 + AAC MP4s from raw RGB frames and 16-bit PCM, all with one ffmpeg process
     (its start-up costs as much as encoding a miniature clip). Each output has its own
     encoders, so a clip's bytes do not depend on which clips share its process."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y"]
     outputs = []
+    quality = ["-qp", "0"] if lossless else ["-crf", "18"]
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         for k, clip in enumerate(clips):
@@ -211,7 +215,7 @@ def encode_mp4s(clips: list[Rendered], fps: int, sr: int, scratch: Path) -> None
             cmd += ["-f", "s16le", "-ar", str(sr), "-ac", "1", "-i", file_url(audio)]
             outputs += [
                 "-map", f"{2 * k}:v", "-map", f"{2 * k + 1}:a",
-                "-c:v", "libx264", "-preset", "veryfast", "-qp", "0", "-pix_fmt", "yuv420p",
+                "-c:v", "libx264", "-preset", "veryfast", *quality, "-pix_fmt", "yuv420p",
                 "-threads", "1", "-g", str(fps),
                 "-c:a", "aac", "-b:a", "64k",
                 "-movflags", "+faststart", file_url(clip.path),
@@ -270,7 +274,9 @@ def make_clips(clips: list, cfg: dict, seed: int, clips_dir: Path) -> list[tuple
 
     def encode(group: list[tuple[int, Rendered]]) -> None:
         scratch = clips_dir / f".raw-{group[0][1].clip_id}"
-        encode_mp4s([r for _, r in group], cfg["fps"], cfg["sample_rate"], scratch)
+        encode_mp4s(
+            [r for _, r in group], cfg["fps"], cfg["sample_rate"], scratch, cfg["lossless_video"]
+        )
         for i, r in group:
             results[i] = (r.meta, "")
 
