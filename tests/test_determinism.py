@@ -81,6 +81,9 @@ def test_two_runs_write_the_same_artifacts(two_runs):
 @pytest.mark.slow
 def test_training_curves_agree_except_wall_clock(two_runs):
     first, second = two_runs
-    for curve in sorted(first.rglob("curve.csv")):
+    curves = sorted(first.rglob("curve.csv"))
+    # bootstrap, prefix, and align + distill for each of the preset's two methods
+    assert len(curves) == 6, curves
+    for curve in curves:
         twin = second / curve.relative_to(first)
         assert curve_without_time(curve) == curve_without_time(twin), curve
