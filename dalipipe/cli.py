@@ -69,6 +69,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "download the Stanford CoreNLP jars SPICE needs",
     ),
     "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
+    "class-breakdown": (
+        "dalipipe.evaluate.class_breakdown",
+        "per-class recall of every system of a synthetic-world run",
+    ),
 }
 
 
