@@ -24,7 +24,7 @@ rule evaluate:
     wildcard_constraints:
         dataset="miniature|audiocaps|clotho",
     params:
-        p=stage_params("evaluate", "extract"),
+        p=stage_params("evaluate", "extract", "models"),
         shards=lambda wc: f"--shards {RUN}/shards/test" if wc.dataset == "miniature" else "",
         captioner=captioner_arg,
     conda:

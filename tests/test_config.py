@@ -86,3 +86,17 @@ def overlay(base: dict, extra: dict) -> dict:
 def test_every_preset_is_valid(config, name):
     preset = yaml.safe_load((REPO / "configs" / name).read_text())
     assert config_problems(overlay(config, preset)) == []
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "configs/paper.yaml"])
+def test_the_captioner_options_of_a_preset_reach_the_caption_stages(preset):
+    """prefix, pseudolabel, distill and evaluate build their captioner from `base_settings`;
+    the options (template, prompt) must be the preset's, not the captioner's defaults."""
+    from dalipipe.caption.assemble import base_settings
+    from dalipipe.models.captioner import CaptionerOptions
+
+    models = yaml.safe_load((REPO / preset).read_text())["models"]
+    base = base_settings({"models": models})
+    assert base["options"] == models["options"]
+    assert base["revision"] == models["captioner_revision"]
+    assert CaptionerOptions.from_dict(base["options"]).template == models["options"]["template"]

@@ -213,11 +213,12 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def _evaluate(root: Path, out: Path, **settings):
+def _evaluate(root: Path, out: Path, models: dict | None = None, **settings):
     params = {
         "seed": 0,
         "device": "cpu",
         "evaluate": {"max_new_tokens": 6, "batch_size": 4, **settings},
+        "models": models or {},
     }
     return run.evaluate(
         params,
@@ -294,6 +295,24 @@ def test_evaluate_writes_every_system_and_a_table(run_dir):
         first = json.loads((out / f"{name}.json").read_text())["captions"]
         second = json.loads((again / f"{name}.json").read_text())["captions"]
         assert first == second
+
+
+@pytest.mark.slow
+def test_evaluate_prompts_with_the_configured_options(run_dir):
+    """config `models.options` (template, prompt) reach every system not yet distilled; a
+    distilled captioner keeps the options it was trained with (its captioner.json)."""
+    from dalipipe.models.captioner import AudioCaptioner
+
+    options = {"template": "plain", "prompt": "What sound is it?"}
+    out = run_dir / "evaluate" / "options"
+    systems = ["image", "untrained", "audio", "audio_distilled"]
+    _evaluate(run_dir, out, models={"options": options}, systems=systems)
+    for name in ("image", "untrained", "mmd_audio", "ot_audio"):
+        used = json.loads((out / f"{name}.json").read_text())["options"]
+        assert {k: used[k] for k in options} == options, name
+    distilled = json.loads((out / "mmd_audio_distilled.json").read_text())["options"]
+    assert distilled == AudioCaptioner.from_dir(run_dir / "distill" / "mmd").options.to_dict()
+    assert distilled["template"] == "vicuna_v1"
 
 
 def _metas(root: Path) -> list[dict]:

@@ -21,7 +21,7 @@ def base_settings(params: dict) -> dict:
     models = params.get("models") or {}
     return {
         "revision": models.get("captioner_revision"),
-        "options": models.get("captioner_options"),
+        "options": models.get("options"),
     }
 
 

@@ -130,8 +130,13 @@ def load_inputs(ds: EvalSet) -> tuple[list, dict]:
 class CaptionerPool:
     """Builds each system's captioner, reusing the last one when two systems share it."""
 
-    def __init__(self, captioner_dir, prefix_dir, align_dirs, distill_dirs, device, seed):
+    def __init__(
+        self, captioner_dir, prefix_dir, align_dirs, distill_dirs, device, seed, base=None
+    ):
         self.captioner_dir, self.prefix_dir = captioner_dir, prefix_dir
+        # revision and options (prompt, template) of config `models`, as the training stages
+        # used them; a distilled captioner carries its own in captioner.json
+        self.base = base or {}
         self.align_dirs, self.distill_dirs = align_dirs, distill_dirs
         self.device, self.seed = device, seed
         self._key, self._captioner = None, None
@@ -161,7 +166,7 @@ class CaptionerPool:
         prefix = self.prefix_dir if system.use_prefix else None
         if system.kind == "untrained":
             captioner = assemble(
-                self.captioner_dir, prefix_dir=prefix, device=self.device, dtype=dtype
+                self.captioner_dir, prefix_dir=prefix, device=self.device, dtype=dtype, **self.base
             )
             captioner.audio_encoder = untrained_encoder(self.align_dirs, self.seed).to(
                 self.device, dtype
@@ -174,6 +179,7 @@ class CaptionerPool:
             prefix_dir=prefix,
             device=self.device,
             dtype=dtype,
+            **self.base,
         )
 
 
@@ -252,6 +258,8 @@ def evaluate(
     distill_dirs=(),
     shards=None,
 ) -> dict:
+    from dalipipe.caption.assemble import base_settings
+
     settings = {**DEFAULTS, **(params.get("evaluate") or {})}
     seed = int(settings["seed"] if settings.get("seed") is not None else params.get("seed", 0))
     device = pick_device(params.get("device", "auto"))
@@ -271,11 +279,13 @@ def evaluate(
     if not ds.has_video:
         systems = [s for s in systems if "image" not in s.modality]
     references = ds.references()
-    pool = CaptionerPool(captioner_dir, prefix_dir, align, distill, device, seed)
+    pool = CaptionerPool(
+        captioner_dir, prefix_dir, align, distill, device, seed, base=base_settings(params)
+    )
     began = time.time()
     with atomic_path(out, directory=True) as tmp:
         write_json(tmp / "references.json", references)
-        all_captions, seconds = {}, {}
+        all_captions, seconds, options = {}, {}, {}
         gap: dict[str, np.ndarray] = {}
         for system in systems:
             t0 = time.time()
@@ -284,6 +294,7 @@ def evaluate(
                 captioner, system, clips, inputs, settings, seed
             )
             seconds[system.name] = round(time.time() - t0, 2)
+            options[system.name] = captioner.options.to_dict()  # the prompt it was asked with
             if ds.has_video and system.kind in ("audio", "untrained"):
                 # While this encoder is loaded: its tokens for the modality-gap figure.
                 means = token_means(
@@ -306,6 +317,7 @@ def evaluate(
                 scores.update(world_scores.world_scores(captions, metas))
             record = {**asdict(system), "dataset": dataset, "captions": captions, "scores": scores}
             record.update(notes=notes, per_clip=per_clip, seconds=seconds[system.name])
+            record["options"] = options[system.name]
             write_json(tmp / f"{system.name}.json", record)
             rows.append(tables.table_row(system, scores))
             all_notes.update(notes)
@@ -336,7 +348,9 @@ def evaluate(
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--params", default="{}", help="JSON object (or @file): seed, device, evaluate, extract"
+        "--params",
+        default="{}",
+        help="JSON object (or @file): seed, device, evaluate, extract, models",
     )
     parser.add_argument("--dataset", required=True, help="miniature | audiocaps | clotho")
     parser.add_argument("--shards", help="test shard folder (miniature)")
