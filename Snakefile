@@ -29,4 +29,5 @@ include: "rules/evaluate.smk"
 rule all:
     input:
         f"{RUN}/table.csv",
+        f"{RUN}/report/classes.md" if CLASS_BREAKDOWN else [],
     default_target: True

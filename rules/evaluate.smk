@@ -89,3 +89,32 @@ rule report_figures:
         " --examples {params.examples} {params.shards} {params.manifest}"
         " --out {params.out:q} --table-csv {output.table:q} --table-md {output.table_md:q}"
         " > {log} 2>&1"
+
+
+# The synthetic world knows which classes each clip makes heard: class recall per class, and the
+# pseudo-labels scored on their own pool (the miniature's analysis in the README).
+CLASS_BREAKDOWN = "miniature" in EVAL_DATASETS and ACQUIRE["source"] == "synthetic"
+if CLASS_BREAKDOWN:
+
+    rule class_breakdown:
+        input:
+            evaluate=f"{RUN}/evaluate/miniature",
+            metadata=f"{RUN}/acquire/metadata.jsonl",
+            pseudolabels=expand(f"{RUN}/pseudolabel/{{m}}.jsonl", m=EVAL_DISTILLED),
+        output:
+            report(
+                f"{RUN}/report/classes.md",
+                caption="../report/classes.rst",
+                category="Results",
+            ),
+        conda:
+            CONDA_ENV
+        log:
+            f"{LOGS}/class_breakdown.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "dalipipe class-breakdown --metadata {input.metadata:q} --evaluate {input.evaluate:q}"
+            " --pseudolabels {input.pseudolabels:q} --out {output:q} > {log} 2>&1"

@@ -56,10 +56,19 @@ def write_run(run) -> None:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def breakdown_args(run) -> list[str]:
+    return [
+        "class-breakdown",
+        *("--metadata", str(run / "acquire" / "metadata.jsonl")),
+        *("--evaluate", str(run / "evaluate" / "miniature")),
+        *("--pseudolabels", str(run / "pseudolabel" / "ot.jsonl")),
+    ]
+
+
 def test_class_breakdown_command_writes_both_tables(tmp_path):
     write_run(tmp_path / "run")
     out = tmp_path / "classes.md"
-    assert cli_main(["class-breakdown", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert cli_main([*breakdown_args(tmp_path / "run"), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert "| system | bell | dog |" in lines
     assert "| image | 0.00 | 1.00 |" in lines
@@ -74,4 +83,4 @@ def test_class_breakdown_names_the_folder_without_results(tmp_path):
     for path in (tmp_path / "run" / "evaluate" / "miniature").iterdir():
         path.unlink()
     with pytest.raises(FileNotFoundError, match="evaluate/miniature"):
-        cli_main(["class-breakdown", str(tmp_path / "run")])
+        cli_main(breakdown_args(tmp_path / "run"))

@@ -49,9 +49,9 @@ def test_every_system_has_a_row_with_world_scores(table):
 
 @pytest.mark.slow
 def test_aligned_audio_captions_beat_an_untrained_encoder(table):
-    # Measured (README): CIDEr-D 0.93-1.00 against 0.52 (1.8-1.9x), class recall 0.40-0.47 against
-    # 0.26 (1.5-1.8x), distilled CIDEr-D 2.1-2.4x. The issue asks for 3x after distillation, which
-    # the miniature does not reach: the README says why. Margins below the measured ratios, since
+    # Measured (README): CIDEr-D 0.88-0.89 against 0.51 (1.7x), class recall 0.43 against 0.25
+    # (1.7x), distilled CIDEr-D 2.0-2.4x. The issue asks for 3x after distillation, which the
+    # miniature does not reach: the README says why. Margins below the measured ratios, since
     # another CPU gives other digits.
     untrained = table["untrained"]
     for method in ("mmd", "ot", "ot_att"):
@@ -67,6 +67,14 @@ def test_distribution_alignment_beats_contrastive_before_distillation(table):
     assert best > table["contrastive_audio"]["cider_d"]
     for method in ("mmd", "ot", "ot_att"):  # InfoNCE tokens break the caption grammar
         assert table[f"{method}_audio"]["well_formed"] > table["contrastive_audio"]["well_formed"]
+
+
+@pytest.mark.slow
+def test_distillation_lifts_audio_only_captions(table):
+    # Measured (README): +0.15 / +0.31 / +0.34 CIDEr-D for MMD / OT / OT-Att.
+    for method in ("mmd", "ot", "ot_att"):
+        distilled = table[f"{method}_audio_distilled"]["cider_d"]
+        assert distilled > table[f"{method}_audio"]["cider_d"], method
 
 
 @pytest.mark.slow

@@ -1,16 +1,17 @@
 """Per-class recall of every system of a synthetic-world run, and the pseudo-labels' own scores.
 
-    dalipipe class-breakdown results/miniature
-    dalipipe class-breakdown results/miniature --out results/miniature/report/classes.md
+    dalipipe class-breakdown --metadata results/miniature/acquire/metadata.jsonl \
+        --evaluate results/miniature/evaluate/miniature \
+        --pseudolabels results/miniature/pseudolabel/*.jsonl \
+        --out results/miniature/report/classes.md
 
 The results table pools the world scores over classes; this breaks class recall down by the
 sounding class (how often a caption names a class when it is heard), which shows which sounds
 an encoder carries and which it misses, and what distillation moved. It also scores the
 pseudo-labels (the distillation teacher) on their own pool, since a student that imitates them
-is bounded by them. It reads what the workflow wrote:
-- ``acquire/metadata.jsonl``: each clip's heard and seen classes;
-- ``evaluate/<dataset>/<system>.json``: each system's test captions;
-- ``pseudolabel/<method>.jsonl``: the pseudo-label captions.
+is bounded by them. It reads what the workflow wrote: the world's metadata (each clip's heard
+and seen classes), an evaluated dataset's ``<system>.json`` files and the pseudo-label JSONL
+files (one per method, named after it). The workflow writes it as report/classes.md.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def read_systems(evaluate_dir: Path) -> dict[str, dict[str, str]]:
     return systems
 
 
-def read_pseudolabels(pseudolabel_dir: Path) -> dict[str, dict[str, str]]:
+def read_pseudolabels(paths: list[Path]) -> dict[str, dict[str, str]]:
     labels = {}
-    for path in sorted(pseudolabel_dir.glob("*.jsonl")):
+    for path in sorted(paths):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         labels[path.stem] = {row["clip_id"]: row["caption"] for row in rows}
@@ -106,16 +107,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="dalipipe class-breakdown", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("run_dir", type=Path, help="a run's results folder, e.g. results/miniature")
-    parser.add_argument(
-        "--dataset", default="miniature", help="evaluated dataset (synthetic world)"
-    )
+    parser.add_argument("--metadata", type=Path, required=True, help="acquire/metadata.jsonl")
+    parser.add_argument("--evaluate", type=Path, required=True, help="evaluate/<dataset> folder")
+    parser.add_argument("--pseudolabels", type=Path, nargs="*", default=[], help="<method>.jsonl")
     parser.add_argument("--out", type=Path, help="write the Markdown here (default: print it)")
     args = parser.parse_args(argv)
-    metadata = read_metadata(args.run_dir / "acquire" / "metadata.jsonl")
-    systems = read_systems(args.run_dir / "evaluate" / args.dataset)
-    pseudolabels = read_pseudolabels(args.run_dir / "pseudolabel")
-    text = markdown(systems, pseudolabels, metadata)
+    metadata = read_metadata(args.metadata)
+    text = markdown(read_systems(args.evaluate), read_pseudolabels(args.pseudolabels), metadata)
     if args.out is None:
         print(text, end="")
     else:
