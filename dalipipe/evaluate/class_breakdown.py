@@ -9,7 +9,7 @@ The results table pools the world scores over classes; this breaks class recall 
 sounding class (how often a caption names a class when it is heard), which shows which sounds
 an encoder carries and which it misses, and what distillation moved. It also scores the
 pseudo-labels (the distillation teacher) on their own pool, since a student that imitates them
-is bounded by them. It reads what the workflow wrote: the world's metadata (each clip's heard
+seldom does better than they do. It reads what the workflow wrote: the world's metadata (each clip's heard
 and seen classes), an evaluated dataset's ``<system>.json`` files and the pseudo-label JSONL
 files (one per method, named after it). The workflow writes it as report/classes.md.
 """
@@ -21,7 +21,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from dalipipe.common import atomic_path
+from dalipipe.common import atomic_path, read_jsonl
 from dalipipe.data import world
 from dalipipe.evaluate.world_scores import world_scores
 
@@ -41,8 +41,7 @@ def per_class_recall(captions: dict[str, str], metadata: dict[str, dict]) -> dic
 
 
 def read_metadata(path: Path) -> dict[str, dict]:
-    with open(path) as f:
-        return {row["clip_id"]: row for row in map(json.loads, filter(str.strip, f))}
+    return {row["clip_id"]: row for row in read_jsonl(path)}
 
 
 def read_systems(evaluate_dir: Path) -> dict[str, dict[str, str]]:
@@ -60,9 +59,7 @@ def read_systems(evaluate_dir: Path) -> dict[str, dict[str, str]]:
 def read_pseudolabels(paths: list[Path]) -> dict[str, dict[str, str]]:
     labels = {}
     for path in sorted(paths):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        labels[path.stem] = {row["clip_id"]: row["caption"] for row in rows}
+        labels[path.stem] = {row["clip_id"]: row["caption"] for row in read_jsonl(path)}
     return labels
 
 
