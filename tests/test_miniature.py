@@ -28,6 +28,12 @@ def table(tmp_path_factory, snakemake_in) -> dict[str, dict[str, float]]:
     }
 
 
+def class_f1(row: dict[str, float]) -> float:
+    """Harmonic mean of sounding-class recall and precision."""
+    recall, precision = row["class_recall"], row["class_precision"]
+    return 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+
+
 def _number(text: str) -> bool:
     try:
         float(text)
@@ -49,15 +55,17 @@ def test_every_system_has_a_row_with_world_scores(table):
 
 @pytest.mark.slow
 def test_aligned_audio_captions_beat_an_untrained_encoder(table):
-    # Measured (README): CIDEr-D 0.88-0.89 against 0.51 (1.7x), class recall 0.43 against 0.25
-    # (1.7x), distilled CIDEr-D 2.0-2.4x. The issue asks for 3x after distillation, which the
-    # miniature does not reach: the README says why. Margins below the measured ratios, since
-    # another CPU gives other digits.
+    # Measured (README), seed 0 / seed 1: CIDEr-D 1.7x / 9-11x untrained, class F1 1.75-1.9x /
+    # 1.86-1.97x, distilled CIDEr-D 2.0-2.4x / 10.6-14x. The issue asks for 3x after
+    # distillation, which seed 0 does not reach: the README says why. Class F1 rather than
+    # recall: an untrained encoder that makes the captioner list every class has a high recall
+    # (seed 1: 0.36, precision 0.17). Margins below the measured ratios, since another CPU
+    # gives other digits.
     untrained = table["untrained"]
     for method in ("mmd", "ot", "ot_att"):
         zero_shot = table[f"{method}_audio"]
         assert zero_shot["cider_d"] > 1.5 * untrained["cider_d"], method
-        assert zero_shot["class_recall"] > 1.3 * untrained["class_recall"], method
+        assert class_f1(zero_shot) > 1.4 * class_f1(untrained), method
         assert table[f"{method}_audio_distilled"]["cider_d"] > 1.5 * untrained["cider_d"], method
 
 
