@@ -93,7 +93,10 @@ rule report_figures:
 
 # The synthetic world knows which classes each clip makes heard: class recall per class, and the
 # pseudo-labels scored on their own pool (the miniature's analysis in the README).
-CLASS_BREAKDOWN = "miniature" in EVAL_DATASETS and ACQUIRE["source"] == "synthetic"
+CLASS_BREAKDOWN = (
+    "miniature" in EVAL_DATASETS
+    and (config.get("acquire") or {}).get("source", "synthetic") == "synthetic"
+)
 if CLASS_BREAKDOWN:
 
     rule class_breakdown:
