@@ -29,6 +29,13 @@ def stage_params(*sections):
     return json.dumps(payload, sort_keys=True)
 
 
+def stage_params_less(section, *keys):
+    """stage_params(section) without some of its keys, for a rule that does not read them."""
+    payload = json.loads(stage_params(section))
+    payload[section] = {k: v for k, v in (payload[section] or {}).items() if k not in keys}
+    return json.dumps(payload, sort_keys=True)
+
+
 def require_existing_paths(*keys):
     """Stop before any job when a configured input path does not exist, naming the key."""
     for key in keys:

@@ -20,7 +20,8 @@ rule filter_part:
     wildcard_constraints:
         i=r"\d+",
     params:
-        p=lambda wildcards: stage_params("filter"),  # "{run}" in the JSON is not a wildcard
+        # less `keep`, which only the merge reads: a new `keep` does not recaption every frame
+        p=lambda wildcards: stage_params_less("filter", "keep"),
         captioner=lambda wildcards, input: input.captioner or FILTER_CAPTIONER,
     conda:
         CONDA_ENV

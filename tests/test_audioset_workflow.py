@@ -294,6 +294,18 @@ def test_a_second_run_does_nothing(run, snakemake_in):
     assert "Nothing to be done" in snakemake_in(workdir, TARGET, "--configfile", str(config))
 
 
+def test_a_changed_keep_reruns_only_the_merge_and_the_shards(run, snakemake_in):
+    """filter.keep is read by the merge alone: a dry run plans no captioning."""
+    *_, (workdir, config) = run
+    settings = yaml.safe_load(config.read_text())
+    settings["filter"]["keep"] = 2
+    changed = config.with_name("audioset-keep-2.yaml")
+    changed.write_text(yaml.safe_dump(settings))
+    output = snakemake_in(workdir, TARGET, "-n", "--configfile", str(changed))
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", output, re.M))
+    assert jobs == {"filter_merge": "1", "shard_align": "1", "total": "2"}
+
+
 def test_a_changed_caption_setting_recaptions_and_downloads_nothing(run, snakemake_in):
     """filter.max_new_tokens 6 -> 3: the filter parts rerun and caption again (greedy decoding:
     each new caption is the start of the old one), nothing is fetched, extracted or reselected.
