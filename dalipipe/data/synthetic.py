@@ -11,11 +11,12 @@ share `offscreen_fraction` of clips has one object heard but not seen and a shar
 something is always seen and something always heard). Frames: large objects on a near-uniform
 light-grey background, drifting slowly; audio: the heard objects' sounds at random gains plus
 pink background noise. Raw RGB frames and PCM audio of 8 clips at a time go to one ffmpeg
-process, which writes each clip as its own H.264 + AAC MP4. `lossless_video` (the default) picks
-lossless H.264 (`-qp 0`) over x264's `-crf 18`: x264's lossy choices are not always the same from run to
-run (measured: 2 of 7,116 clips got another first GOP in one of two runs, pixels off by up to
-23/255), enough to make two miniature runs of one seed differ; lossless, the decoded frames are
-the rendered ones (after 4:2:0 chroma subsampling) whatever the encoder decides.
+process, which writes each clip as its own H.264 + AAC MP4. `lossless_video` (the default)
+picks lossless H.264 (`-qp 0`) over x264's `-crf 18`: x264's lossy choices are not always the
+same from run to run (measured: 2 of 7,116 clips got another first GOP in one of two runs,
+pixels off by up to 23/255), enough to make two miniature runs of one seed differ; lossless,
+the decoded frames are the rendered ones (after 4:2:0 chroma subsampling) whatever the encoder
+decides.
 
 Output: OUT/clips/<clip_id>.mp4, OUT/manifest.csv and OUT/metadata.jsonl (DEVELOPING.md).
 Manifest paths start with OUT as given, so they are relative to the working directory when

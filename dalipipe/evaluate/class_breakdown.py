@@ -9,9 +9,10 @@ The results table pools the world scores over classes; this breaks class recall 
 sounding class (how often a caption names a class when it is heard), which shows which sounds
 an encoder carries and which it misses, and what distillation moved. It also scores the
 pseudo-labels (the distillation teacher) on their own pool, since a student that imitates them
-seldom does better than they do. It reads what the workflow wrote: the world's metadata (each clip's heard
-and seen classes), an evaluated dataset's ``<system>.json`` files and the pseudo-label JSONL
-files (one per method, named after it). The workflow writes it as report/classes.md.
+seldom does better than they do. It reads what the workflow wrote: the world's metadata (each
+clip's heard and seen classes), an evaluated dataset's ``<system>.json`` files and the
+pseudo-label JSONL files (one per method, named after it). The workflow writes it as
+report/classes.md.
 """
 
 from __future__ import annotations
