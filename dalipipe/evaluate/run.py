@@ -1,6 +1,6 @@
 """Stage evaluate: caption a test set with every system and score it, as in the paper's Table 1.
 
-    dalipipe evaluate --params '{"seed": 0, "device": "auto", "evaluate": {...}, "extract": {...}}' \
+    dalipipe evaluate --params '{"seed": 0, "evaluate": {...}, "extract": {...}, "models": {...}}' \
         --dataset miniature --shards results/miniature/shards/test \
         --captioner results/miniature/models/llava --prefix results/miniature/prefix \
         --align results/miniature/align/mmd results/miniature/align/ot ... \
@@ -14,7 +14,9 @@ Systems (config ``evaluate.systems``), decoded greedily with a fixed seed:
   distillation, with the prefix (the paper's stage-1 ablation rows);
 - ``audio_distilled`` / ``audio_image_distilled``: each distilled captioner, without the prefix
   by default (the authors' inference.sh).
-Writes ``<out>/<system>.json`` (captions, scores), ``references.json``, ``table.csv``,
+Systems not distilled are prompted with config ``models.options`` (template, prompt), as the
+training stages were; a distilled captioner keeps the options saved with it.
+Writes ``<out>/<system>.json`` (captions, scores, prompt options), ``references.json``, ``table.csv``,
 ``table.md``, ``failed.csv`` and ``gap.npz`` (mean audio token per clip per method and mean
 image token per clip, for the modality-gap PCA figure).
 """
