@@ -16,9 +16,9 @@ Systems (config ``evaluate.systems``), decoded greedily with a fixed seed:
   by default (the authors' inference.sh).
 Systems not distilled are prompted with config ``models.options`` (template, prompt), as the
 training stages were; a distilled captioner keeps the options saved with it.
-Writes ``<out>/<system>.json`` (captions, scores, prompt options), ``references.json``, ``table.csv``,
-``table.md``, ``failed.csv`` and ``gap.npz`` (mean audio token per clip per method and mean
-image token per clip, for the modality-gap PCA figure).
+Writes ``<out>/<system>.json`` (captions, scores, prompt options), ``references.json``,
+``table.csv``, ``table.md``, ``failed.csv`` and ``gap.npz`` (mean audio token per clip per method
+and mean image token per clip, for the modality-gap PCA figure).
 """
 
 from __future__ import annotations
