@@ -100,3 +100,35 @@ def test_the_captioner_options_of_a_preset_reach_the_caption_stages(preset):
     assert base["options"] == models["options"]
     assert base["revision"] == models["captioner_revision"]
     assert CaptionerOptions.from_dict(base["options"]).template == models["options"]["template"]
+
+
+# Keys read by the rule files (or another stage) rather than by the stage module itself.
+READ_BY_RULES = {
+    "evaluate": {"datasets", "distilled_methods", "examples", "methods", "seed"},
+    "filter": {"enabled", "keep"},
+    "extract": {"keep_wav"},
+}
+STAGE_MODULES = {
+    "world": ("dalipipe.data.synthetic", "WORLD_DEFAULTS"),
+    "extract": ("dalipipe.data.extract", "DEFAULTS"),
+    "filter": ("dalipipe.data.filter", "DEFAULTS"),
+    "bootstrap": ("dalipipe.models.bootstrap", "DEFAULTS"),
+    "align": ("dalipipe.align.train", "DEFAULTS"),
+    "prefix": ("dalipipe.caption.prefix", "DEFAULTS"),
+    "pseudolabel": ("dalipipe.caption.pseudolabel", "DEFAULTS"),
+    "distill": ("dalipipe.caption.distill", "DEFAULTS"),
+    "evaluate": ("dalipipe.evaluate.run", "DEFAULTS"),
+}
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "configs/paper.yaml"])
+def test_every_key_of_a_stage_section_is_one_its_stage_reads(preset):
+    """A key the code spells otherwise is silently a default; the stage's own defaults name
+    every key it reads, so a config key outside them (and outside the rules') is read by no one."""
+    import importlib
+
+    config = yaml.safe_load((REPO / preset).read_text())
+    for section, (module, name) in STAGE_MODULES.items():
+        known = set(getattr(importlib.import_module(module), name))
+        unread = set(config.get(section) or {}) - known - READ_BY_RULES.get(section, set())
+        assert not unread, f"{preset}: {section}.{sorted(unread)} is read by no stage"
