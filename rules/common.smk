@@ -90,14 +90,6 @@ def audioset_params(with_exclusions):
     return json.dumps(payload, sort_keys=True)
 
 
-def extract_params():
-    """The extract section without what only later stages read (keep_wav)."""
-    section = {k: v for k, v in (config.get("extract") or {}).items() if k != "keep_wav"}
-    return json.dumps(
-        {"seed": config["seed"], "device": config["device"], "extract": section}, sort_keys=True
-    )
-
-
 def shard_kept_arg(wildcards, input):
     kept = input.get("kept")
     return f"--kept {shlex.quote(str(kept))}" if kept else ""

@@ -14,7 +14,8 @@ rule extract_part:
     wildcard_constraints:
         i=r"\d+",
     params:
-        p=lambda wildcards: extract_params(),  # braces in the JSON
+        # less keep_wav, which only the shard stage reads; a function: braces in the JSON
+        p=lambda wildcards: stage_params_less("extract", "keep_wav"),
     conda:
         CONDA_ENV
     log:

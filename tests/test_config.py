@@ -104,7 +104,7 @@ def test_the_captioner_options_of_a_preset_reach_the_caption_stages(preset):
 
 # Keys read by the rule files (or another stage) rather than by the stage module itself.
 READ_BY_RULES = {
-    "evaluate": {"datasets", "distilled_methods", "examples", "methods", "seed"},
+    "evaluate": {"distilled_methods", "examples", "methods"},
     "filter": {"enabled", "keep"},
     "extract": {"keep_wav"},
 }

@@ -55,7 +55,7 @@ def test_every_system_has_a_row_with_world_scores(table):
 
 @pytest.mark.slow
 def test_aligned_audio_captions_beat_an_untrained_encoder(table):
-    # Measured (README), seed 0 / seed 1: CIDEr-D 1.7x / 9-11x untrained, class F1 1.75-1.9x /
+    # Measured (README), seed 0 / seed 1: CIDEr-D 1.7x / 9.3-11.5x untrained, class F1 1.75-1.9x /
     # 1.86-1.97x, distilled CIDEr-D 2.0-2.4x / 10.6-14x. The issue asks for 3x after
     # distillation, which seed 0 does not reach: the README says why. Class F1 rather than
     # recall: an untrained encoder that makes the captioner list every class has a high recall

@@ -56,6 +56,8 @@ SYSTEM_KINDS = (
     "audio_image_distilled",
 )
 DEFAULTS = {
+    "datasets": None,  # dataset -> its files; the miniature's come from --shards
+    "seed": None,  # None: the run's seed
     "systems": list(SYSTEM_KINDS),
     "max_new_tokens": 64,
     "batch_size": 16,
