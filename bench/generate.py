@@ -91,10 +91,15 @@ def random_captioner(shape: str, device, dtype):
 
 
 def trained_captioner(args, device, dtype):
-    from dalipipe.caption.assemble import assemble
+    from dalipipe.models.assemble import load_captioner
 
-    captioner = assemble(
-        args.captioner, encoder_dir=args.encoder, prefix_dir=args.prefix, device=device, dtype=dtype
+    captioner = load_captioner(
+        args.captioner,
+        None,
+        device=device,
+        dtype=dtype,
+        encoder_dir=args.encoder,
+        prefix_dir=args.prefix,
     )
     if captioner.prefix is None:
         captioner.init_prefix(n_tokens=16, std=1e-4, seed=0)

@@ -194,3 +194,39 @@ def test_clear_errors(tiny_models, frames):
     with pytest.raises(ValueError, match="prefix_position"):
         CaptionerOptions(prefix_position="middle")
     assert CaptionerOptions(prompt="paper").prompt == "What sound can be heard in this scene ?"
+
+
+def widescreen_frame() -> np.ndarray:
+    """A 640x360 (16:9) frame: red, with blue bands in its outer 100 columns on each side, so
+    that a centre crop sees only red."""
+    frame = np.zeros((360, 640, 3), dtype=np.uint8)
+    frame[:] = (200, 30, 30)
+    frame[:, :100] = frame[:, -100:] = (30, 30, 200)
+    return frame
+
+
+@pytest.mark.parametrize("aspect, expected_padding", [("pad", 1 - 360 / 640), ("crop", 0.0)])
+def test_image_aspect_pads_or_centre_crops_a_widescreen_frame(
+    tiny_models, aspect, expected_padding
+):
+    """pad: LLaVA-1.5's square letterbox in the CLIP mean (0 after normalisation), 44% of a
+    16:9 frame; crop: resize the short side, then the centre square, as CAV-MAE's frames are."""
+    cap = AudioCaptioner.from_base(tiny_models.llava_336, options={"image_aspect": aspect})
+    pixels = cap.pixel_values([widescreen_frame()])[0]  # (3, 336, 336), normalised
+    padded_rows = (pixels.abs() < 1e-2).all(dim=0).all(dim=1).float().mean().item()
+    assert padded_rows == pytest.approx(
+        expected_padding, abs=4 / 336
+    )  # resampling blends ~1 row per edge
+    blue_columns = (pixels[2] > pixels[0]).any(dim=0).float().mean().item()
+    assert blue_columns > 0.2 if aspect == "pad" else blue_columns == 0.0
+
+
+def test_the_paper_preset_centre_crops_frames_as_the_authors_did():
+    """The authors' frames are centre crops, so padding never acts on them; letterboxing would
+    make 44% of the 576 CLIP target tokens of a 16:9 frame describe grey padding."""
+    from pathlib import Path
+
+    import yaml
+
+    paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())
+    assert CaptionerOptions.from_dict(paper["models"]["options"]).image_aspect == "crop"

@@ -89,17 +89,20 @@ def test_every_preset_is_valid(config, name):
 
 
 @pytest.mark.parametrize("preset", ["config.yaml", "configs/paper.yaml"])
-def test_the_captioner_options_of_a_preset_reach_the_caption_stages(preset):
-    """prefix, pseudolabel, distill and evaluate build their captioner from `base_settings`;
-    the options (template, prompt) must be the preset's, not the captioner's defaults."""
-    from dalipipe.caption.assemble import base_settings
+def test_the_captioner_options_of_a_preset_reach_the_caption_stages(preset, tiny_models):
+    """Every stage builds its captioner with `load_captioner(path, params["models"])`; the
+    options (template, prompt, image aspect) and revision must be the preset's, not the
+    captioner's defaults. (A local directory ignores the revision; it is still recorded.)"""
+    import torch
+
+    from dalipipe.models.assemble import load_captioner
     from dalipipe.models.captioner import CaptionerOptions
 
     models = yaml.safe_load((REPO / preset).read_text())["models"]
-    base = base_settings({"models": models})
-    assert base["options"] == models["options"]
-    assert base["revision"] == models["captioner_revision"]
-    assert CaptionerOptions.from_dict(base["options"]).template == models["options"]["template"]
+    captioner = load_captioner(tiny_models.llava, models, device="cpu", dtype=torch.float32)
+    assert captioner.options == CaptionerOptions.from_dict(models["options"])
+    assert captioner.options.template == models["options"]["template"]
+    assert captioner.revision == models["captioner_revision"]
 
 
 # Keys read by the rule files (or another stage) rather than by the stage module itself.

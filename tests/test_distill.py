@@ -53,13 +53,15 @@ def stage_inputs(tiny_models, tmp_path_factory):
 
 
 def assembled(stage_inputs):
-    from dalipipe.caption.assemble import assemble
+    from dalipipe.models.assemble import load_captioner
 
-    return assemble(
+    return load_captioner(
         stage_inputs["captioner_path"],
+        None,
         encoder_dir=stage_inputs["encoder_dir"],
         prefix_dir=stage_inputs["prefix_dir"],
         device=torch.device("cpu"),
+        dtype=torch.float32,
     )
 
 
@@ -184,10 +186,11 @@ def test_distill_writes_a_directory_from_dir_loads(stage_inputs, tmp_path):
 
 
 def test_bf16_model_trains_float32_projector_weights(stage_inputs, tmp_path):
-    from dalipipe.caption.assemble import assemble
+    from dalipipe.models.assemble import load_captioner
 
-    captioner = assemble(
+    captioner = load_captioner(
         stage_inputs["captioner_path"],
+        None,
         encoder_dir=stage_inputs["encoder_dir"],
         device=torch.device("cpu"),
         dtype=torch.bfloat16,

@@ -205,7 +205,7 @@ class Run:
     def __init__(self, params: dict, method: str, shards, val_shards, captioner_path, out):
         from accelerate import Accelerator
 
-        from dalipipe.models.captioner import AudioCaptioner
+        from dalipipe.models.assemble import load_captioner
 
         self.method, self.out = method, Path(out)
         self.settings = s = method_settings(params.get("align"), method)
@@ -221,10 +221,13 @@ class Run:
             )
 
         seed_everything(self.seed)
-        # Only the vision tower is used; bf16 weights halve its memory at paper scale.
+        # Only the vision tower is used; bf16 weights halve its memory at paper scale. The
+        # config's revision and options (image_aspect: how a frame becomes CLIP's square) apply
+        # here as in every caption stage.
         dtype = torch.bfloat16 if s["precision"] == "bf16" else torch.float32
-        self.captioner = AudioCaptioner.from_base(str(captioner_path), dtype=dtype)
-        self.captioner.to(self.device)
+        self.captioner = load_captioner(
+            captioner_path, params.get("models"), device=self.device, dtype=dtype
+        )
         self.captioner.eval().requires_grad_(False)
         # The first usable training clip sizes the encoder (the test split may lack frames).
         first = open_reader(shards, shuffle=False, seed=self.seed, rank=0, world_size=1)

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalipipe.caption.assemble import assemble, base_settings
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.caption.prefix import epoch_order
-from dalipipe.caption.schedule import save_training_state, start_training
+from dalipipe.caption.schedule import default_dtype, save_training_state, start_training
 from dalipipe.common import (
     atomic_path,
     parse_params,
@@ -42,6 +41,7 @@ from dalipipe.common import (
     setup_logging,
     write_json,
 )
+from dalipipe.models.assemble import load_captioner
 
 log = logging.getLogger("dalipipe.distill")
 
@@ -207,7 +207,7 @@ def distill(
     settings=None,
     seed=0,
     device="auto",
-    base=None,
+    models=None,
     features=None,
 ) -> dict:
     from accelerate import Accelerator
@@ -217,12 +217,13 @@ def distill(
     checkpoint_dir = out_dir.with_name(out_dir.name + ".ckpt")
     accelerator = Accelerator(cpu=device == "cpu")
     seed_everything(seed)
-    captioner = assemble(
+    captioner = load_captioner(
         captioner_path,
+        models,
+        device=accelerator.device,
+        dtype=default_dtype(accelerator.device),
         encoder_dir=encoder_dir,
         prefix_dir=prefix_dir,
-        device=accelerator.device,
-        **(base or {}),
     )
     examples = training_set(pseudolabels, pool, settings["modality"])
     began = time.time()
@@ -300,6 +301,6 @@ def main(argv: list[str]) -> int:
         seed=params.get("seed", 0),
         device=params.get("device", "auto"),
         features=feature_settings(params),
-        base=base_settings(params),
+        models=params.get("models"),
     )
     return 0

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dalipipe.caption.assemble import base_settings
 from dalipipe.caption.pairs import load_pairs
 from dalipipe.caption.schedule import (
     default_dtype,
@@ -38,6 +37,7 @@ from dalipipe.common import (
     setup_logging,
     write_json,
 )
+from dalipipe.models.assemble import load_captioner
 
 log = logging.getLogger("dalipipe.prefix")
 
@@ -120,10 +120,9 @@ def write_prefix(out_dir: Path, captioner, summary: dict, curve: list[dict]) -> 
 
 
 def train_prefix(
-    pairs_src, captioner_path, out_dir, *, settings=None, seed=0, device="auto", base=None
+    pairs_src, captioner_path, out_dir, *, settings=None, seed=0, device="auto", models=None
 ) -> dict:
-    """The stage: `base` holds the captioner's revision and options (`assemble.base_settings`)."""
-    from dalipipe.models.captioner import AudioCaptioner
+    """The stage: `models` is config section `models` (the captioner's revision and options)."""
 
     settings = {**DEFAULTS, **(settings or {})}
     out_dir = Path(out_dir)
@@ -131,9 +130,7 @@ def train_prefix(
     seed_everything(seed)
     device = pick_device(device)
     pairs = load_pairs(pairs_src)
-    captioner = AudioCaptioner.from_base(
-        str(captioner_path), dtype=default_dtype(device), device=device, **(base or {})
-    )
+    captioner = load_captioner(captioner_path, models, device=device, dtype=default_dtype(device))
     captioner.init_prefix(n_tokens=settings["n_tokens"], std=settings["init_std"], seed=seed)
     began = time.time()
     curve = fit_prefix(captioner, pairs, checkpoint_dir, settings=settings, seed=seed)
@@ -179,6 +176,6 @@ def main(argv: list[str]) -> int:
         settings=params.get("prefix"),
         seed=params.get("seed", 0),
         device=params.get("device", "auto"),
-        base=base_settings(params),
+        models=params.get("models"),
     )
     return 0

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalipipe.caption.assemble import assemble, base_settings
 from dalipipe.caption.pairs import as_pil, middle
+from dalipipe.caption.schedule import default_dtype
 from dalipipe.common import parse_params, pick_device, seed_everything, setup_logging
+from dalipipe.models.assemble import load_captioner
 
 log = logging.getLogger("dalipipe.pseudolabel")
 
@@ -99,7 +100,7 @@ def pseudolabel(
     settings=None,
     seed=0,
     device="auto",
-    base=None,
+    models=None,
 ) -> dict:
     from dalipipe.data.shard import ShardReader
 
@@ -110,12 +111,13 @@ def pseudolabel(
     out.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     device = pick_device(device)
-    captioner = assemble(
+    captioner = load_captioner(
         captioner_path,
+        models,
+        device=device,
+        dtype=default_dtype(device),
         encoder_dir=encoder_dir if "audio" in modality else None,
         prefix_dir=prefix_dir if settings["use_prefix"] else None,
-        device=device,
-        **(base or {}),
     )
     row_settings = {
         key: settings[key] for key in ("modality", "use_prefix", "max_new_tokens", "do_sample")
@@ -200,6 +202,6 @@ def main(argv: list[str]) -> int:
         settings=params.get("pseudolabel"),
         seed=params.get("seed", 0),
         device=params.get("device", "auto"),
-        base=base_settings(params),
+        models=params.get("models"),
     )
     return 0 if counts["ok"] or counts["skipped"] else 1

@@ -135,12 +135,12 @@ class CaptionerPool:
     """Builds each system's captioner, reusing the last one when two systems share it."""
 
     def __init__(
-        self, captioner_dir, prefix_dir, align_dirs, distill_dirs, device, seed, base=None
+        self, captioner_dir, prefix_dir, align_dirs, distill_dirs, device, seed, models=None
     ):
         self.captioner_dir, self.prefix_dir = captioner_dir, prefix_dir
         # revision and options (prompt, template) of config `models`, as the training stages
         # used them; a distilled captioner carries its own in captioner.json
-        self.base = base or {}
+        self.models = models or {}
         self.align_dirs, self.distill_dirs = align_dirs, distill_dirs
         self.device, self.seed = device, seed
         self._key, self._captioner = None, None
@@ -158,8 +158,8 @@ class CaptionerPool:
         return self._captioner
 
     def _build(self, system: System):
-        from dalipipe.caption.assemble import assemble
         from dalipipe.caption.schedule import default_dtype
+        from dalipipe.models.assemble import load_captioner
         from dalipipe.models.captioner import AudioCaptioner
 
         dtype = default_dtype(self.device)
@@ -169,21 +169,21 @@ class CaptionerPool:
             )
         prefix = self.prefix_dir if system.use_prefix else None
         if system.kind == "untrained":
-            captioner = assemble(
-                self.captioner_dir, prefix_dir=prefix, device=self.device, dtype=dtype, **self.base
+            captioner = load_captioner(
+                self.captioner_dir, self.models, prefix_dir=prefix, device=self.device, dtype=dtype
             )
             captioner.audio_encoder = untrained_encoder(self.align_dirs, self.seed).to(
                 self.device, dtype
             )
             return captioner
         encoder = self.align_dirs[system.method] if system.method else None
-        return assemble(
+        return load_captioner(
             self.captioner_dir,
+            self.models,
             encoder_dir=encoder,
             prefix_dir=prefix,
             device=self.device,
             dtype=dtype,
-            **self.base,
         )
 
 
@@ -262,8 +262,6 @@ def evaluate(
     distill_dirs=(),
     shards=None,
 ) -> dict:
-    from dalipipe.caption.assemble import base_settings
-
     settings = {**DEFAULTS, **(params.get("evaluate") or {})}
     seed = int(settings["seed"] if settings.get("seed") is not None else params.get("seed", 0))
     device = pick_device(params.get("device", "auto"))
@@ -284,7 +282,7 @@ def evaluate(
         systems = [s for s in systems if "image" not in s.modality]
     references = ds.references()
     pool = CaptionerPool(
-        captioner_dir, prefix_dir, align, distill, device, seed, base=base_settings(params)
+        captioner_dir, prefix_dir, align, distill, device, seed, models=params.get("models")
     )
     began = time.time()
     with atomic_path(out, directory=True) as tmp:
