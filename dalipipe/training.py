@@ -12,6 +12,14 @@
         if sigterm_requested():
             raise SystemExit(PREEMPTED_EXIT_CODE)   # non-zero; a rerun resumes
 
+Gradient accumulation and activation checkpointing, the memory options of the LLaVA-side stages:
+
+    micro = micro_batch_size(settings, "distill")   # examples per forward/backward
+    with activation_checkpointing(captioner.language_model, settings["activation_checkpointing"]):
+        for step in ...:
+            for part in micro_batches(step_examples, micro):
+                (loss_sum(part) / step_tokens).backward()   # adds up to the step's mean
+
 A checkpoint is a directory holding ``state.safetensors`` (every tensor) and ``state.json`` (the
 nested structure, with each tensor replaced by its name), so nothing is ever unpickled. The
 Python, NumPy and torch (CPU and CUDA) random states are saved with it and restored by load. It is written to a
@@ -20,12 +28,14 @@ temporary directory and renamed, so a kill during a save leaves the previous che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import shutil
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +196,72 @@ class TrainCheckpoint:
     def remove(self) -> None:
         """Drop the checkpoints once the stage's output is complete."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# --- gradient accumulation and activation checkpointing ------------------------------------------
+
+
+def micro_batch_size(settings: dict, section: str) -> int:
+    """The examples per forward/backward: ``settings["micro_batch_size"]`` (null: the whole
+    ``batch_size``), which must divide ``batch_size`` (the examples per optimizer step)."""
+    batch = settings["batch_size"]
+    micro = settings.get("micro_batch_size")
+    if micro is None:
+        return batch
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"{section}.micro_batch_size={micro!r}: a positive integer or null")
+    if batch % micro:
+        raise ValueError(
+            f"{section}.micro_batch_size={micro} does not divide {section}.batch_size={batch}: "
+            "an optimizer step accumulates batch_size / micro_batch_size micro-batches"
+        )
+    return micro
+
+
+def micro_batches(items: Sequence, size: int) -> list[Sequence]:
+    """``items`` (one optimizer step's examples) in consecutive slices of at most ``size``."""
+    if size < 1:
+        raise ValueError(f"micro_batches: size {size} < 1")
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model, enabled: bool = True) -> Iterator[None]:
+    """Within the block, ``model`` (a transformers model: the captioner's frozen LLM) keeps only
+    each decoder layer's input for the backward pass and recomputes the rest, non-reentrant
+    (``use_reentrant=False``), so gradients reach inputs that need them (the prefix, the
+    projector's tokens) though the layers' own weights are frozen. Loss and gradients are the
+    same as without; memory falls from every activation of every layer to one tensor a layer.
+
+    transformers checkpoints a layer only while ``layer.training`` is set, and the captioner
+    keeps its LLaVA in eval mode. Only that flag of the decoder layers themselves is raised
+    here: their attention, MLP and norms stay in eval mode, so no dropout can switch on (the
+    attention reads its own ``training`` flag), and nothing outside the LLM (CLIP, the audio
+    encoder) is touched. Everything is restored on exit. ``enabled=False``: a no-op.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            f"activation_checkpointing: {type(model).__name__} has no checkpointable layers"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = model.gradient_checkpointing_disable
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.training = True  # the layer's own flag, not its children's (no .train())
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        disable()

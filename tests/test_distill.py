@@ -13,7 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from test_prefix import COLOURS, solid, write_shards
+from test_prefix import COLOURS, solid, with_first_step_gradients, write_shards
 
 from dalipipe.caption.distill import DEFAULTS, distill, fit_projector, training_set
 
@@ -206,3 +206,78 @@ def test_bf16_model_trains_float32_projector_weights(stage_inputs, tmp_path):
         assert value.dtype == torch.float32
         # a 2e-4 step is below bf16's resolution for weights of this size, not for float32
         assert not torch.equal(value, start[key])
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [{"micro_batch_size": 1}, {"micro_batch_size": 1, "activation_checkpointing": True}],
+)
+def test_accumulation_and_checkpointing_train_like_the_whole_batch(stage_inputs, tmp_path, memory):
+    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
+
+    def fit(settings, name):
+        captioner = assembled(stage_inputs)
+        curve = fit_projector(captioner, examples, tmp_path / name, settings=settings)
+        return curve, {k: v.clone() for k, v in captioner.audio_projector.state_dict().items()}
+
+    (curve, projector), grads = with_first_step_gradients(lambda: fit(QUICK, "whole"))
+    (other, other_projector), other_grads = with_first_step_gradients(
+        lambda: fit({**QUICK, **memory}, "memory")
+    )
+    for a, b in zip(other_grads, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert [c["loss"] for c in other] == pytest.approx([c["loss"] for c in curve], abs=1e-5)
+    for key, value in projector.items():
+        torch.testing.assert_close(other_projector[key], value, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"distill\.micro_batch_size=3 does not divide distill\."):
+        fit({**QUICK, "micro_batch_size": 3}, "refused")
+
+
+def test_a_run_killed_for_memory_resumes_with_smaller_micro_batches(
+    stage_inputs, tmp_path, monkeypatch
+):
+    """micro_batch_size and activation_checkpointing change memory, not the training: a changed
+    value resumes the checkpoint (up to rounding) instead of starting afresh."""
+    import dalipipe.training as training
+
+    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
+    reference = assembled(stage_inputs)
+    reference_curve = fit_projector(reference, examples, tmp_path / "ref.ckpt", settings=QUICK)
+
+    killed = assembled(stage_inputs)
+    calls = {"n": 0}
+    real_loss = killed.caption_loss
+
+    def loss_then_sigterm(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3 of 4 (one micro-batch a step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(**kwargs)
+
+    monkeypatch.setattr(killed, "caption_loss", loss_then_sigterm)
+    monkeypatch.setitem(training._sigterm, "requested", False)
+    with pytest.raises(SystemExit):
+        fit_projector(killed, examples, tmp_path / "run.ckpt", settings=QUICK)
+    assert training.TrainCheckpoint(tmp_path / "run.ckpt").load()["step"] == 3
+
+    monkeypatch.setitem(training._sigterm, "requested", False)
+    resumed = assembled(stage_inputs)
+    smaller = {**QUICK, "micro_batch_size": 1, "activation_checkpointing": True}
+    calls = {"n": 0}
+    real_resumed = resumed.caption_loss
+
+    def counted(**kwargs):
+        calls["n"] += 1
+        return real_resumed(**kwargs)
+
+    monkeypatch.setattr(resumed, "caption_loss", counted)
+    curve = fit_projector(resumed, examples, tmp_path / "run.ckpt", settings=smaller)
+    assert calls["n"] == 1  # only step 4 ran (its 1 clip: the 3 clips' second step)
+    assert [c["step"] for c in curve] == [1, 2, 3, 4]
+    assert [c["loss"] for c in curve] == pytest.approx(
+        [c["loss"] for c in reference_curve], abs=1e-5
+    )
+    for key, value in reference.audio_projector.state_dict().items():
+        torch.testing.assert_close(
+            resumed.audio_projector.state_dict()[key], value, rtol=0, atol=1e-5
+        )

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dalipipe.caption.pairs import load_pairs, middle
 from dalipipe.caption.prefix import DEFAULTS, epoch_order, fit_prefix, train_prefix
@@ -207,3 +208,60 @@ def test_train_prefix_writes_the_stage_outputs(tiny_models, pairs_file, tmp_path
     captioner = fresh_captioner(tiny_models.llava)
     captioner.load_prefix(out / "prefix.safetensors")
     assert tuple(captioner.prefix.shape) == (4, 64)
+
+
+def with_first_step_gradients(fit):
+    """Run `fit()`; returns (its result, the gradients the optimizer's first step received)."""
+    seen = []
+
+    def hook(optimizer, args, kwargs):
+        if not seen:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            seen.append([p.grad.detach().clone() for p in params])
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        result = fit()
+    finally:
+        handle.remove()
+    return result, seen[0]
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        {"micro_batch_size": 1},
+        {"activation_checkpointing": True},
+        {"micro_batch_size": 1, "activation_checkpointing": True},
+    ],
+)
+def test_accumulation_and_checkpointing_train_like_the_whole_batch(
+    tiny_models, pairs_file, tmp_path, memory
+):
+    pairs = load_pairs(pairs_file)
+    settings = {**QUICK, "epochs": 2}
+
+    def fit(settings, name):
+        captioner = fresh_captioner(tiny_models.llava)
+        curve = fit_prefix(captioner, pairs, tmp_path / name, settings=settings)
+        return curve, captioner.prefix.detach().clone()
+
+    (curve, prefix), grads = with_first_step_gradients(lambda: fit(settings, "whole"))
+    (other, other_prefix), other_grads = with_first_step_gradients(
+        lambda: fit({**settings, **memory}, "memory")
+    )
+    for a, b in zip(other_grads, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert [c["loss"] for c in other] == pytest.approx([c["loss"] for c in curve], abs=1e-5)
+    torch.testing.assert_close(other_prefix, prefix, rtol=0, atol=1e-5)
+
+
+def test_micro_batch_size_not_dividing_batch_size_is_refused(tiny_models, pairs_file, tmp_path):
+    with pytest.raises(ValueError, match=r"prefix\.micro_batch_size=3 does not divide prefix\."):
+        fit_prefix(
+            fresh_captioner(tiny_models.llava),
+            load_pairs(pairs_file),
+            tmp_path / "ckpt",
+            settings={**QUICK, "micro_batch_size": 3},
+        )
+    assert not (tmp_path / "ckpt").exists()

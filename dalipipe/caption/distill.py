@@ -53,6 +53,8 @@ DEFAULTS = {
     "warmup_ratio": 0.03,
     "epochs": 1,
     "batch_size": 40,
+    "micro_batch_size": None,  # examples per forward/backward; None: batch_size
+    "activation_checkpointing": False,
     "checkpoint_every": 50,
 }
 
@@ -104,6 +106,26 @@ def feature_settings(params: dict) -> dict:
     }
 
 
+def summed_loss(captioner, examples: list[dict], settings: dict) -> torch.Tensor:
+    """The caption loss of `examples` summed over their caption tokens (one forward)."""
+    modality = settings["modality"]
+    fbank = torch.from_numpy(np.stack([e["fbank"] for e in examples]).astype(np.float32))
+    pixel_values = (
+        captioner.pixel_values([e["frame"] for e in examples]) if "image" in modality else None
+    )
+    # a bf16 model: the float32 projector runs under autocast (fit_projector)
+    low_precision = captioner.dtype != torch.float32
+    with torch.autocast(captioner.device.type, captioner.dtype, enabled=low_precision):
+        return captioner.caption_loss(
+            captions=[e["caption"] for e in examples],
+            modality=modality,
+            pixel_values=pixel_values,
+            fbank=fbank,
+            use_prefix=settings["use_prefix"],
+            reduction="sum",
+        )
+
+
 def fit_projector(
     captioner,
     examples: list[dict],
@@ -117,12 +139,24 @@ def fit_projector(
 
     Every process walks the same seeded order and takes every world-th clip of a step, then the
     projector's gradients are averaged, so N processes at batch b train like one at N*b.
-    Resumes from `checkpoint_dir`; on SIGTERM, checkpoints and exits.
+    A process's clips go through the model `micro_batch_size` at a time, each micro-batch's
+    summed loss divided by the caption-token count of the process's share of the step: its
+    accumulated gradient is exactly that of its share's mean loss, as without accumulation.
+    Processes are then weighted equally (a mean of per-process means, as DDP and the authors'
+    Trainer do), not by their token counts. Resumes from `checkpoint_dir`; on SIGTERM,
+    checkpoints and exits.
     """
     from accelerate import Accelerator
 
-    from dalipipe.training import PREEMPTED_EXIT_CODE, sigterm_requested
+    from dalipipe.training import (
+        PREEMPTED_EXIT_CODE,
+        activation_checkpointing,
+        micro_batch_size,
+        micro_batches,
+        sigterm_requested,
+    )
 
+    micro = micro_batch_size(settings, "distill")
     accelerator = accelerator or Accelerator(cpu=captioner.device.type == "cpu")
     modality = settings["modality"]
     # a bf16 model (GPU) trains float32 master weights of the projector under autocast, as the
@@ -142,10 +176,12 @@ def fit_projector(
         log.info("resuming distillation at step %d of %d", start, total_steps)
 
     log.info(
-        "distill: %d clips, %d steps, %d per process x %d, lr %g, modality %s, prefix %s",
+        "distill: %d clips, %d steps, %d per process (micro-batches of %d) x %d, lr %g, "
+        "modality %s, prefix %s",
         len(examples),
         total_steps,
         settings["batch_size"],
+        micro,
         world,
         settings["lr"],
         modality,
@@ -158,41 +194,35 @@ def fit_projector(
         total=total_steps,
         disable=not accelerator.is_main_process,
     )
-    for step in progress:
-        epoch, k = divmod(step, steps_per_epoch)
-        chunk = epoch_order(len(examples), epoch, seed)[k * global_batch : (k + 1) * global_batch]
-        mine = [examples[i] for i in chunk[rank::world]] or [examples[chunk[0]]]
-        fbank = torch.from_numpy(np.stack([e["fbank"] for e in mine]).astype(np.float32))
-        pixel_values = (
-            captioner.pixel_values([e["frame"] for e in mine]) if "image" in modality else None
-        )
-        autocast = torch.autocast(captioner.device.type, captioner.dtype, enabled=low_precision)
-        with autocast:
-            loss = captioner.caption_loss(
-                captions=[e["caption"] for e in mine],
-                modality=modality,
-                pixel_values=pixel_values,
-                fbank=fbank,
-                use_prefix=settings["use_prefix"],
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for param in params:
-                param.grad = accelerator.reduce(param.grad, reduction="mean")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
-        progress.set_postfix(loss=f"{value:.3f}")
-        if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
-            if accelerator.is_main_process:
-                save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
-            accelerator.wait_for_everyone()
-            if sigterm_requested():
-                log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
-                raise SystemExit(PREEMPTED_EXIT_CODE)
+    with activation_checkpointing(captioner.language_model, settings["activation_checkpointing"]):
+        for step in progress:
+            epoch, k = divmod(step, steps_per_epoch)
+            order = epoch_order(len(examples), epoch, seed)
+            chunk = order[k * global_batch : (k + 1) * global_batch]
+            mine = [examples[i] for i in chunk[rank::world]] or [examples[chunk[0]]]
+            n_tokens = captioner.caption_token_count([e["caption"] for e in mine])
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.0  # this process's mean over its caption tokens, one micro-batch at a time
+            for part in micro_batches(mine, micro):
+                part_loss = summed_loss(captioner, part, settings) / n_tokens
+                part_loss.backward()
+                loss = loss + part_loss.detach()
+            if world > 1:
+                for param in params:
+                    param.grad = accelerator.reduce(param.grad, reduction="mean")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            value = accelerator.reduce(loss, reduction="mean").item()
+            curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
+            progress.set_postfix(loss=f"{value:.3f}")
+            if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
+                if accelerator.is_main_process:
+                    save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
+                accelerator.wait_for_everyone()
+                if sigterm_requested():
+                    log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
     return curve
 
 

@@ -50,6 +50,8 @@ DEFAULTS = {
     "warmup_ratio": 0.03,
     "epochs": 500,
     "batch_size": 16,
+    "micro_batch_size": None,  # examples per forward/backward; None: batch_size
+    "activation_checkpointing": False,
     "checkpoint_every": 50,
 }
 
@@ -66,10 +68,20 @@ def fit_prefix(
 ) -> list[dict]:
     """Train `captioner.prefix` on the pairs (image modality); returns the loss curve.
 
-    Resumes from `checkpoint_dir` when it holds a checkpoint; on SIGTERM, checkpoints and exits.
+    A step's pairs go through the model `micro_batch_size` at a time, each micro-batch's summed
+    loss divided by the step's caption-token count, so the accumulated gradient is the
+    full-batch one. Resumes from `checkpoint_dir` when it holds a checkpoint; on SIGTERM,
+    checkpoints and exits.
     """
-    from dalipipe.training import PREEMPTED_EXIT_CODE, sigterm_requested
+    from dalipipe.training import (
+        PREEMPTED_EXIT_CODE,
+        activation_checkpointing,
+        micro_batch_size,
+        micro_batches,
+        sigterm_requested,
+    )
 
+    micro = micro_batch_size(settings, "prefix")
     params = captioner.trainable_parameters("prefix")
     pixel_values = captioner.pixel_values([p.image for p in pairs])
     captions = [p.caption for p in pairs]
@@ -82,30 +94,46 @@ def fit_prefix(
     if start:
         log.info("resuming prefix tuning at step %d of %d", start, total_steps)
 
-    log.info("prefix tuning: %d pairs, %d steps, lr %g", len(pairs), total_steps, settings["lr"])
+    log.info(
+        "prefix tuning: %d pairs, %d steps, batch %d in micro-batches of %d, lr %g",
+        len(pairs),
+        total_steps,
+        batch_size,
+        min(micro, batch_size),
+        settings["lr"],
+    )
     progress = tqdm(range(start, total_steps), desc="prefix", initial=start, total=total_steps)
-    for step in progress:
-        epoch, k = divmod(step, steps_per_epoch)
-        batch = epoch_order(len(pairs), epoch, seed)[k * batch_size : (k + 1) * batch_size]
-        loss = captioner.caption_loss(
-            captions=[captions[i] for i in batch],
-            modality="image",
-            pixel_values=pixel_values[batch],
-            use_prefix=True,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        value = loss.item()
-        curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
-        progress.set_postfix(loss=f"{value:.3f}")
-        if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
-            save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
-            if sigterm_requested():
-                log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
-                raise SystemExit(PREEMPTED_EXIT_CODE)
+    with activation_checkpointing(captioner.language_model, settings["activation_checkpointing"]):
+        for step in progress:
+            epoch, k = divmod(step, steps_per_epoch)
+            batch = epoch_order(len(pairs), epoch, seed)[k * batch_size : (k + 1) * batch_size]
+            n_tokens = captioner.caption_token_count([captions[i] for i in batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.0  # the step's mean over its caption tokens, summed micro-batch by micro-batch
+            for part in micro_batches(batch, micro):
+                part_loss = (
+                    captioner.caption_loss(
+                        captions=[captions[i] for i in part],
+                        modality="image",
+                        pixel_values=pixel_values[part],
+                        use_prefix=True,
+                        reduction="sum",
+                    )
+                    / n_tokens
+                )
+                part_loss.backward()
+                loss = loss + part_loss.detach()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            value = float(loss)
+            curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
+            progress.set_postfix(loss=f"{value:.3f}")
+            if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
+                save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
+                if sigterm_requested():
+                    log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
     return curve
 
 

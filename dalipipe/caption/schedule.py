@@ -37,9 +37,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# Settings that change memory use, not what is computed: a run killed for memory resumes its
+# checkpoint after one of them changes (up to float rounding, the same training).
+MEMORY_SETTINGS = ("micro_batch_size", "activation_checkpointing")
+
+
 def start_training(params, settings: dict, total_steps: int, checkpoint_dir):
     """AdamW + cosine from `settings`, resumed from `checkpoint_dir` when it holds a checkpoint
-    written under the same settings: (optimizer, scheduler, checkpoint, first step, curve)."""
+    written under the same settings (`MEMORY_SETTINGS` aside): (optimizer, scheduler,
+    checkpoint, first step, curve)."""
     from dalipipe.training import TrainCheckpoint
 
     optimizer, scheduler = adamw_cosine(
@@ -49,7 +55,8 @@ def start_training(params, settings: dict, total_steps: int, checkpoint_dir):
         warmup_ratio=settings["warmup_ratio"],
         weight_decay=settings["weight_decay"],
     )
-    checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
+    numerics = {k: v for k, v in settings.items() if k not in MEMORY_SETTINGS}
+    checkpoint = TrainCheckpoint(checkpoint_dir, settings=numerics)
     start, curve = load_training_state(checkpoint, params, optimizer, scheduler)
     return optimizer, scheduler, checkpoint, start, curve
 

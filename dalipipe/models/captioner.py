@@ -240,6 +240,11 @@ class AudioCaptioner(nn.Module):
         return self.llava.model.multi_modal_projector
 
     @property
+    def language_model(self) -> nn.Module:
+        """The frozen LLM's decoder (embeddings, layers, final norm; not the LM head)."""
+        return self.llava.model.language_model
+
+    @property
     def vision_tower(self) -> nn.Module:
         return self.llava.model.vision_tower
 
@@ -407,8 +412,13 @@ class AudioCaptioner(nn.Module):
         fbank=None,
         use_prefix: bool = False,
         prompt: str | list[str] | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Cross-entropy on the caption tokens and the end token, mean over those tokens."""
+        """Cross-entropy on the caption tokens and the end token: their mean, or with
+        ``reduction="sum"`` their sum (`caption_token_count` tokens), which gradient
+        accumulation divides by the whole step's count so that micro-batches add up exactly."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"caption_loss: reduction={reduction!r}: use 'mean' or 'sum'")
         mm = self.modality_embeds(modality, pixel_values, fbank)
         if mm.shape[0] != len(captions):
             raise ValueError(f"{len(captions)} captions for {mm.shape[0]} inputs")
@@ -426,7 +436,17 @@ class AudioCaptioner(nn.Module):
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
+            reduction=reduction,
         )
+
+    def caption_token_count(
+        self, captions: list[str], prompt: str | list[str] | None = None
+    ) -> int:
+        """How many tokens `caption_loss` scores for these captions (each caption's tokens and
+        its end token): what a micro-batch's summed loss is divided by."""
+        prompts = self._prompts(prompt, len(captions))
+        template = self.options.template
+        return sum(len(self._caption_ids(template, p, c)) for p, c in zip(prompts, captions))
 
     @torch.no_grad()
     def generate(
