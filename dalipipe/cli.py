@@ -68,6 +68,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dalipipe.evaluate.assets",
         "download the Stanford CoreNLP jars SPICE needs",
     ),
+    "fetch": ("dalipipe.data.fetch", "download a file: resumable, checksum-verified"),
+    "paper-inputs": (
+        "dalipipe.data.paper_inputs",
+        "AudioCaps/prefix clip selections, prefix pairs, archive unpacking (rules/fetch.smk)",
+    ),
     "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
     "class-breakdown": (
         "dalipipe.evaluate.class_breakdown",

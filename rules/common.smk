@@ -97,7 +97,7 @@ def shard_kept_arg(wildcards, input):
 
 def align_inputs(wildcards):
     shards = {"shards": f"{RUN}/shards/align", "val": f"{RUN}/shards/test"}
-    return {**shards, "captioner": CAPTIONER_INPUT}
+    return {**shards, "captioner": CAPTIONER_INPUT, "checkpoint": AUDIO_ENCODER_CHECKPOINT}
 
 
 def evaluate_inputs(wildcards):
@@ -127,3 +127,91 @@ def captioner_arg(wildcards, input):
 def parent_of(name):
     """A params function: the folder holding output `name` (outputs written side by side)."""
     return lambda wildcards, output: os.path.dirname(output[name])
+
+# rules/fetch.smk: the inputs of a paper-scale config that are fetched when missing (config
+# `fetch`). A path that exists is used as it is: Snakemake makes no job for it.
+
+# the official CAV-MAE weights the align stage starts from (models.audio_encoder.checkpoint)
+AUDIO_ENCODER_CHECKPOINT = [
+    str(p) for p in [((config.get("models") or {}).get("audio_encoder") or {}).get("checkpoint")]
+    if p
+]
+# the SHA-256 of every download without a published checksum, recorded at first download
+FETCH_RECORD = "data/fetch-record.json"
+
+
+def config_value(key):
+    """The value at a dotted config key (``acquire.audioset.ontology``), or None."""
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _beside(path, name):
+    return os.path.join(os.path.dirname(str(path)), name) if path else None
+
+
+def _url_file_name(url):
+    from urllib.parse import unquote, urlparse
+
+    return os.path.basename(unquote(urlparse(url).path))
+
+
+def fetch_places():
+    """{name: (path, entry)} for every entry of config `fetch` whose input is configured."""
+    audiocaps_csv = config_value("evaluate.datasets.audiocaps.csv")
+    clotho_media = config_value("evaluate.datasets.clotho.media")
+    places = {
+        "audioset_balanced_train": config_value("acquire.audioset.segments.balanced_train"),
+        "audioset_unbalanced_train": config_value("acquire.audioset.segments.unbalanced_train"),
+        "audioset_eval": config_value("acquire.audioset.segments.eval"),
+        "audioset_class_index": config_value("acquire.audioset.class_index"),
+        "audioset_ontology": config_value("acquire.audioset.ontology"),
+        "audiocaps_train": _beside(audiocaps_csv, "train.csv"),
+        "audiocaps_val": _beside(audiocaps_csv, "val.csv"),
+        "audiocaps_test": audiocaps_csv,
+        "clotho_captions_evaluation": config_value("evaluate.datasets.clotho.csv"),
+        "cavmae_checkpoint": (AUDIO_ENCODER_CHECKPOINT or [None])[0],
+        "prefix_pairs": _beside(config_value("prefix.pairs"), "prefixDS.json"),
+    }
+    found = {}
+    for name, entry in (config.get("fetch") or {}).items():
+        if not entry:
+            continue
+        path = places.get(name)
+        if name == "clotho_audio_evaluation" and clotho_media:
+            path = _beside(os.path.normpath(clotho_media), _url_file_name(entry["url"]))
+        if path:
+            found[name] = (os.path.normpath(path), entry)
+    return found
+
+
+# Only a missing path gets a rule: a file the user has (or an earlier run fetched) is a plain
+# input from then on, which no edit of a rule or of a URL can make Snakemake fetch again (and
+# rerun everything after it). The same holds for what rules/fetch.smk makes of the downloads.
+FETCH_PATHS = {name: path for name, (path, _) in fetch_places().items()}
+FETCH_TARGETS = {
+    path: (name, entry)
+    for name, (path, entry) in fetch_places().items()
+    if not os.path.exists(path)
+}
+
+
+def fetch_checksum_arg(wildcards):
+    """--md5 X or --sha256 X where the publisher gives one, else the record file."""
+    _, entry = FETCH_TARGETS[wildcards.fetched]
+    for kind in ("md5", "sha256"):
+        if entry.get(kind):
+            return f"--{kind} {entry[kind]}"
+    return f"--record {shlex.quote(FETCH_RECORD)}"
+
+
+def youtube_params(wildcards):
+    """acquire.audioset's yt-dlp settings only: the clip downloads of rules/fetch.smk."""
+    keys = ("url_template", "format", "height", "retries", "backoff_s", "rate_limit",
+            "socket_timeout", "cookies", "ytdlp_options")  # fmt: skip
+    audioset = config["acquire"].get("audioset") or {}
+    payload = {"seed": config["seed"], "device": config["device"]}
+    payload["acquire"] = {"audioset": {k: audioset[k] for k in keys if k in audioset}}
+    return json.dumps(payload, sort_keys=True)

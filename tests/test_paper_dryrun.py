@@ -1,0 +1,140 @@
+"""`snakemake --profile slurm -n` on a fresh copy of the repository shows the whole paper graph.
+
+The copy holds the repository's files only (no data/, no results/, no ../shared), as a fresh
+clone does: every input a user would otherwise place by hand must be a job of the graph (the
+fetch rules of rules/fetch.smk), not a MissingInputException. A dry run submits nothing, so
+this needs no Slurm cluster (the executor plugin is loaded but never asked to submit).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# each paper stage, as the rule name or the start of it (extract_part, filter_part/_merge, shard)
+PAPER_STAGES = {
+    "audioset_select": r"audioset_select",
+    "audioset_download": r"audioset_download",
+    "extract": r"extract\w*",
+    "filter": r"filter\w*",
+    "shard": r"shard\w*",
+    "prefix": r"prefix",
+    "align": r"align",
+    "pseudolabel": r"pseudolabel",
+    "distill": r"distill",
+    "evaluate": r"evaluate",
+}
+FETCHED = [
+    "data/audioset/balanced_train_segments.csv",
+    "data/audioset/unbalanced_train_segments.csv",
+    "data/audioset/eval_segments.csv",
+    "data/audioset/class_labels_indices.csv",
+    "data/audioset/ontology.json",
+    "data/audiocaps/train.csv",
+    "data/audiocaps/val.csv",
+    "data/audiocaps/test.csv",
+    "data/clotho/clotho_captions_evaluation.csv",
+    "data/clotho/clotho_audio_evaluation.7z",
+    "data/models/cav-mae-scale++.pth",
+    "data/prefix/prefixDS.json",
+]
+MADE = {  # the inputs that are not plain downloads, and the rule that makes each
+    "data/audiocaps/clips": "audiocaps_download",
+    "data/clotho/evaluation": "unpack_clotho_audio",
+    "data/prefix/pairs.csv": "prefix_pairs",
+}
+
+
+def repository_files() -> list[str]:
+    """The files a clone has (tracked, plus new ones not ignored, as in a checkout at work)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [f for f in listed.split("\0") if f and (REPO / f).is_file()]
+
+
+@pytest.fixture
+def fresh_clone(tmp_path) -> Path:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and the repository's .git")
+    root = tmp_path / "dalipipe"
+    for name in repository_files():
+        if name.startswith(("results/", "data/")):
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    return root
+
+
+def dry_run(root: Path) -> tuple[str, dict[str, int]]:
+    # no site settings from the calling shell: the profile's defaults, as on a new cluster
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DALIPIPE_SLURM"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-5000:]
+    stats = result.stdout.split("Job stats:")[-1].split("Reasons:")[0]
+    counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    return result.stdout, counts
+
+
+def outputs_of(plan: str, rule: str) -> set[str]:
+    blocks = re.findall(rf"^(?:local)?rule {rule}:\n(.*?)(?:\n\n|\Z)", plan, re.M | re.S)
+    return {m for b in blocks for m in re.findall(r"^\s+output: (.+)$", b, re.M)}
+
+
+def test_the_paper_graph_of_a_fresh_clone_fetches_every_input(fresh_clone):
+    plan, counts = dry_run(fresh_clone)
+    for stage, rule in PAPER_STAGES.items():
+        jobs = sum(n for name, n in counts.items() if re.fullmatch(rule, name))
+        assert jobs >= 1, f"{stage} missing from the plan: {counts}"
+    assert counts["audioset_download"] == 100 and counts["align"] == 4
+    assert counts["evaluate"] == 2  # AudioCaps and Clotho
+    assert outputs_of(plan, "fetch") == set(FETCHED)
+    for path, rule in MADE.items():
+        assert any(path in o for o in outputs_of(plan, rule)), f"{rule} does not make {path}"
+    for rule in ("audiocaps_selection", "prefix_selection", "prefix_download"):
+        assert counts.get(rule) == 1, rule
+    # the published checksums are pinned; the others are recorded at the first download
+    assert "--md5 4569624ccadf96223f19cb59fe4f849f" in plan
+    assert "--md5 1b16b9e57cf7bdb7f13a13802aeb57e2" in plan
+    assert plan.count("--record data/fetch-record.json") == len(FETCHED) - 2
+    assert not (fresh_clone / "data").exists()  # a dry run fetches nothing
+
+
+def test_a_file_the_user_already_has_is_used_as_it_is(fresh_clone):
+    ontology = fresh_clone / "data" / "audioset" / "ontology.json"
+    ontology.parent.mkdir(parents=True)
+    ontology.write_text("[]\n")
+    pairs = fresh_clone / "data" / "prefix" / "pairs.csv"
+    pairs.parent.mkdir(parents=True)
+    pairs.write_text("image,caption\n")
+    for folder in ("data/clotho/evaluation", "data/audiocaps/clips"):  # media of one's own
+        (fresh_clone / folder).mkdir(parents=True)
+        (fresh_clone / folder / "a.wav").write_bytes(b"RIFF")
+    plan, counts = dry_run(fresh_clone)
+    # nor what only the prefix pairs and the Clotho audio are made from
+    unneeded = {"data/audioset/ontology.json", "data/clotho/clotho_audio_evaluation.7z"}
+    unneeded |= {"data/prefix/prefixDS.json", "data/audiocaps/train.csv"}
+    assert outputs_of(plan, "fetch") == set(FETCHED) - unneeded
+    for rule in ("prefix_selection", "prefix_download", "prefix_pairs", "unpack_clotho_audio"):
+        assert rule not in counts
+    assert "audiocaps_selection" not in counts and "audiocaps_download" not in counts
+    assert counts["evaluate"] == 2
+    assert counts["prefix"] == 1 and counts["audioset_select"] == 1
