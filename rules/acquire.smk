@@ -1,10 +1,9 @@
 # Acquisition from the synthetic world or from local media files (acquire.source "synthetic" or
-# "local"; "audioset" is rules/audioset.smk): one job per part, then the parts are gathered.
+# "local"; "audioset" is rules/audioset.smk): one job per part, then the parts of any source are
+# gathered.
 #   snakemake --cores 2 results/miniature/acquire/manifest.csv
 # A clip is the same whatever acquire.parts is (see dalipipe/data/synthetic.py and local.py).
 
-ACQUIRE = config["acquire"]
-ACQUIRE_PARTS = range(ACQUIRE.get("parts", 1))
 ACQUIRE_LOCAL = ACQUIRE.get("local") or {}
 
 
@@ -16,7 +15,7 @@ if ACQUIRE["source"] == "synthetic":
         wildcard_constraints:
             i=r"\d+",
         params:
-            p=lambda wildcards: acquire_params("world"),  # braces in the JSON
+            p=job_params("world", "acquire.parts"),
         conda:
             CONDA_ENV
         log:
@@ -43,7 +42,7 @@ if ACQUIRE["source"] == "local":
         wildcard_constraints:
             i=r"\d+",
         params:
-            p=lambda wildcards: acquire_params(local=ACQUIRE_LOCAL),
+            p=job_params("acquire.parts", "acquire.local"),
         conda:
             CONDA_ENV
         log:
@@ -57,24 +56,22 @@ if ACQUIRE["source"] == "local":
             " --part {wildcards.i} --out {output:q} > {log} 2>&1"
 
 
-if ACQUIRE["source"] in ("synthetic", "local"):
-
-    rule acquire_gather:
-        input:
-            expand(f"{RUN}/acquire/part-{{i}}", i=ACQUIRE_PARTS),
-        output:
-            manifest=f"{RUN}/acquire/manifest.csv",
-            metadata=f"{RUN}/acquire/metadata.jsonl",
-            summary=f"{RUN}/acquire/summary.json",
-        params:
-            out=parent_of("manifest"),
-        conda:
-            CONDA_ENV
-        log:
-            f"{LOGS}/acquire_gather.log",
-        threads: 1
-        resources:
-            mem_mb=2000,
-            runtime=15,
-        shell:
-            "dalipipe gather-manifests {input:q} --out {params.out:q} > {log} 2>&1"
+rule acquire_gather:
+    input:
+        expand(f"{RUN}/acquire/part-{{i}}", i=PARTS),
+    output:
+        manifest=f"{RUN}/acquire/manifest.csv",
+        metadata=f"{RUN}/acquire/metadata.jsonl",
+        summary=f"{RUN}/acquire/summary.json",
+    params:
+        out=parent_of("manifest"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/acquire_gather.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    shell:
+        "dalipipe gather-manifests {input:q} --out {params.out:q} > {log} 2>&1"

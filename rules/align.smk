@@ -12,7 +12,15 @@ rule align:
     wildcard_constraints:
         method="|".join(config.get("align", {}).get("methods") or ["mmd", "ot", "ot_att", "contrastive"]),
     params:
-        p=stage_params("align", "models"),
+        # this method's settings only: editing another method's reruns nothing here
+        p=job_params(
+            "align",
+            "-align.methods",
+            "-align.per_method",
+            "align.per_method.{method}",
+            "models.audio_encoder",
+            *CAPTIONER_SETTINGS,
+        ),
         captioner=captioner_arg,
         launch=accelerate_launcher,
     conda:

@@ -1,15 +1,12 @@
 # AudioSet acquisition, used when acquire.source is "audioset": select segments, download each
-# part with yt-dlp (one job per part), gather the parts.
+# part with yt-dlp (one job per part); rule acquire_gather gathers the parts.
 #   snakemake --cores 4 results/<run>/acquire/manifest.csv
 # Downloads are resumable: finished clips stay in acquire/part-<i>.work/ (outside the declared
 # output), so a failed or re-run job fetches only what is missing. See dalipipe/data/download.py.
 
-AUDIOSET = config["acquire"].get("audioset") or {}
-AUDIOSET_PARTS = range(config["acquire"].get("parts", 1))
 AUDIOSET_SPLITS = (
     [AUDIOSET.get("split")] if isinstance(AUDIOSET.get("split"), str) else AUDIOSET.get("split", [])
 )
-AUDIOSET_EXCLUDE = (config.get("filter") or {}).get("exclude_id_lists") or []
 
 
 if config["acquire"]["source"] == "audioset":
@@ -19,12 +16,12 @@ if config["acquire"]["source"] == "audioset":
             segments=[AUDIOSET["segments"][s] for s in AUDIOSET_SPLITS],
             class_index=AUDIOSET["class_index"],
             ontology=[AUDIOSET["ontology"]] if AUDIOSET.get("ontology") else [],
-            exclude=AUDIOSET_EXCLUDE,
+            exclude=EXCLUDE_ID_LISTS,
         output:
-            parts=expand(f"{RUN}/acquire/selection/part-{{i}}.jsonl", i=AUDIOSET_PARTS),
+            parts=expand(f"{RUN}/acquire/selection/part-{{i}}.jsonl", i=PARTS),
             summary=f"{RUN}/acquire/selection/summary.json",
         params:
-            p=lambda wildcards: audioset_params(with_exclusions=True),  # braces in the JSON
+            p=job_params("acquire.parts", "acquire.audioset", "filter.exclude_id_lists"),
             out=parent_of("summary"),
         conda:
             CONDA_ENV
@@ -46,7 +43,7 @@ if config["acquire"]["source"] == "audioset":
         wildcard_constraints:
             i=r"\d+",
         params:
-            p=lambda wildcards: audioset_params(with_exclusions=False),
+            p=job_params("acquire.parts", "acquire.audioset"),
             selection=f"{RUN}/acquire/selection",
         conda:
             CONDA_ENV
@@ -59,23 +56,3 @@ if config["acquire"]["source"] == "audioset":
         shell:
             "dalipipe acquire-audioset --params {params.p:q} --selection {params.selection:q}"
             " --part {wildcards.i} --out {output:q} > {log} 2>&1"
-
-    rule audioset_gather:
-        input:
-            expand(f"{RUN}/acquire/part-{{i}}", i=AUDIOSET_PARTS),
-        output:
-            manifest=f"{RUN}/acquire/manifest.csv",
-            metadata=f"{RUN}/acquire/metadata.jsonl",
-            summary=f"{RUN}/acquire/summary.json",
-        params:
-            out=parent_of("manifest"),
-        conda:
-            CONDA_ENV
-        log:
-            f"{LOGS}/audioset_gather.log",
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=30,
-        shell:
-            "dalipipe gather-manifests {input:q} --out {params.out:q} > {log} 2>&1"

@@ -5,19 +5,14 @@
 # It reads the extract output, not shards/align: the caption filter that shards/align waits
 # for uses this captioner. See dalipipe/models/bootstrap.py.
 
-BOOTSTRAP_EXTRACT_PARTS = expand(
-    f"{RUN}/extract/part-{{i}}", i=range(config["acquire"].get("parts", 1))
-)
-
-
 rule bootstrap:
     input:
-        extract=BOOTSTRAP_EXTRACT_PARTS,
+        extract=expand(f"{RUN}/extract/part-{{i}}", i=PARTS),
         metadata=f"{RUN}/acquire/metadata.jsonl",
     output:
         directory(f"{RUN}/models/llava"),
     params:
-        p=stage_params("bootstrap"),
+        p=job_params("bootstrap"),
     conda:
         CONDA_ENV
     log:

@@ -9,7 +9,7 @@ rule prefix:
     output:
         directory(f"{RUN}/prefix"),
     params:
-        p=stage_params("prefix", "models"),
+        p=job_params("prefix", *CAPTIONER_SETTINGS),
         captioner=captioner_arg,
     conda:
         CONDA_ENV
@@ -36,7 +36,7 @@ rule pseudolabel:
     wildcard_constraints:
         method="[A-Za-z0-9_-]+",
     params:
-        p=stage_params("pseudolabel", "models"),
+        p=job_params("pseudolabel", *CAPTIONER_SETTINGS),
         captioner=captioner_arg,
     conda:
         CONDA_ENV
@@ -65,7 +65,14 @@ rule distill:
     wildcard_constraints:
         method="[A-Za-z0-9_-]+",
     params:
-        p=stage_params("distill", "extract", "models"),
+        # the feature settings `dalipipe caption` needs, recorded in the captioner directory
+        p=job_params(
+            "distill",
+            "extract.fbank",
+            "extract.frame_short_side",
+            "extract.window_seconds",
+            *CAPTIONER_SETTINGS,
+        ),
         captioner=captioner_arg,
         launch=accelerate_launcher,
     conda:

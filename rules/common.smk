@@ -1,4 +1,5 @@
 # Shared by all rule files (config validation, the run directory, stage parameters).
+import copy
 import json
 import os
 import re
@@ -18,22 +19,62 @@ LOGS = f"logs/{config['run']}"
 CONDA_ENV = "../envs/dalipipe.yaml"
 
 
-def stage_params(*sections):
-    """The config sections a stage uses, as one JSON string passed to `dalipipe CMD --params`.
+# The config sections several rule files read, defined here before any rule file uses them.
+ACQUIRE = config["acquire"]
+PARTS = range(ACQUIRE.get("parts", 1))  # acquire, extract and filter run one job per part
+AUDIOSET = ACQUIRE.get("audioset") or {}
+FILTER = config.get("filter") or {}
+# files of YouTube ids never to train on: inputs of the AudioSet selection and the shards
+EXCLUDE_ID_LISTS = FILTER.get("exclude_id_lists") or []
+EVAL = config.get("evaluate") or {}
+# a set configured as null is off (presets such as paper.yaml switch off the miniature's)
+EVAL_DATASETS = [
+    name for name, spec in (EVAL.get("datasets") or {"miniature": {}}).items() if spec is not None
+]
+EVAL_METHODS = EVAL.get("methods") or (config.get("align") or {}).get("methods") or []
+EVAL_DISTILLED = (
+    EVAL_METHODS if EVAL.get("distilled_methods") is None else EVAL["distilled_methods"]
+)
+if not any(kind.endswith("distilled") for kind in EVAL.get("systems") or ["audio_distilled"]):
+    EVAL_DISTILLED = []
+# what a stage that loads the base captioner reads of config `models`
+CAPTIONER_SETTINGS = ("models.captioner", "models.captioner_revision", "models.options")
 
-    Rules put this in `params:`; Snakemake reruns a rule whose params changed, so changing a
-    config value reruns exactly the stages that read it, and what follows them.
+
+def job_params(*paths):
+    """The params function of a rule: the job's `--params` JSON, holding `seed`, `device` and
+    exactly the config values the job reads.
+
+    Each path is a dotted config key (`align.ot`) and may name a wildcard of the job
+    (`align.per_method.{method}`); a leading `-` takes out what an earlier path brought in
+    (`-evaluate.examples`). A key the config does not set is left out. Snakemake reruns a job
+    whose params changed, so a config edit reruns exactly the jobs that read the value, and what
+    follows them.
     """
-    payload = {"seed": config["seed"], "device": config["device"]}
-    payload.update({name: config.get(name) for name in sections})
-    return json.dumps(payload, sort_keys=True)
 
+    def params(wildcards):
+        payload = {"seed": config["seed"], "device": config["device"]}
+        for path in paths:
+            keys = path.lstrip("-").format_map(dict(wildcards.items())).split(".")
+            if path.startswith("-"):
+                parent = payload
+                for key in keys[:-1]:
+                    parent = parent.get(key) if isinstance(parent, dict) else None
+                if isinstance(parent, dict):
+                    parent.pop(keys[-1], None)
+                continue
+            value = config
+            for key in keys:
+                value = value.get(key, KeyError) if isinstance(value, dict) else KeyError
+            if value is KeyError:
+                continue
+            parent = payload
+            for key in keys[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[keys[-1]] = copy.deepcopy(value)
+        return json.dumps(payload, sort_keys=True)
 
-def stage_params_less(section, *keys):
-    """stage_params(section) without some of its keys, for a rule that does not read them."""
-    payload = json.loads(stage_params(section))
-    payload[section] = {k: v for k, v in (payload[section] or {}).items() if k not in keys}
-    return json.dumps(payload, sort_keys=True)
+    return params
 
 
 def require_existing_paths(*keys):
@@ -73,21 +114,25 @@ def accelerate_launcher(wildcards, resources):
 # functions apart from rules).
 
 
-def acquire_params(*sections, **acquire_keys):
-    """Only what the job reads, so e.g. changing acquire.audioset reruns nothing here."""
-    payload = {"seed": config["seed"], "device": config["device"]}
-    payload.update({name: config.get(name) for name in sections})
-    payload["acquire"] = {"parts": ACQUIRE.get("parts", 1), **acquire_keys}
-    return json.dumps(payload, sort_keys=True)
+def shard_inputs(wildcards):
+    """Every split reads all extract parts; align only the filter's kept clips (when it ran);
+    the training splits also read the evaluation-id lists they must drop."""
+    inputs = {
+        "extract": expand(f"{RUN}/extract/part-{{i}}", i=PARTS),
+        "metadata": f"{RUN}/acquire/metadata.jsonl",
+    }
+    if wildcards.split == "align" and FILTER.get("enabled", False):
+        inputs["kept"] = f"{RUN}/filter/kept.txt"
+    if wildcards.split != "test":
+        inputs["exclude"] = EXCLUDE_ID_LISTS
+    return inputs
 
 
-def audioset_params(with_exclusions):
-    """Only what the job reads, so e.g. changing filter.keep does not reselect or re-download."""
-    payload = {"seed": config["seed"], "device": config["device"]}
-    payload["acquire"] = {"parts": config["acquire"].get("parts", 1), "audioset": AUDIOSET}
-    if with_exclusions:
-        payload["filter"] = {"exclude_id_lists": AUDIOSET_EXCLUDE}
-    return json.dumps(payload, sort_keys=True)
+def shard_params(wildcards):
+    """The evaluation-id lists only for the training splits, and only when there are some, so
+    the test split and a run without any keep their params (and shards)."""
+    exclusions = ["filter.exclude_id_lists"] if wildcards.split != "test" and EXCLUDE_ID_LISTS else []
+    return job_params("shard", "extract.keep_wav", *exclusions)(wildcards)
 
 
 def shard_kept_arg(wildcards, input):
@@ -127,6 +172,7 @@ def captioner_arg(wildcards, input):
 def parent_of(name):
     """A params function: the folder holding output `name` (outputs written side by side)."""
     return lambda wildcards, output: os.path.dirname(output[name])
+
 
 # rules/fetch.smk: the inputs of a paper-scale config that are fetched when missing (config
 # `fetch`). A path that exists is used as it is: Snakemake makes no job for it.

@@ -3,19 +3,6 @@
 #   snakemake --report report.html        (after a run: tables, examples, curves, modality gap)
 # The commands live in dalipipe/evaluate/; see DEVELOPING.md for the artifacts they read.
 
-EVAL = config.get("evaluate") or {}
-# a set configured as null is off (presets such as paper.yaml switch off the miniature's)
-EVAL_DATASETS = [
-    name for name, spec in (EVAL.get("datasets") or {"miniature": {}}).items() if spec is not None
-]
-EVAL_METHODS = EVAL.get("methods") or (config.get("align") or {}).get("methods") or []
-EVAL_DISTILLED = (
-    EVAL_METHODS if EVAL.get("distilled_methods") is None else EVAL["distilled_methods"]
-)
-if not any(kind.endswith("distilled") for kind in EVAL.get("systems") or ["audio_distilled"]):
-    EVAL_DISTILLED = []
-
-
 rule evaluate:
     input:
         unpack(evaluate_inputs),
@@ -24,7 +11,15 @@ rule evaluate:
     wildcard_constraints:
         dataset="miniature|audiocaps|clotho",
     params:
-        p=stage_params("evaluate", "extract", "models"),
+        # this dataset's settings only, less what only the report reads
+        p=job_params(
+            "evaluate",
+            "-evaluate.examples",
+            "-evaluate.datasets",
+            "evaluate.datasets.{dataset}",
+            "extract.fbank",
+            *CAPTIONER_SETTINGS,
+        ),
         shards=lambda wc: f"--shards {RUN}/shards/test" if wc.dataset == "miniature" else "",
         captioner=captioner_arg,
     conda:
@@ -70,7 +65,7 @@ rule report_figures:
         ),
         **EVAL_FIGURES,
     params:
-        p=stage_params("evaluate", "extract"),
+        p=job_params("evaluate", "extract.fbank"),
         curves=lambda wc, input: " ".join(f"{d}/curve.csv" for d in input.curves),
         examples=EVAL.get("examples", 6),
         shards=f"--shards {RUN}/shards/test" if "miniature" in EVAL_DATASETS else "",

@@ -3,9 +3,6 @@
 #   snakemake --cores 2 results/miniature/extract/part-0
 # Works for every acquire source: the part directory holds manifest.csv with the clip paths.
 
-EXTRACT_PARTS = range(config["acquire"].get("parts", 1))
-
-
 rule extract_part:
     input:
         f"{RUN}/acquire/part-{{i}}",
@@ -14,8 +11,8 @@ rule extract_part:
     wildcard_constraints:
         i=r"\d+",
     params:
-        # less keep_wav, which only the shard stage reads; a function: braces in the JSON
-        p=lambda wildcards: stage_params_less("extract", "keep_wav"),
+        # less keep_wav, which only the shard stage reads
+        p=job_params("extract", "-extract.keep_wav"),
     conda:
         CONDA_ENV
     log:

@@ -4,8 +4,6 @@
 # filter.captioner may contain {run}; a captioner under results/ (the miniature's bootstrap
 # LLaVA) becomes an input, a hub id (Salesforce/blip2-opt-2.7b) does not.
 
-FILTER = config.get("filter") or {}
-FILTER_PARTS = range(config["acquire"].get("parts", 1))
 FILTER_CAPTIONER = FILTER.get("captioner", "Salesforce/blip2-opt-2.7b").format(run=config["run"])
 
 
@@ -14,14 +12,14 @@ rule filter_part:
         extract=f"{RUN}/extract/part-{{i}}",
         metadata=f"{RUN}/acquire/metadata.jsonl",
         captioner=[FILTER_CAPTIONER] if FILTER_CAPTIONER.startswith("results/") else [],
-        exclude=FILTER.get("exclude_id_lists") or [],
+        exclude=EXCLUDE_ID_LISTS,
     output:
         directory(f"{RUN}/filter/part-{{i}}"),
     wildcard_constraints:
         i=r"\d+",
     params:
         # less `keep`, which only the merge reads: a new `keep` does not recaption every frame
-        p=lambda wildcards: stage_params_less("filter", "keep"),
+        p=job_params("filter", "-filter.keep"),
         captioner=lambda wildcards, input: input.captioner or FILTER_CAPTIONER,
     conda:
         CONDA_ENV
@@ -40,14 +38,14 @@ rule filter_part:
 
 rule filter_merge:
     input:
-        expand(f"{RUN}/filter/part-{{i}}", i=FILTER_PARTS),
+        expand(f"{RUN}/filter/part-{{i}}", i=PARTS),
     output:
         kept=f"{RUN}/filter/kept.txt",
         distances=f"{RUN}/filter/distances.csv",
         histogram=report(f"{RUN}/filter/histogram.png", category="Data"),
         summary=f"{RUN}/filter/summary.json",
     params:
-        p=lambda wildcards: stage_params("filter"),  # "{run}" in the JSON is not a wildcard
+        p=job_params("filter"),
         out=parent_of("kept"),
     conda:
         CONDA_ENV

@@ -150,5 +150,5 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M))
-    assert jobs == {"audioset_select": "1", "audioset_download": "3", "audioset_gather": "1",
+    assert jobs == {"audioset_select": "1", "audioset_download": "3", "acquire_gather": "1",
                     "filter_part": "3", "filter_merge": "1", "total": "9"}  # fmt: skip

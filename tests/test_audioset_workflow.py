@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 pytest tests/test_audioset_workflow.py
 
 metadata -> audioset_select -> audioset_download (2 parts, real yt-dlp + ffmpeg against
-tests/video_host.py) -> audioset_gather -> extract -> filter (tiny BLIP-2 captions, tiny GPT-2
-embeddings: the paper's path) -> filter_merge -> shard_align, in a scratch directory. The
+tests/video_host.py) -> acquire_gather -> extract -> filter (tiny BLIP-2 captions, tiny GPT-2
+embeddings: the paper's path) -> filter_merge -> shard (align), in a scratch directory. The
 metadata is written here in Google's formats (segment CSVs with their comment header, the class
 index, an ontology) with one malformed row, one clip outside the selected classes and one id of
 an evaluation set. The host answers 404, 403, a truncated body and a stalled response for some
@@ -303,7 +303,7 @@ def test_a_changed_keep_reruns_only_the_merge_and_the_shards(run, snakemake_in):
     changed.write_text(yaml.safe_dump(settings))
     output = snakemake_in(workdir, TARGET, "-n", "--configfile", str(changed))
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", output, re.M))
-    assert jobs == {"filter_merge": "1", "shard_align": "1", "total": "2"}
+    assert jobs == {"filter_merge": "1", "shard": "1", "total": "2"}
 
 
 def test_a_changed_caption_setting_recaptions_and_downloads_nothing(run, snakemake_in):
@@ -323,7 +323,7 @@ def test_a_changed_caption_setting_recaptions_and_downloads_nothing(run, snakema
     requests = sum(host.requests.values())
     output = snakemake_in(workdir, TARGET, "--configfile", str(changed))
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", output, re.M))
-    assert jobs == {"filter_part": "2", "filter_merge": "1", "shard_align": "1", "total": "4"}
+    assert jobs == {"filter_part": "2", "filter_merge": "1", "shard": "1", "total": "4"}
     assert sum(host.requests.values()) == requests
     after = {
         row["clip_id"]: row["captions"]
