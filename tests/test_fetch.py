@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import json
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -314,3 +315,130 @@ def test_prefix_pairs_pair_the_frame_at_5_s_with_the_authors_caption(tmp_path):
     # the clip's frame at 5 s: the test clip is red before 5 s and blue from 5 s on
     r, g, b = pair.image.convert("RGB").resize((1, 1)).getpixel((0, 0))
     assert b > 150 and r < 100
+
+
+# ----------------------------------------------------------------------------- through Snakemake
+
+
+def segment_csv(rows: list[tuple[str, float]]) -> bytes:
+    lines = ["# Segments csv created Sun Mar  5 10:54:31 2017", "# num_ytids=1", "# YTID, ..."]
+    lines += [f'{vid}, {start:.3f}, {start + 10:.3f}, "/m/09x0r"' for vid, start in rows]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def seven_zip(folder: Path, archive: Path) -> bytes:
+    import py7zr
+
+    with py7zr.SevenZipFile(archive, "w") as z:
+        z.writeall(folder, arcname=folder.name)
+    return archive.read_bytes()
+
+
+def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
+    """configs/paper.yaml with its fetch URLs and YouTube pointed at 127.0.0.1: the fetch,
+    unpack, AudioCaps-clip and prefix-pair rules run for real (real yt-dlp and ffmpeg)."""
+    import yaml
+    from video_host import make_video, serve_videos
+
+    pytest.importorskip("py7zr")
+    audio = tmp_path / "evaluation"
+    audio.mkdir()
+    (audio / "Santa Motor.wav").write_bytes(b"RIFF-not-really")
+    captions = b"file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
+    prefix_ds = [  # the authors' format; prefixMiss1 is in no CSV, prefixGone1 is gone
+        {"id": vid, "image": f"/x/frame_5/{vid}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the sound."},
+            {"from": "gpt", "value": caption}]}
+        for vid, caption in [("prefixClip1", "A dog barks"), ("prefixGone1", "Rain falls"),
+                             ("prefixMiss1", "Wind blows")]
+    ]  # fmt: skip
+    files = {
+        "/as/balanced.csv": segment_csv([("balancedId1", 0.0)]),
+        "/as/unbalanced.csv": segment_csv([("prefixGone1", 3.0)]),
+        "/as/eval.csv": segment_csv([("evalClipId1", 0.0)]),
+        "/as/classes.csv": b'index,mid,display_name\n0,/m/09x0r,"Speech"\n',
+        "/as/ontology.json": b"[]\n",
+        "/ac/train.csv": b"audiocap_id,youtube_id,start_time,caption\n1,prefixClip1,2,A dog barks\n",
+        "/ac/val.csv": b"audiocap_id,youtube_id,start_time,caption\n2,valClipId01,0,Birds\n",
+        "/ac/test.csv": (
+            b"audiocap_id,youtube_id,start_time,caption\n"
+            b"3,acTestClip1,0,A car passes\n4,acTestClip1,0,Engine noise\n5,acTestClip2,4,Talk\n"
+        ),
+        "/clotho/captions.csv": captions + b"Santa Motor.wav,a,b,c,d,e\n",
+        "/clotho/clotho_audio_evaluation.7z": seven_zip(audio, tmp_path / "a.7z"),
+        "/models/audio_model.21.pth": b"weights",
+        "/prefixDS.json": json.dumps(prefix_ds).encode(),
+    }
+    names = {
+        "audioset_balanced_train": "/as/balanced.csv",
+        "audioset_unbalanced_train": "/as/unbalanced.csv",
+        "audioset_eval": "/as/eval.csv",
+        "audioset_class_index": "/as/classes.csv",
+        "audioset_ontology": "/as/ontology.json",
+        "audiocaps_train": "/ac/train.csv",
+        "audiocaps_val": "/ac/val.csv",
+        "audiocaps_test": "/ac/test.csv",
+        "clotho_captions_evaluation": "/clotho/captions.csv",
+        "clotho_audio_evaluation": "/clotho/clotho_audio_evaluation.7z",
+        "cavmae_checkpoint": "/models/audio_model.21.pth",
+        "prefix_pairs": "/prefixDS.json",
+    }
+    pinned = {"clotho_captions_evaluation", "clotho_audio_evaluation"}
+    video = tmp_path / "video.mp4"
+    make_video(video)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
+    targets = ["data/prefix/pairs.csv", "data/clotho/evaluation", "data/audiocaps/clips"]
+    targets += ["data/models/cav-mae-scale++.pth"]
+    with serve(files) as host, serve_videos(video.read_bytes(), {"prefixGone1": "missing"}) as yt:
+        fetch_config = {
+            name: {"url": host.url(path)} | ({"md5": md5(files[path])} if name in pinned else {})
+            for name, path in names.items()
+        }
+        overlay = workdir / "local.yaml"
+        overlay.write_text(yaml.safe_dump({
+            "fetch": fetch_config,
+            "acquire": {"audioset": {"url_template": yt.url_template, "height": 120,
+                                     "retries": 1, "backoff_s": 0.1, "rate_limit": 0}},
+        }))  # fmt: skip
+        configs = ["--configfile", str(REPO / "configs/paper.yaml"), str(overlay)]
+        snakemake_in(workdir, *targets, *configs)
+        plan = snakemake_in(workdir, *configs, "-n")  # the whole paper graph, nothing runs
+        served = [path for path, _ in host.requests]
+    data = workdir / "data"
+    # downloads: each once, where the config wants them; pinned ones checked, others recorded
+    assert sorted(served) == sorted(set(served))
+    assert (data / "models/cav-mae-scale++.pth").read_bytes() == b"weights"
+    record = json.loads((data / "fetch-record.json").read_text())
+    assert set(record) == {host.url(names[n]) for n in names if n not in pinned} & {
+        host.url(p) for p in served
+    }
+    assert not any(host.url(names[n]) in record for n in pinned)
+    assert not list(data.rglob("*.part"))
+    # Clotho: the archive's evaluation/ folder is the media folder
+    assert (data / "clotho/evaluation/Santa Motor.wav").read_bytes() == b"RIFF-not-really"
+    # AudioCaps test clips, under the clip ids evaluation looks for
+    with open(data / "audiocaps/clips/manifest.csv", newline="") as f:
+        status = {row["clip_id"]: row["status"] for row in csv.DictReader(f)}
+    assert status == {"acTestClip1_0": "ok", "acTestClip2_4000": "ok"}
+    # prefix pairs: the clip found through AudioCaps train; the gone one and the unknown one out
+    with open(data / "prefix/pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"image": "frames/prefixClip1_2000.jpg", "caption": "A dog barks",
+                     "id": "prefixClip1_2000"}]  # fmt: skip
+    assert (data / "prefix/frames/prefixClip1_2000.jpg").stat().st_size > 0
+    summary = json.loads((data / "prefix/pairs.summary.json").read_text())
+    assert summary["pairs"] == 1 and "prefixGone1_3000" in summary["left_out"][0]
+    # the paper graph now fetches only what these targets did not need, and makes nothing
+    # of the inputs that exist (no rule is defined for an input that exists)
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):$", plan, re.M))
+    assert {"audioset_select", "align", "evaluate"} <= jobs
+    assert not jobs & {"unpack_clotho_audio", "audiocaps_download", "prefix_pairs"}
+    fetch_jobs = re.findall(r"^(?:local)?rule fetch:\n\s+output: (\S+)$", plan, re.M)
+    assert sorted(fetch_jobs) == [
+        "data/audiocaps/val.csv",
+        "data/audioset/class_labels_indices.csv",
+        "data/audioset/ontology.json",
+        "data/clotho/clotho_captions_evaluation.csv",
+    ]
