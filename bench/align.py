@@ -11,7 +11,7 @@ into the audio tokens (and the scorer for ot_att); with --encoder, the full CAV-
 forward and backward is included. Part 2 solves one batch of exact OT problems with POT one after
 another, in a thread pool and in a process pool, then with the batched log-domain Sinkhorn, and
 prints Sinkhorn's transport cost beside exact EMD's on the same batch.
-Compare with notes/performance-anchors.md (58 ms per 512x576 EMD on one core).
+Compare with docs/performance-anchors.md (58 ms per 512x576 EMD on one core).
 """
 
 from __future__ import annotations

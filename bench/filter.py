@@ -7,7 +7,7 @@
 Runs the filter's own code path (``FrameCaptioner``: processor, greedy ``generate``, decoding) on
 random-noise frames of ``--size`` pixels, ``--max-new-tokens`` tokens (generation stops early
 only at the end token, so random weights give full-length captions), after one warm-up batch.
-Compare with notes/performance-anchors.md: BLIP-2 OPT-2.7B shapes, 12 tokens from a 224 px
+Compare with docs/performance-anchors.md: BLIP-2 OPT-2.7B shapes, 12 tokens from a 224 px
 frame, 94 / 300 / 524 frames/s at batch 16 / 64 / 256 on one H200.
 """
 

@@ -1,7 +1,7 @@
 """Small helpers every stage shares: atomic outputs, logging, seeds, devices, JSON lines.
 
 A stage writes to a temporary sibling and renames it when complete, so an interrupted job
-never leaves an output that looks finished (DESIGN.md, "Stages and their artifacts").
+never leaves an output that looks finished (docs/design.md, "Stages and their contracts").
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
     a, b = scorer(audio, image)                  # (B,Na), (B,Nv): each row sums to one
     lam = entropy_weight(epoch, params)          # None while the scorer is frozen (epoch 1)
 
-As in the authors' code (notes §4.3): each side has an extra Linear for query, key and value in
-front of an 8-head ``nn.MultiheadAttention``; the attention output is averaged over features,
-divided by tau = 20 and soft-maxed over tokens, then mixed half and half with uniform weights,
-so no token ever gets less than half of its uniform share. The scorer minimises OT - lambda*H:
-it is pushed towards high entropy, away from putting all the mass on a few tokens.
+As in the authors' code (docs/authors-implementation.md §4.3): each side has an extra Linear for
+query, key and value in front of an 8-head ``nn.MultiheadAttention``; the attention output is
+averaged over features, divided by tau = 20 and soft-maxed over tokens, then mixed half and half
+with uniform weights, so no token ever gets less than half of its uniform share. The scorer
+minimises OT - lambda*H: it is pushed towards high entropy, away from putting all the mass on a
+few tokens.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     from dalipipe.align.losses import mmd_loss, contrastive_loss
     loss = mmd_loss(audio, image)            # audio (B,Na,D), image (B,Nv,D) -> scalar
 
-All losses are per clip and averaged over the batch (notes/official-implementation.md §4): no
+All losses are per clip and averaged over the batch (docs/authors-implementation.md §4): no
 token is ever compared with another clip's tokens, except in the contrastive baseline, whose
 negatives are the other clips of the batch. They compute in float32 even under autocast, because
 squared distances and exponentials lose too much in bf16.

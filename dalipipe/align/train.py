@@ -41,7 +41,7 @@ from dalipipe.common import atomic_path, parse_params, seed_everything, setup_lo
 
 log = logging.getLogger(__name__)
 
-# The authors' settings (notes §4.3) unless the config says otherwise.
+# The authors' settings (docs/authors-implementation.md §4.3) unless the config says otherwise.
 DEFAULTS = {
     "methods": list(METHODS),
     "batch_size": 256,

@@ -7,10 +7,10 @@
         --out results/miniature/distill/ot_att
 
 Only the audio projector trains, starting from the image projector; the input is audio alone
-without the prefix, as in the authors' code (notes §8; both configurable). Under
-`accelerate launch` each process takes its share of every step's clips (batch_size per process)
-and the projector's gradients are averaged across processes. A killed job resumes from
-<out>.ckpt/. The output is a trained-captioner directory (DEVELOPING.md) that
+without the prefix, as in the authors' code (docs/authors-implementation.md §8; both
+configurable). Under `accelerate launch` each process takes its share of every step's clips
+(batch_size per process) and the projector's gradients are averaged across processes. A killed
+job resumes from <out>.ckpt/. The output is a trained-captioner directory (DEVELOPING.md) that
 `AudioCaptioner.from_dir` loads; captioner.json's metadata records the fbank and frame settings
 (`features`) so `dalipipe caption` prepares new files the way the model was trained.
 """

@@ -6,8 +6,8 @@
 
 Only the prefix embeddings train (paper §3.1). The captioner is frozen and sees the image only,
 so a few (frame, audio caption) pairs suffice; the authors place the prefix right after the image
-tokens (notes §5), which is the captioner's default. Writes prefix.safetensors, prefix.json and
-curve.csv; a killed run resumes from <out>.ckpt/.
+tokens (docs/authors-implementation.md §5), which is the captioner's default. Writes
+prefix.safetensors, prefix.json and curve.csv; a killed run resumes from <out>.ckpt/.
 """
 
 from __future__ import annotations

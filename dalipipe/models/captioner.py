@@ -5,7 +5,7 @@
     pv = cap.pixel_values(frames)                       # list of HxWx3 uint8 arrays or PIL images
     cap.generate(modality="audio+image", pixel_values=pv, fbank=fbank)   # -> list[str]
 
-The wrapper builds the LLM's input embeddings itself (notes/official-implementation.md section 6):
+The wrapper builds the LLM's input embeddings itself (docs/authors-implementation.md §6):
     [BOS] system "USER: " [image tokens][audio tokens][prefix] "\n" prompt " ASSISTANT:" caption </s>
 Image tokens are CLIP's hidden layer -2 without CLS, through LLaVA's projector; audio tokens
 are the audio encoder's output through the audio projector, a copy of the image projector that

@@ -8,7 +8,7 @@
 The fbank (B, T, M) becomes an image (B, 1, M, T); 16x16 patches flatten frequency-major
 (token = f * n_t + t); a fixed 2-D sin-cos position embedding and a learned modality embedding
 are added; 11 audio blocks, then the shared block run with its audio LayerNorms, then `norm_a`,
-then a new Linear to the image-token width (notes/official-implementation.md section 2).
+then a new Linear to the image-token width (docs/authors-implementation.md §2).
 Parameter names are the official ones so `cav-mae-scale++.pth` state dicts load unchanged.
 """
 
