@@ -1,25 +1,85 @@
-"""Validate a workflow config against schemas/config.schema.yaml, with one readable message.
+"""The workflow config: every setting's type, default and meaning live in one file, the schema.
 
-    python -m dalipipe.config config.yaml     # prints "ok" or the first problems, exits 1
+    python -m dalipipe.config config.yaml configs/paper.yaml   # "ok", or the problems (exit 1)
+    load_config("configs/paper.yaml")["align"]["epochs"]        # defaults + presets, as run
+    section_defaults("distill")                                 # a stage's defaults
 
-The Snakefile calls :func:`validate_config` before building the job graph, so a bad config
-stops the run before any job, naming the key (``extract.fbank.num_mel_bins: 'many' is not of
-type 'integer'``).
+`schemas/config.schema.yaml` holds, for each key, its type, its default and a one-line meaning.
+A preset (config.yaml, configs/*.yaml) states only what differs from those defaults, laid over
+one another as Snakemake lays config files (key by key). The workflow fills in the defaults and
+validates the result before building the job graph, so a bad config stops the run before any
+job, naming the key (``extract.fbank.num_mel_bins: 'many' is not of type 'integer'``).
 """
 
 from __future__ import annotations
 
+import copy
 import sys
+from functools import cache
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
     pass
+
+
+@cache
+def _schema(path: Path = SCHEMA) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _fill(node: dict, schema: dict) -> None:
+    for key, sub in (schema.get("properties") or {}).items():
+        if key not in node:
+            if "default" in sub:
+                node[key] = copy.deepcopy(sub["default"])
+            elif "properties" in sub and _has_defaults(sub):
+                node[key] = {}
+        if isinstance(node.get(key), dict) and "properties" in sub:
+            _fill(node[key], sub)
+
+
+def _has_defaults(schema: dict) -> bool:
+    return any(
+        "default" in sub or _has_defaults(sub) for sub in (schema.get("properties") or {}).values()
+    )
+
+
+def fill_defaults(config: dict, schema_path: str | Path = SCHEMA) -> dict:
+    """Give every key the config leaves out its schema default, at every depth, in place."""
+    _fill(config, _schema(Path(schema_path)))
+    return config
+
+
+def section_defaults(section: str) -> dict:
+    """The defaults of one top-level section, e.g. what a stage runs with when called alone."""
+    return fill_defaults({})[section]
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base` key by key, as Snakemake merges config files (a new dict)."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(*presets: str | Path, base: str | Path | None = REPO / "config.yaml") -> dict:
+    """The config a run sees: `base` (the Snakefile's config.yaml), the presets laid over it in
+    order, then the schema's defaults for whatever none of them sets."""
+    config: dict = {}
+    for path in ([base] if base else []) + list(presets):
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return fill_defaults(config)
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -28,8 +88,7 @@ def _where(error: jsonschema.ValidationError) -> str:
 
 
 def config_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]:
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(_schema(Path(schema_path)))
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     return [f"{_where(e)}: {e.message}" for e in errors]
 
@@ -42,9 +101,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    path = Path(argv[0] if argv else "config.yaml")
-    problems = config_problems(yaml.safe_load(path.read_text()))
-    print("\n".join(f"{path}: {p}" for p in problems) or "ok")
+    presets = argv or ["config.yaml"]
+    config = load_config(*presets, base=None)
+    problems = config_problems(config)
+    print("\n".join(f"{' + '.join(presets)}: {p}" for p in problems) or "ok")
     return 1 if problems else 0
 
 

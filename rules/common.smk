@@ -5,8 +5,10 @@ import os
 import re
 import shlex
 
-from dalipipe.config import ConfigError, validate_config
+from dalipipe.config import ConfigError, fill_defaults, validate_config
 
+# every key a preset leaves out takes its default from schemas/config.schema.yaml
+fill_defaults(config)
 try:
     validate_config(config)
 except ConfigError as error:

@@ -97,12 +97,13 @@ def test_settings_merge_defaults_config_and_per_method():
     s = method_settings(
         {"epochs": 20, "per_method": {"mmd": {"epochs": 30}}, "ot": {"solver": "sinkhorn"}}, "mmd"
     )
-    assert s["epochs"] == 30 and s["betas"] == [0.95, 0.999] and s["lr"] == 1e-4
+    # the schema's defaults (the miniature's), then the config, then per_method
+    assert s["epochs"] == 30 and s["betas"] == [0.95, 0.999] and s["lr"] == 1e-3
     assert s["ot"] == {
         "solver": "sinkhorn",
         "eps": 0.05,
         "iters": 50,
-        "workers": 0,
+        "workers": 2,
         "pool": "thread",
     }
     assert (

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dalipipe.config import load_config
 from dalipipe.data import audioset
 
 DATA = Path("/work/shared/data")
@@ -118,7 +119,8 @@ def test_command_writes_parts_and_summary(tmp_path):
 
 
 def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
-    """rules/audioset.smk and rules/filter.smk, with common.smk, in a Snakemake dry run."""
+    """rules/audioset.smk and rules/filter.smk, with common.smk and acquire.smk (the gather rule of
+    every source), in a Snakemake dry run."""
     import subprocess
     import sys
 
@@ -127,7 +129,7 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     for name in ("rules", "schemas"):
         (tmp_path / name).symlink_to(repo / name)
-    config = yaml.safe_load((repo / "config.yaml").read_text())
+    config = load_config()  # config.yaml with the schema's defaults
     config["acquire"].update(source="audioset", parts=3)
     config["acquire"]["audioset"].update(
         segments={"eval": str(AS / "eval_segments.csv")},
@@ -139,7 +141,9 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "Snakefile").write_text(
         'configfile: "config.yaml"\n'
-        + "".join(f'include: "rules/{f}.smk"\n' for f in ("common", "audioset", "filter"))
+        + "".join(
+            f'include: "rules/{f}.smk"\n' for f in ("common", "acquire", "audioset", "filter")
+        )
     )
     for i in range(3):  # the extract stage is another rule file's
         (tmp_path / f"results/{config['run']}/extract/part-{i}").mkdir(parents=True)

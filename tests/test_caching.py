@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dalipipe.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/cache/shards/test"
 
@@ -25,7 +27,7 @@ def planned_rules(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, snakemake_in) -> Path:
     workdir = tmp_path_factory.mktemp("cache")
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = load_config()  # config.yaml with the schema's defaults
     config["run"] = "cache"
     config["world"]["splits"] = {"align": 8, "pseudolabel": 4, "prefix": 2, "test": 4}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))

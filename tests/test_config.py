@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dalipipe.config import config_problems
+from dalipipe.config import config_problems, fill_defaults, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -33,7 +33,8 @@ def dry_run(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def config() -> dict:
-    return yaml.safe_load((REPO / "config.yaml").read_text())
+    """The miniature's config as a run sees it: config.yaml and the schema's defaults."""
+    return load_config()
 
 
 def test_default_config_is_valid(tmp_path, config):
@@ -73,19 +74,58 @@ def test_missing_required_key_is_named(config):
     ]
 
 
-def overlay(base: dict, extra: dict) -> dict:
-    """What `--configfile` does: extend the Snakefile's config.yaml key by key."""
-    merged = dict(base)
-    for key, value in extra.items():
-        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = overlay(base[key], value) if both_dicts else value
-    return merged
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_is_valid(name):
+    assert config_problems(load_config(REPO / "configs" / name)) == []
+
+
+def schema_settings(node: dict, path: tuple = ()):
+    """(dotted key, its schema) of every setting: a key whose value is not a section of keys."""
+    for key, sub in (node.get("properties") or {}).items():
+        here = (*path, key)
+        if "properties" in sub and "default" not in sub:
+            yield from schema_settings(sub, here)
+        else:
+            yield ".".join(here), sub
+
+
+def test_every_setting_has_its_default_and_its_meaning_in_the_schema():
+    """One place per setting: the schema gives each its type, its default and what it means.
+    An evaluation set's files and the fetch URLs have no default: they name a user's data."""
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    settings = dict(schema_settings(schema))
+    assert len(settings) > 150
+    no_default = {k for k, sub in settings.items() if "default" not in sub}
+    assert no_default == {"fetch"}
+    assert [k for k, sub in settings.items() if not sub.get("description")] == []
+    assert config_problems(fill_defaults({})) == []
+
+
+def leaves(config: dict, path: tuple = ()):
+    for key, value in config.items():
+        if isinstance(value, dict) and value and key not in ("datasets", "per_method"):
+            yield from leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+# what each preset is laid over: the defaults, or another preset (--configfile A B)
+PRESET_BASES = {"paper.yaml": (), "ci.yaml": (), "rehearsal.yaml": ("configs/paper.yaml",)}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_every_preset_is_valid(config, name):
+def test_a_preset_states_only_what_differs(name):
+    """nanoGPT's rule: a preset that repeats a default hides how the run differs from it."""
+    base = load_config(*(REPO / p for p in PRESET_BASES.get(name, ())))
     preset = yaml.safe_load((REPO / "configs" / name).read_text())
-    assert config_problems(overlay(config, preset)) == []
+    same = []
+    for path, value in leaves(preset):
+        node = base
+        for key in path:
+            node = node.get(key, KeyError) if isinstance(node, dict) else KeyError
+        if node == value:
+            same.append(".".join(path))
+    assert same == [], f"configs/{name} repeats the value beneath it"
 
 
 @pytest.mark.parametrize("preset", ["config.yaml", "configs/paper.yaml"])
@@ -98,40 +138,8 @@ def test_the_captioner_options_of_a_preset_reach_the_caption_stages(preset, tiny
     from dalipipe.models.assemble import load_captioner
     from dalipipe.models.captioner import CaptionerOptions
 
-    models = yaml.safe_load((REPO / preset).read_text())["models"]
+    models = load_config(*([REPO / preset] if preset != "config.yaml" else []))["models"]
     captioner = load_captioner(tiny_models.llava, models, device="cpu", dtype=torch.float32)
     assert captioner.options == CaptionerOptions.from_dict(models["options"])
     assert captioner.options.template == models["options"]["template"]
     assert captioner.revision == models["captioner_revision"]
-
-
-# Keys read by the rule files (or another stage) rather than by the stage module itself.
-READ_BY_RULES = {
-    "evaluate": {"distilled_methods", "examples", "methods"},
-    "filter": {"enabled", "keep"},
-    "extract": {"keep_wav"},
-}
-STAGE_MODULES = {
-    "world": ("dalipipe.data.synthetic", "WORLD_DEFAULTS"),
-    "extract": ("dalipipe.data.extract", "DEFAULTS"),
-    "filter": ("dalipipe.data.filter", "DEFAULTS"),
-    "bootstrap": ("dalipipe.models.bootstrap", "DEFAULTS"),
-    "align": ("dalipipe.align.train", "DEFAULTS"),
-    "prefix": ("dalipipe.caption.prefix", "DEFAULTS"),
-    "pseudolabel": ("dalipipe.caption.pseudolabel", "DEFAULTS"),
-    "distill": ("dalipipe.caption.distill", "DEFAULTS"),
-    "evaluate": ("dalipipe.evaluate.run", "DEFAULTS"),
-}
-
-
-@pytest.mark.parametrize("preset", ["config.yaml", "configs/paper.yaml"])
-def test_every_key_of_a_stage_section_is_one_its_stage_reads(preset):
-    """A key the code spells otherwise is silently a default; the stage's own defaults name
-    every key it reads, so a config key outside them (and outside the rules') is read by no one."""
-    import importlib
-
-    config = yaml.safe_load((REPO / preset).read_text())
-    for section, (module, name) in STAGE_MODULES.items():
-        known = set(getattr(importlib.import_module(module), name))
-        unread = set(config.get(section) or {}) - known - READ_BY_RULES.get(section, set())
-        assert not unread, f"{preset}: {section}.{sorted(unread)} is read by no stage"

@@ -15,10 +15,17 @@ import pytest
 import torch
 from test_prefix import COLOURS, solid, with_first_step_gradients, write_shards
 
-from dalipipe.caption.distill import DEFAULTS, distill, fit_projector, training_set
+from dalipipe.caption.distill import distill, fit_projector, training_set
+from dalipipe.config import section_defaults
 
 CAPTIONS = ["a dog barks", "a bell rings", "a bird chirps", "a car passes by", "a dog barks twice"]
-QUICK = {**DEFAULTS, "lr": 0.01, "batch_size": 2, "epochs": 2, "checkpoint_every": 2}
+QUICK = {
+    **section_defaults("distill"),
+    "lr": 0.01,
+    "batch_size": 2,
+    "epochs": 2,
+    "checkpoint_every": 2,
+}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dalipipe.config import section_defaults
 from dalipipe.data import world
 from dalipipe.evaluate import datasets, run, tables
 from dalipipe.evaluate.world_scores import world_scores
@@ -321,7 +322,7 @@ def _metas(root: Path) -> list[dict]:
 
 
 def test_plan_systems_orders_like_table_1_and_rejects_unknown_names():
-    settings = {**run.DEFAULTS}
+    settings = section_defaults("evaluate")
     names = [s.name for s in run.plan_systems(settings, ["mmd", "ot_att"], ["ot_att"])]
     assert names == [
         "image",

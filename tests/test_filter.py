@@ -184,7 +184,8 @@ def test_filter_with_llava_and_minilm_via_cli(tiny, tmp_path):
     metadata = tmp_path / "m.jsonl"
     metadata.write_text(json.dumps({"clip_id": "fffffffffff_0", "labels": ["Dog"]}) + "\n")
     params = {"device": "cpu", "filter": {"captioner": "unused", "text_encoder": "minilm",
-                                          "batch_size": 4, "max_new_tokens": 4}}  # fmt: skip
+                                          "batch_size": 4, "max_new_tokens": 4,
+                                          "splits": None}}  # every split: the clip has none  # fmt: skip
     argv = ["--params", json.dumps(params), "--extract", str(extract), "--metadata",
             str(metadata), "--out", str(tmp_path / "f"), "--captioner", tiny["llava"]]  # fmt: skip
     assert flt.main(argv) == 0

@@ -18,11 +18,19 @@ from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dalipipe.caption.pairs import load_pairs, middle
-from dalipipe.caption.prefix import DEFAULTS, epoch_order, fit_prefix, train_prefix
+from dalipipe.caption.prefix import epoch_order, fit_prefix, train_prefix
+from dalipipe.config import section_defaults
 
 CAPTIONS = ["a dog barks", "a bell rings", "a bird chirps", "a car passes by"]
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-QUICK = {**DEFAULTS, "n_tokens": 4, "lr": 0.05, "epochs": 6, "batch_size": 2, "checkpoint_every": 2}
+QUICK = {
+    **section_defaults("prefix"),
+    "n_tokens": 4,
+    "lr": 0.05,
+    "epochs": 6,
+    "batch_size": 2,
+    "checkpoint_every": 2,
+}
 
 
 def write_shards(directory, clips):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dalipipe.config import load_config
 from dalipipe.evaluate import report, tables
 from dalipipe.evaluate.run import System
 
@@ -188,7 +189,7 @@ def chromium(*args: str, profile: Path, timeout: int = 120) -> str:
 @pytest.mark.skipif(_chromium() is None, reason="chromium not installed")
 def test_snakemake_report_renders_in_headless_chromium(tmp_path):
     run = make_run(tmp_path)
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = load_config()  # config.yaml with the schema's defaults
     config["evaluate"] = {
         **config.get("evaluate", {}),
         "methods": ["mmd"],

@@ -38,42 +38,9 @@ from dalipipe.align.attentive import AttentiveWeights, entropy_weight
 from dalipipe.align.objective import METHODS, Objective
 from dalipipe.align.ot import OTSolver
 from dalipipe.common import atomic_path, parse_params, seed_everything, setup_logging, write_json
+from dalipipe.config import section_defaults
 
 log = logging.getLogger(__name__)
-
-# The authors' settings (docs/authors-implementation.md §4.3) unless the config says otherwise.
-DEFAULTS = {
-    "methods": list(METHODS),
-    "batch_size": 256,
-    "epochs": 20,
-    "lr": 1e-4,
-    "weight_decay": 5e-7,
-    "betas": [0.95, 0.999],
-    "lr_milestones": [10, 15, 20],
-    "lr_decay": 0.5,
-    "max_steps_per_epoch": None,
-    "frame": 0,  # "random" (paper) or a frame index (authors' code: 0)
-    "val_frame": 0,
-    "val_max_batches": None,
-    "noise": True,
-    "time_shift": True,
-    "precision": "fp32",  # fp32 | bf16 (autocast)
-    "checkpoint_every": 500,
-    "loader_workers": 0,  # processes decoding training clips ahead of the steps
-    "image_token_cache_gb": 0.0,  # RAM for the frozen tokens of seen (clip, frame)s; 0: none
-    "ot": {"solver": "exact", "eps": 0.05, "iters": 50, "workers": 0, "pool": "thread"},
-    "attentive": {
-        "heads": 8,
-        "tau": 20.0,
-        "uniform_mix": 0.5,
-        "frozen_epochs": 1,
-        "lambdas": [500.0, 400.0, 300.0, 200.0],
-        "final_lambda": 100.0,
-        "lr": 1e-4,
-        "double_gradient": False,
-    },
-    "per_method": {},
-}
 
 
 def method_settings(align: dict | None, method: str) -> dict:
@@ -81,11 +48,12 @@ def method_settings(align: dict | None, method: str) -> dict:
     if method not in METHODS:
         raise ValueError(f"--method: unknown {method!r}, expected one of {METHODS}")
     align = dict(align or {})
-    merged = {**DEFAULTS, **{k: v for k, v in align.items() if k != "per_method"}}
+    defaults = section_defaults("align")
+    merged = {**defaults, **{k: v for k, v in align.items() if k != "per_method"}}
     merged.update((align.get("per_method") or {}).get(method) or {})
     for nested in ("ot", "attentive"):
-        merged[nested] = {**DEFAULTS[nested], **(merged.get(nested) or {})}
-    unknown = set(merged) - set(DEFAULTS)
+        merged[nested] = {**defaults[nested], **(merged.get(nested) or {})}
+    unknown = set(merged) - set(defaults)
     if unknown:
         raise ValueError(f"config align: unknown keys {sorted(unknown)}")
     return merged

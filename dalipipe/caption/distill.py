@@ -41,22 +41,10 @@ from dalipipe.common import (
     setup_logging,
     write_json,
 )
+from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
 
 log = logging.getLogger("dalipipe.distill")
-
-DEFAULTS = {
-    "modality": "audio",
-    "use_prefix": False,
-    "lr": 2e-4,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.03,
-    "epochs": 1,
-    "batch_size": 40,
-    "micro_batch_size": None,  # examples per forward/backward; None: batch_size
-    "activation_checkpointing": False,
-    "checkpoint_every": 50,
-}
 
 
 def training_set(pseudolabels, pool, modality: str) -> list[dict]:
@@ -242,7 +230,7 @@ def distill(
 ) -> dict:
     from accelerate import Accelerator
 
-    settings = {**DEFAULTS, **(settings or {})}
+    settings = {**section_defaults("distill"), **(settings or {})}
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".ckpt")
     accelerator = Accelerator(cpu=device == "cpu")

@@ -37,23 +37,10 @@ from dalipipe.common import (
     setup_logging,
     write_json,
 )
+from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
 
 log = logging.getLogger("dalipipe.prefix")
-
-DEFAULTS = {
-    "pairs": None,
-    "n_tokens": 16,
-    "init_std": 1e-4,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.03,
-    "epochs": 500,
-    "batch_size": 16,
-    "micro_batch_size": None,  # examples per forward/backward; None: batch_size
-    "activation_checkpointing": False,
-    "checkpoint_every": 50,
-}
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -152,7 +139,7 @@ def train_prefix(
 ) -> dict:
     """The stage: `models` is config section `models` (the captioner's revision and options)."""
 
-    settings = {**DEFAULTS, **(settings or {})}
+    settings = {**section_defaults("prefix"), **(settings or {})}
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".ckpt")
     seed_everything(seed)

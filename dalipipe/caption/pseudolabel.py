@@ -29,18 +29,10 @@ from tqdm import tqdm
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.caption.schedule import default_dtype
 from dalipipe.common import parse_params, pick_device, seed_everything, setup_logging
+from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
 
 log = logging.getLogger("dalipipe.pseudolabel")
-
-DEFAULTS = {
-    "modality": "audio+image",
-    "use_prefix": True,
-    "batch_size": 16,
-    "max_new_tokens": 128,
-    "do_sample": False,
-    "temperature": 0.2,
-}
 
 
 def read_partial(path: Path) -> list[dict]:
@@ -104,7 +96,7 @@ def pseudolabel(
 ) -> dict:
     from dalipipe.data.shard import ShardReader
 
-    settings = {**DEFAULTS, **(settings or {})}
+    settings = {**section_defaults("pseudolabel"), **(settings or {})}
     modality = settings["modality"]
     out = Path(out)
     partial = out.with_name(out.name + ".partial")

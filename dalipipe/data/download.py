@@ -35,23 +35,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_json, write_jsonl
+from dalipipe.config import section_defaults
 from dalipipe.data.audioset import YOUTUBE_ID, Segment, read_selection
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
 FINAL_STATUSES = {"ok", "unavailable", "private", "removed"}  # never fetched again
-DEFAULTS = {
-    "url_template": "https://www.youtube.com/watch?v={youtube_id}",
-    "format": "bv*[height<={height}]+ba/b[height<={height}]/b",
-    "height": 360,
-    "retries": 3,
-    "backoff_s": 5.0,
-    "rate_limit": 30,  # clip requests per minute; 0 for none
-    "socket_timeout": 30,
-    "cookies": None,
-    "ytdlp_options": {},
-}
 
 # yt-dlp's messages, first match wins (YouTube prefixes most with "Video unavailable").
 _STATUS_PATTERNS = [
@@ -264,7 +254,10 @@ def _journal_under(journal_path: Path, done: dict[str, dict], settings: dict) ->
 
 def acquire_part(segments: list[Segment], cfg: dict, out_dir: str | Path) -> list[dict]:
     """Fetch every segment not finished before; write the part directory; return manifest rows."""
-    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    cfg = {
+        **section_defaults("acquire")["audioset"],
+        **{k: v for k, v in cfg.items() if v is not None},
+    }
     if cfg.get("cookies") and not Path(cfg["cookies"]).is_file():
         raise FileNotFoundError(f"acquire.audioset.cookies: no such file {cfg['cookies']!r}")
     out_dir = Path(out_dir)

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, setup_logging
+from dalipipe.config import section_defaults
 from dalipipe.data.ffmpeg import (
     MediaError,
     MediaInfo,
@@ -56,12 +57,6 @@ MANIFEST_FIELDS = [
     "clip_id", "status", "reason", "n_frames", "duration_s",
     "sample_rate", "channels", "width", "height",
 ]  # fmt: skip
-DEFAULTS = {
-    "window_seconds": 10.0,
-    "frame_short_side": 336,
-    "min_seconds": 1.0,  # less audio than this is no clip
-    "fbank": {},
-}
 
 
 class ExtractError(Exception):
@@ -360,7 +355,7 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
     """Extract every clip into `out` (written atomically); returns the manifest rows."""
     from dalipipe.data.fbank import fbank_settings
 
-    cfg = {**DEFAULTS, **(params or {})}
+    cfg = {**section_defaults("extract"), **(params or {})}
     fbank_settings(cfg["fbank"])  # a bad fbank section stops the stage before any clip
     if "%" in str(out):
         raise ValueError(f"{out}: ffmpeg would read '%' in the output path as a frame number")

@@ -46,23 +46,11 @@ from dalipipe.common import (
     write_json,
     write_jsonl,
 )
+from dalipipe.config import section_defaults
 from dalipipe.data.audioset import read_exclusions, youtube_id_of
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "captioner": "Salesforce/blip2-opt-2.7b",
-    "captioner_revision": None,
-    "llava_template": "vicuna_v1",  # a template of dalipipe.models.captioner, as bootstrap trains
-    "llava_prompt": "What can you see in this image?",
-    "text_encoder": "gpt2",
-    "gpt2": "gpt2",
-    "gpt2_revision": None,
-    "batch_size": 64,
-    "max_new_tokens": 30,
-    "exclude_id_lists": [],
-    "splits": None,  # e.g. ["align"]: score only clips of these splits; None: all
-}
 EMBEDDINGS = {
     "gpt2": "mean of GPT-2's last hidden state over the text's tokens (no special tokens)",
     "minilm": "all-MiniLM-L6-v2 sentence embedding (mean pooling, L2-normalised)",
@@ -391,7 +379,8 @@ def score_clips(clips: list[dict], captions: dict, encoder, batch_size: int) -> 
 
 
 def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name=None) -> dict:
-    cfg = {**DEFAULTS, **{k: v for k, v in (params.get("filter") or {}).items() if v is not None}}
+    # null is a value here (splits: null scores every split), not "use the default"
+    cfg = {**section_defaults("filter"), **(params.get("filter") or {})}
     if captioner_name:
         cfg["captioner"] = captioner_name
     device = params.get("device", "auto")

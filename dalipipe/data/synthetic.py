@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.config import section_defaults
 from dalipipe.data import world
 from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
 
@@ -47,23 +48,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("align", "pseudolabel", "prefix", "test")
 BATCH_SIZE = 8  # clips per ffmpeg process
 MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
-WORLD_DEFAULTS = {
-    "n_classes": 12,
-    "clip_seconds": 10.0,
-    "fps": 4,
-    "frame_size": 64,
-    "sample_rate": 16000,
-    "offscreen_fraction": 0.15,
-    "silent_fraction": 0.15,
-    "max_objects": 3,
-    "noise_level": 0.05,
-    "lossless_video": True,
-    "splits": {"align": 6000, "pseudolabel": 800, "prefix": 16, "test": 300},
-}
 
 
 def world_config(params: dict | None) -> dict:
-    cfg = {**WORLD_DEFAULTS, **(params or {})}
+    cfg = {**section_defaults("world"), **(params or {})}
     unknown = set(cfg["splits"]) - set(SPLITS)
     if unknown:
         raise ValueError(f"world.splits: unknown split(s) {sorted(unknown)}; use {SPLITS}")

@@ -42,6 +42,7 @@ from dalipipe.common import (
     setup_logging,
     write_json,
 )
+from dalipipe.config import section_defaults
 from dalipipe.evaluate import metrics, tables, world_scores
 from dalipipe.evaluate.datasets import EvalSet, load_dataset
 
@@ -55,18 +56,6 @@ SYSTEM_KINDS = (
     "audio_distilled",
     "audio_image_distilled",
 )
-DEFAULTS = {
-    "datasets": None,  # dataset -> its files; the miniature's come from --shards
-    "seed": None,  # None: the run's seed
-    "systems": list(SYSTEM_KINDS),
-    "max_new_tokens": 64,
-    "batch_size": 16,
-    "prefix_zero_shot": True,
-    "prefix_distilled": False,
-    "frame": "middle",
-    "spice": True,
-    "embedding": False,
-}
 
 
 @dataclass(frozen=True)
@@ -262,7 +251,7 @@ def evaluate(
     distill_dirs=(),
     shards=None,
 ) -> dict:
-    settings = {**DEFAULTS, **(params.get("evaluate") or {})}
+    settings = {**section_defaults("evaluate"), **(params.get("evaluate") or {})}
     seed = int(settings["seed"] if settings.get("seed") is not None else params.get("seed", 0))
     device = pick_device(params.get("device", "auto"))
     seed_everything(seed)

@@ -38,40 +38,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, pick_device, seed_everything, setup_logging
+from dalipipe.config import section_defaults
 from dalipipe.models.captioner import TEMPLATES
 from dalipipe.models.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
 from dalipipe.models.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "image_size": 64,
-    "patch_size": 8,
-    "vision_hidden": 128,
-    "vision_layers": 3,
-    "vision_heads": 4,
-    "text_hidden": 128,
-    "text_layers": 2,
-    "text_heads": 4,
-    "vocab_size": 1000,
-    "epochs": 4,
-    "batch_size": 64,
-    "lr": 4e-3,
-    # A vision tower and projector trained from scratch with the LM collapse to a constant
-    # "prompt" within ~100 steps (measured: image tokens' spread across images fell from 36%
-    # to 0.4% and the captions stopped depending on the image). LLaVA keeps CLIP frozen; so do
-    # we (at its random init, whose features separate the world's colours), and the projector
-    # learns at a tenth of the LM's rate.
-    "vision_lr_mult": 0.0,
-    "projector_lr_mult": 0.1,
-    "weight_decay": 0.0,
-    "warmup_fraction": 0.05,
-    "sound_fraction": 0.5,  # share of samples asked for the sounds of what they show
-    "template": ["plain", "vicuna_v1"],  # one per sample: every stage's template works
-    "prompts": ["What can you see in this image?", "Describe this image briefly."],
-    "sound_prompts": ["What sounds would the things in this image make?"],
-    "holdout": 100,  # align clips kept out of training, captioned at the end
-}
 
 
 # ---------------------------------------------------------------------------------- data
@@ -272,8 +244,9 @@ def bootstrap(
 
     from dalipipe.training import TrainCheckpoint, sigterm_requested
 
-    cfg = {**DEFAULTS, **(settings or {})}
-    unknown = set(cfg) - set(DEFAULTS)
+    defaults = section_defaults("bootstrap")
+    cfg = {**defaults, **(settings or {})}
+    unknown = set(cfg) - set(defaults)
     if unknown:
         raise ValueError(f"bootstrap: unknown settings {sorted(unknown)}")
     templates = [cfg["template"]] if isinstance(cfg["template"], str) else list(cfg["template"])
