@@ -14,6 +14,7 @@ from dalipipe.common import read_jsonl
 from dalipipe.data import local, synthetic, world
 from dalipipe.data.ffmpeg import decode_audio, ffmpeg_exe, probe
 from dalipipe.data.gather import gather
+from dalipipe.data.manifest import ACQUIRE_FIELDS
 
 TINY = {
     "n_classes": 6,
@@ -80,7 +81,7 @@ def test_a_clip_is_the_same_whatever_the_number_of_parts(tiny_parts):
 def test_part_manifest_and_metadata_follow_the_contract(tiny_parts):
     root, one, _ = tiny_parts
     rows = read_csv(root / "whole" / "manifest.csv")
-    assert list(rows[0]) == synthetic.MANIFEST_FIELDS
+    assert list(rows[0]) == ACQUIRE_FIELDS
     metas = read_jsonl(root / "whole" / "metadata.jsonl")
     for row, meta in zip(rows, metas):
         assert row["status"] == "ok" and row["path"] == str(

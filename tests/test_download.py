@@ -17,6 +17,7 @@ from video_host import make_video, serve_videos
 
 from dalipipe.data import download
 from dalipipe.data.audioset import Segment
+from dalipipe.data.manifest import ACQUIRE_FIELDS
 
 GOOD, SLOW, FLAKY = "goodVideo01", "slowVideo01", "flakyVideo1"
 MISSING, FORBIDDEN, STALL, TRUNC = "missingVid1", "forbidden01", "stallVideo1", "truncVideo1"
@@ -104,7 +105,7 @@ def test_download_part_against_local_host(host, tmp_path):
 
     with open(out / "manifest.csv", newline="") as f:
         manifest = list(csv.DictReader(f))
-    assert list(manifest[0]) == download.MANIFEST_FIELDS
+    assert list(manifest[0]) == ACQUIRE_FIELDS
     assert [m["clip_id"] for m in manifest] == [s.clip_id for s in segments]
     good = manifest[0]
     assert good["path"] == str(out / "clips" / "goodVideo01_5000.mp4")

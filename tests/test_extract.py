@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalipipe.data.extract import MANIFEST_FIELDS, ExtractError, extract_clip
+from dalipipe.data.extract import ExtractError, extract_clip
 from dalipipe.data.extract import main as extract_main
 from dalipipe.data.ffmpeg import MediaError, decode_audio, ffmpeg_exe, parse_info, probe
+from dalipipe.data.manifest import EXTRACT_FIELDS
 
 CLIPS = Path("/work/shared/data/clips")
 
@@ -155,7 +156,7 @@ def test_extract_real_clips_and_an_acquire_manifest(tmp_path):
     assert extract_main([str(manifest), "--out", str(tmp_path / "out"), "--params", params]) == 0
     with open(tmp_path / "out" / "manifest.csv", newline="") as f:
         rows = {r["clip_id"]: r for r in csv.DictReader(f)}
-    assert list(next(iter(rows.values()))) == MANIFEST_FIELDS
+    assert list(next(iter(rows.values()))) == EXTRACT_FIELDS
     assert rows["whistle"]["n_frames"] == "10" and rows["whistle"]["duration_s"] == "10.0"
     assert (rows["street"]["width"], rows["street"]["height"]) == ("1280", "720")
     # the WAV holds 160029 samples (10.0018 s); from 4 s on, 96029 remain

@@ -24,7 +24,6 @@ ffmpeg with argument lists, so no shell ever sees an id or a path.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -37,10 +36,10 @@ from tqdm import tqdm
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_json, write_jsonl
 from dalipipe.config import section_defaults
 from dalipipe.data.audioset import YOUTUBE_ID, Segment, read_selection
+from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
 FINAL_STATUSES = {"ok", "unavailable", "private", "removed"}  # never fetched again
 
 # yt-dlp's messages, first match wins (YouTube prefixes most with "Video unavailable").
@@ -319,10 +318,7 @@ def _write_part(segments, results, clips_dir: Path, out_dir: Path) -> list[dict]
                 "start_s": 0.0,  # where the clip starts in its file: downloads are cut already
                 "labels": ";".join(seg.labels),
             })  # fmt: skip
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_manifest(tmp / "manifest.csv", rows, ACQUIRE_FIELDS)
         write_jsonl(
             tmp / "metadata.jsonl",
             (

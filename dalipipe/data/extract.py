@@ -48,15 +48,12 @@ from dalipipe.data.ffmpeg import (
     seek_and_skip,
 )
 from dalipipe.data.local import AUDIO_EXTENSIONS, list_source
+from dalipipe.data.manifest import EXTRACT_FIELDS, write_manifest
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 BATCH_SIZE = 8  # clips per ffmpeg process
-MANIFEST_FIELDS = [
-    "clip_id", "status", "reason", "n_frames", "duration_s",
-    "sample_rate", "channels", "width", "height",
-]  # fmt: skip
 
 
 class ExtractError(Exception):
@@ -365,7 +362,7 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
             "duplicate clip ids in the source: "
             + str(sorted({i for i in ids if ids.count(i) > 1})[:5])
         )
-    empty = dict.fromkeys(MANIFEST_FIELDS[3:], "")
+    empty = dict.fromkeys(EXTRACT_FIELDS[3:], "")
     rows = {
         e["clip_id"]: {"clip_id": e["clip_id"], "status": "failed", "reason": e["reason"], **empty}
         for e in entries
@@ -399,10 +396,7 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
         for row in rows:
             if row["status"] != "ok":
                 log.warning("%s failed: %s", row["clip_id"], row["reason"])
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_manifest(tmp / "manifest.csv", rows, EXTRACT_FIELDS)
     ok = sum(r["status"] == "ok" for r in rows)
     log.info("extracted %d of %d clips into %s", ok, len(rows), out)
     return rows

@@ -13,17 +13,15 @@ A clip id that appears twice is an error naming both parts.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import re
 from collections import Counter
 from pathlib import Path
 
-from dalipipe.common import atomic_path, read_jsonl, setup_logging, write_json, write_jsonl
+from dalipipe.common import read_jsonl, setup_logging, write_json, write_jsonl
+from dalipipe.data.manifest import ACQUIRE_FIELDS, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
 
 
 # yt-dlp's messages: "[youtube] <id>: Video unavailable (caused by <...>)"
@@ -44,22 +42,13 @@ def reason_key(reason: str) -> str:
     return key.strip()[:120]
 
 
-def read_manifest(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
-        return list(reader)
-
-
 def gather(parts: list[Path], out: Path) -> dict:
     """Merge the parts into `out`; returns the summary."""
     rows: list[dict] = []
     metas: list[dict] = []
     owner: dict[str, Path] = {}
     for part in parts:
-        part_rows = read_manifest(part / "manifest.csv")
+        part_rows = read_manifest(part / "manifest.csv", ACQUIRE_FIELDS)
         for row in part_rows:
             if row["clip_id"] in owner:
                 raise ValueError(
@@ -82,13 +71,7 @@ def gather(parts: list[Path], out: Path) -> dict:
         "top_failure_reasons": dict(reasons.most_common(10)),
     }
     out.mkdir(parents=True, exist_ok=True)
-    with (
-        atomic_path(out / "manifest.csv") as tmp,
-        open(tmp, "w", newline="", encoding="utf-8") as f,
-    ):
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(out / "manifest.csv", rows, ACQUIRE_FIELDS)
     write_jsonl(out / "metadata.jsonl", metas)
     write_json(out / "summary.json", summary)
     log.info("gathered %d clips from %d parts: %s", len(rows), len(parts), summary["status"])

@@ -27,6 +27,7 @@ import unicodedata
 from pathlib import Path
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ AUDIO_EXTENSIONS = {
     ".aiff",
 }
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
-MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
 CLIP_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -166,10 +166,7 @@ def write_part(entries: list[dict], out: Path) -> list[dict]:
             if e.get("youtube_id"):
                 meta["youtube_id"] = e["youtube_id"]
             metas.append(meta)
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_manifest(tmp / "manifest.csv", rows, ACQUIRE_FIELDS)
         write_jsonl(tmp / "metadata.jsonl", metas)
     return rows
 

@@ -26,7 +26,6 @@ OUT is.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import shutil
@@ -42,12 +41,12 @@ from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
 from dalipipe.config import section_defaults
 from dalipipe.data import world
 from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
+from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("align", "pseudolabel", "prefix", "test")
 BATCH_SIZE = 8  # clips per ffmpeg process
-MANIFEST_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
 
 
 def world_config(params: dict | None) -> dict:
@@ -317,18 +316,11 @@ def generate_part(
                     if meta:
                         metas.append(meta)
                 progress.update(len(batch))
-        write_manifest(tmp / "manifest.csv", rows)
+        write_manifest(tmp / "manifest.csv", rows, ACQUIRE_FIELDS)
         write_jsonl(tmp / "metadata.jsonl", metas)
     failed = sum(r["status"] != "ok" for r in rows)
     log.info("part %d: %d clips written, %d failed", part, len(rows) - failed, failed)
     return rows
-
-
-def write_manifest(path: Path, rows: list[dict], fields: list[str] = MANIFEST_FIELDS) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
