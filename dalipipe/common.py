@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import random
 import shutil
 import sys
@@ -22,14 +23,37 @@ import numpy as np
 log = logging.getLogger("dalipipe")
 
 
+# the packages whose versions decide a run's numbers: every job logs them, evaluation records them
+RECORDED_PACKAGES = (
+    "dalipipe", "torch", "transformers", "tokenizers", "accelerate", "numpy", "pot",
+    "snakemake", "pycocoevalcap",
+)  # fmt: skip
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python's and RECORDED_PACKAGES' versions (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr; Snakemake rules redirect stderr to the rule's log file."""
+    """Log to stderr (Snakemake rules redirect it to the rule's log file), starting with the
+    versions the job runs with."""
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    log.info("versions: %s", versions)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from dalipipe.common import (
     atomic_path,
+    package_versions,
     parse_params,
     pick_device,
     seed_everything,
@@ -329,6 +330,7 @@ def evaluate(
             "n_clips": len(clips),
             "n_failed": len(ds.failed),
             "systems": [s.name for s in systems],
+            "versions": package_versions(),  # what produced these numbers
             "seconds": round(time.time() - began, 2),
         }
         write_json(tmp / "summary.json", summary)
