@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("dalipipe.caption.describe", "describe the sound of audio or video files"),
     "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),
     "score": ("dalipipe.evaluate.metrics", "caption metrics for predictions against references"),
+    "plan-memory": ("dalipipe.memory.plan", "estimated peak GPU memory of every GPU stage"),
     "fetch-metric-assets": (
         "dalipipe.evaluate.assets",
         "download the Stanford CoreNLP jars SPICE needs",
