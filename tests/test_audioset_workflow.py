@@ -25,7 +25,7 @@ import pytest
 import yaml
 from video_host import make_video, serve_videos
 
-from dalipipe.data.shard import load_split
+from dalipipe.data.shard_reader import load_split
 
 pytestmark = pytest.mark.slow
 

@@ -61,7 +61,7 @@ def run(stage_inputs, out, **settings):
 
 
 def test_rows_follow_the_pool_and_match_direct_generation(stage_inputs, tmp_path):
-    from dalipipe.data.shard import load_split
+    from dalipipe.data.shard_reader import load_split
     from dalipipe.models.assemble import load_captioner
 
     out = tmp_path / "mmd.jsonl"

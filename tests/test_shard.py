@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from dalipipe.data import fbank as fbank_module
-from dalipipe.data import shard
+from dalipipe.data import shard, shard_reader
 
 FBANK_CFG = {"num_mel_bins": 16, "target_length": 24, "mean": -5.081, "std": 4.4849}
 MANIFEST_COLUMNS = "clip_id,status,reason,n_frames,duration_s,sample_rate,channels,width,height"
@@ -72,7 +72,7 @@ def test_round_trip_keeps_pixels_fbank_and_metadata(tmp_path):
     assert [s["count"] for s in index["shards"]] == [2, 2, 1]
     assert index["total"] == 5 and index["fbank_shape"] == [24, 16]
 
-    samples = shard.load_split(out)
+    samples = shard_reader.load_split(out)
     assert [s["clip_id"] for s in samples] == [f"clip{i:02d}" for i in range(5)]
     for i, sample in enumerate(samples):
         clip_dir = tmp_path / "extract" / f"part-{i % 2}" / sample["clip_id"]
@@ -132,7 +132,7 @@ def test_dotted_ids_keep_their_id_and_colliding_keys_are_skipped(tmp_path):
     clips = [("a.b", "test", 0, "ok", 1), ("a_b", "test", 0, "ok", 1), ("c d", "test", 0, "ok", 1)]
     parts, metadata = make_extract(tmp_path, clips)
     index = shard.write_split(parts, metadata, "test", tmp_path / "out")
-    assert [s["clip_id"] for s in shard.load_split(tmp_path / "out")] == ["a.b"]
+    assert [s["clip_id"] for s in shard_reader.load_split(tmp_path / "out")] == ["a.b"]
     reasons = {s["clip_id"]: s["reason"] for s in index["skipped"]}
     assert "already used by clip 'a.b'" in reasons["a_b"]
     assert "shard key" in reasons["c d"]
@@ -154,7 +154,7 @@ def test_failed_missing_frameless_and_broken_clips_are_skipped(tmp_path):
     with open(metadata, "a") as f:
         f.write(json.dumps({"clip_id": "never_extracted", "split": "align", "labels": []}) + "\n")
     index = shard.write_split(parts, metadata, "align", tmp_path / "align")
-    assert [s["clip_id"] for s in shard.load_split(tmp_path / "align")] == ["ok1"]
+    assert [s["clip_id"] for s in shard_reader.load_split(tmp_path / "align")] == ["ok1"]
     assert index["counts"] == {
         "broken": 2,
         "extract_failed": 1,
@@ -169,7 +169,7 @@ def test_failed_missing_frameless_and_broken_clips_are_skipped(tmp_path):
     assert "shape (10, 16) differs from the split's (24, 16)" in reasons["wrongshape"]
     # The test split does not need frames: its frameless clip is written.
     shard.write_split(parts, metadata, "test", tmp_path / "test")
-    (only,) = shard.load_split(tmp_path / "test")
+    (only,) = shard_reader.load_split(tmp_path / "test")
     assert only["clip_id"] == "other" and only["frames"] == [] and only["meta"]["n_frames"] == 0
 
 
@@ -179,10 +179,10 @@ def test_kept_list_filters_only_the_align_split(tmp_path):
     kept = tmp_path / "kept.txt"
     kept.write_text("a1\na3\nt9\n")
     index = shard.write_split(parts, metadata, "align", tmp_path / "align", kept_path=kept)
-    assert [s["clip_id"] for s in shard.load_split(tmp_path / "align")] == ["a1", "a3"]
+    assert [s["clip_id"] for s in shard_reader.load_split(tmp_path / "align")] == ["a1", "a3"]
     assert index["counts"] == {"filtered_out": 2, "written": 2}
     shard.write_split(parts, metadata, "test", tmp_path / "test", kept_path=kept)
-    assert [s["clip_id"] for s in shard.load_split(tmp_path / "test")] == ["t0"]
+    assert [s["clip_id"] for s in shard_reader.load_split(tmp_path / "test")] == ["t0"]
 
 
 def test_evaluation_ids_are_dropped_from_every_training_split(tmp_path):
@@ -219,7 +219,7 @@ def test_evaluation_ids_are_dropped_from_every_training_split(tmp_path):
         extra = ["--kept", str(kept)] if split == "align" else []
         out = tmp_path / "shards" / split
         assert shard.main([*argv, *extra, "--split", split, "--out", str(out)]) == 0
-        written[split] = ids(shard.load_split(out))
+        written[split] = ids(shard_reader.load_split(out))
         excluded[split] = json.loads((out / "index.json").read_text())["counts"].get(
             "excluded_eval_ids"
         )
@@ -243,7 +243,7 @@ def test_two_ranks_cover_each_sample_exactly_once(tmp_path, samples_per_shard, s
     shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=samples_per_shard)
     seen = []
     for rank in range(2):
-        reader = shard.ShardReader(
+        reader = shard_reader.ShardReader(
             tmp_path / "s",
             shuffle=shuffle,
             seed=3,
@@ -261,7 +261,7 @@ def test_two_ranks_cover_each_sample_exactly_once(tmp_path, samples_per_shard, s
 def test_dataloader_workers_split_the_samples(tmp_path):
     parts, metadata = align_world(tmp_path, n=7)
     shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=3)
-    reader = shard.ShardReader(tmp_path / "s", rank=0, world_size=1)
+    reader = shard_reader.ShardReader(tmp_path / "s", rank=0, world_size=1)
     loader = torch.utils.data.DataLoader(
         reader, batch_size=None, num_workers=2, collate_fn=lambda s: s
     )
@@ -272,11 +272,11 @@ def test_order_is_deterministic_without_shuffle(tmp_path):
     parts, metadata = align_world(tmp_path, n=7)
     shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=3)
     expected = [f"clip{i:02d}" for i in range(7)]
-    reader = shard.ShardReader(tmp_path / "s", rank=0, world_size=1)
+    reader = shard_reader.ShardReader(tmp_path / "s", rank=0, world_size=1)
     assert ids(reader) == expected
     reader.set_epoch(4)
     assert ids(reader) == expected
-    rank1 = shard.ShardReader(tmp_path / "s", rank=1, world_size=2)
+    rank1 = shard_reader.ShardReader(tmp_path / "s", rank=1, world_size=2)
     assert ids(rank1) == ["clip03", "clip04", "clip05"]  # whole shards: the second one
 
 
@@ -285,7 +285,7 @@ def test_shuffling_is_seeded_and_changes_with_epoch(tmp_path):
     shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=3)
 
     def order(seed, epoch):
-        reader = shard.ShardReader(
+        reader = shard_reader.ShardReader(
             tmp_path / "s", shuffle=True, seed=seed, rank=0, world_size=1, buffer_size=4
         )
         reader.set_epoch(epoch)
@@ -303,18 +303,18 @@ def test_rank_and_world_come_from_the_launcher_environment(tmp_path, monkeypatch
     shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=1)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    reader = shard.ShardReader(tmp_path / "s")
+    reader = shard_reader.ShardReader(tmp_path / "s")
     assert (reader.rank, reader.world_size) == (2, 3)
     assert ids(reader) == ["clip02"]
     with pytest.raises(ValueError, match="rank 3 outside world_size 3"):
-        shard.ShardReader(tmp_path / "s", rank=3)
+        shard_reader.ShardReader(tmp_path / "s", rank=3)
 
 
 def test_frame_indices_decode_only_the_frames_asked_for(tmp_path):
     parts, metadata = align_world(tmp_path, n=3)
     shard.write_split(parts, metadata, "align", tmp_path / "s")
-    full = shard.load_split(tmp_path / "s")
-    middle = list(shard.ShardReader(tmp_path / "s", rank=0, world_size=1, frame_indices=[1]))
+    full = shard_reader.load_split(tmp_path / "s")
+    middle = list(shard_reader.ShardReader(tmp_path / "s", rank=0, world_size=1, frame_indices=[1]))
     for a, b in zip(full, middle):
         assert len(b["frames"]) == 1
         np.testing.assert_array_equal(b["frames"][0], a["frames"][1])
@@ -342,6 +342,6 @@ def test_keep_wav_stores_and_decodes_the_audio(tmp_path):
         f.setframerate(16000)
         f.writeframes(pcm.tobytes())
     shard.write_split(parts, metadata, "align", tmp_path / "s", keep_wav=True)
-    (sample,) = shard.load_split(tmp_path / "s")
+    (sample,) = shard_reader.load_split(tmp_path / "s")
     assert sample["audio_sample_rate"] == 16000
     np.testing.assert_array_equal(sample["audio"], pcm.astype(np.float32) / 32768.0)

@@ -127,7 +127,7 @@ def batched(reader, batch_size: int, drop_last: bool = True):
 
 def open_reader(shards, *, shuffle: bool, seed: int, rank: int, world_size: int, frame=None):
     """Only the needed frame is decoded when the frame index is fixed (JPEG decoding is costly)."""
-    from dalipipe.data.shard import ShardReader
+    from dalipipe.data.shard_reader import ShardReader
 
     indices = None if frame in (None, "random") else [int(frame)]
     return ShardReader(

@@ -49,7 +49,7 @@ log = logging.getLogger("dalipipe.distill")
 
 def training_set(pseudolabels, pool, modality: str) -> list[dict]:
     """Pool clips joined with their pseudo-captions; clips without a caption are left out."""
-    from dalipipe.data.shard import ShardReader
+    from dalipipe.data.shard_reader import ShardReader
 
     captions = {}
     for row in read_jsonl(pseudolabels):

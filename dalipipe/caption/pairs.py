@@ -41,7 +41,7 @@ def as_pil(frame) -> Image.Image:
 
 
 def pairs_from_shards(directory: Path) -> list[Pair]:
-    from dalipipe.data.shard import load_split
+    from dalipipe.data.shard_reader import load_split
 
     pairs = []
     for sample in load_split(directory):

@@ -94,7 +94,7 @@ def pseudolabel(
     device="auto",
     models=None,
 ) -> dict:
-    from dalipipe.data.shard import ShardReader
+    from dalipipe.data.shard_reader import ShardReader
 
     settings = {**section_defaults("pseudolabel"), **(settings or {})}
     modality = settings["modality"]

@@ -1,4 +1,4 @@
-"""Webdataset shards of extracted clips, one directory per split, and the reader for them.
+"""Stage shard: webdataset shards of extracted clips, one directory per split.
 
     dalipipe shard --params P --extract results/r/extract/part-0 results/r/extract/part-1 \\
         --metadata results/r/acquire/metadata.jsonl [--kept results/r/filter/kept.txt] \\
@@ -10,8 +10,8 @@ by clip id), ``stats-<nnnnnn>.json`` beside each shard, and ``index.json`` (shar
 clips skipped and why). Evaluation-id lists (``filter.exclude_id_lists`` in ``--params``): a clip
 of a training split whose YouTube id is listed is dropped and counted
 (``counts.excluded_eval_ids``), whatever the acquire source and whether the filter ran; the
-``test`` split is never filtered this way. Training code reads them with ``ShardReader``; small
-splits with ``load_split``. Tars are byte-for-byte reproducible: fixed member order, mtimes and owners.
+``test`` split is never filtered this way. dalipipe/data/shard_reader.py reads them. Tars are
+byte-for-byte reproducible: fixed member order, mtimes and owners.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ import logging
 import os
 import re
 import tarfile
-import wave as wavefile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -42,7 +40,6 @@ log = logging.getLogger(__name__)
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 FRAME_FILE = re.compile(r"^frame_(\d+)\.jpg$")  # in an extract clip directory
-FRAME_FIELD = re.compile(r"^frame(\d+)\.jpg$")  # in a shard sample
 DEFAULT_SAMPLES_PER_SHARD = 1000
 DEFAULT_REQUIRE_FRAMES = ("align", "pseudolabel", "prefix")  # config shard.require_frames
 EVALUATION_SPLITS = ("test",)  # the evaluation-id lists never drop clips from these
@@ -319,185 +316,6 @@ def write_split(
         write_json(tmp / "index.json", index)
     log.info("split %s: %s in %d shard(s) at %s", split, dict(counts), len(shards), out_dir)
     return index
-
-
-# ---------------------------------------------------------------------------------------- reading
-
-
-def resolve_shards(shards) -> list[Path]:
-    """A shard directory (its index.json), one tar, or a list of tars."""
-    if isinstance(shards, (str, os.PathLike)):
-        path = Path(shards)
-        if path.is_dir():
-            index_file = path / "index.json"
-            if not index_file.is_file():
-                raise FileNotFoundError(f"{index_file}: shard index missing")
-            return [path / entry["file"] for entry in json.loads(index_file.read_text())["shards"]]
-        shards = [path]
-    paths = [Path(p) for p in shards]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: shard missing")
-    return paths
-
-
-def iter_raw_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) per sample, streaming the tar; a sample's members are adjacent."""
-    key, fields = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            if "." not in name:
-                raise ValueError(f"{path}: member {member.name!r} has no field suffix")
-            member_key, field = name.split(".", 1)
-            if member_key != key:
-                if key is not None:
-                    yield key, fields
-                key, fields = member_key, {}
-            fields[field] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, fields
-
-
-def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """16-bit PCM WAV (what extract writes) -> float32 first channel in [-1, 1], sample rate."""
-    with wavefile.open(io.BytesIO(data)) as f:
-        if f.getsampwidth() != 2:
-            raise ValueError(f"audio.wav: expected 16-bit PCM, got {8 * f.getsampwidth()}-bit")
-        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").reshape(-1, f.getnchannels())
-        return pcm[:, 0].astype(np.float32) / 32768.0, f.getframerate()
-
-
-def decode_sample(
-    key: str, fields: dict[str, bytes], frame_indices: Sequence[int] | None = None
-) -> dict:
-    try:
-        meta = json.loads(fields["json"])
-        n_frames = sum(1 for name in fields if FRAME_FIELD.match(name))
-        wanted = (
-            range(n_frames) if frame_indices is None else [i for i in frame_indices if i < n_frames]
-        )
-        frames = [
-            np.asarray(Image.open(io.BytesIO(fields[f"frame{i}.jpg"])).convert("RGB"))
-            for i in wanted
-        ]
-        sample = {
-            "clip_id": meta.get("clip_id", key),
-            "frames": frames,
-            "fbank": np.load(io.BytesIO(fields["fbank.npy"]), allow_pickle=False).astype(
-                np.float32
-            ),
-            "meta": meta,
-        }
-        if "audio.wav" in fields:
-            sample["audio"], sample["audio_sample_rate"] = decode_wav(fields["audio.wav"])
-    except KeyError as err:
-        raise ValueError(f"shard sample {key!r}: field {err} missing") from err
-    return sample
-
-
-def distributed_rank_and_world() -> tuple[int, int]:
-    """torch.distributed when initialised, else RANK/WORLD_SIZE (torchrun, accelerate), else 0/1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class ShardReader(torch.utils.data.IterableDataset):
-    """Iterate the samples of a set of shards as dicts: clip_id, frames, fbank, meta.
-
-    Each sample goes to exactly one consumer (rank x DataLoader worker). With at least as many
-    shards as consumers, consumers take whole shards (each reads only its own files, so counts
-    can differ by up to a shard); with fewer, every consumer streams all shards and keeps every
-    n-th sample (``split_by`` forces either). ``shuffle`` permutes the shard order with
-    (seed, epoch), identically on every rank so the split stays a partition, then passes the
-    samples through a ``buffer_size`` shuffle buffer seeded with (seed, epoch, consumer).
-    Without shuffle the order is the shards' order, then the order inside each shard.
-    ``rank``/``world_size`` default to the torch.distributed / launcher environment.
-    """
-
-    def __init__(
-        self,
-        shards,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        buffer_size: int = 1000,
-        split_by: str = "auto",
-        frame_indices: Sequence[int] | None = None,
-    ):
-        super().__init__()
-        self.shards = resolve_shards(shards)
-        if split_by not in {"auto", "shard", "sample"}:
-            raise ValueError(f"split_by must be auto, shard or sample, got {split_by!r}")
-        detected_rank, detected_world = distributed_rank_and_world()
-        self.rank = detected_rank if rank is None else rank
-        self.world_size = detected_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
-        self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
-        self.split_by, self.frame_indices = split_by, frame_indices
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _consumer(self) -> tuple[int, int]:
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        return self.rank * workers + worker_id, self.world_size * workers
-
-    def _raw_stream(self, consumer: int, consumers: int) -> Iterator[tuple[str, dict]]:
-        shards = list(self.shards)
-        if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch]).shuffle(shards)
-        by_shard = self.split_by == "shard" or (
-            self.split_by == "auto" and len(shards) >= consumers
-        )
-        if by_shard:
-            for path in shards[consumer::consumers]:
-                yield from iter_raw_samples(path)
-            return
-        position = 0
-        for path in shards:
-            for raw in iter_raw_samples(path):
-                if position % consumers == consumer:
-                    yield raw
-                position += 1
-
-    def __iter__(self) -> Iterator[dict]:
-        consumer, consumers = self._consumer()
-        stream = self._raw_stream(consumer, consumers)
-        if self.shuffle:
-            stream = shuffle_buffer(
-                stream, self.buffer_size, np.random.default_rng([self.seed, self.epoch, consumer])
-            )
-        for key, fields in stream:
-            yield decode_sample(key, fields, self.frame_indices)
-
-
-def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Yield a random element of a ``size``-element buffer, refilling it from the stream."""
-    buffer = []
-    for item in stream:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = int(rng.integers(len(buffer)))
-        buffer[i], item = item, buffer[i]
-        yield item
-    order = rng.permutation(len(buffer))
-    for i in order:
-        yield buffer[i]
-
-
-def load_split(shard_dir: str | os.PathLike) -> list[dict]:
-    """Every sample of a (small) split in memory, in shard order."""
-    return list(ShardReader(shard_dir, shuffle=False, rank=0, world_size=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,28 +98,17 @@ def dedup_references(refs_by_clip: dict[str, list[str]]) -> dict[str, list[str]]
 
 
 def read_shard_dir(shard_dir: str | Path) -> list[dict[str, bytes]]:
-    """Samples of every ``*.tar`` in a folder: {"__key__": id, "<field>": bytes, ...}.
+    """The raw samples of a shard directory, {"__key__": id, "<field>": bytes, ...}: decoded
+    one clip at a time later, so a broken sample fails only its clip."""
+    from dalipipe.data.shard_reader import iter_raw_samples, resolve_shards
 
-    Shards are plain tar files of ``<key>.<field>`` members (webdataset layout); reading them
-    with tarfile keeps evaluation independent of webdataset's pipeline machinery.
-    """
-    shards = sorted(Path(shard_dir).glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"{shard_dir}: no *.tar shards")
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in shards:
+    samples = []
+    for shard in resolve_shards(shard_dir):
         try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = Path(member.name).name
-                    key, _, fld = name.partition(".")
-                    sample = samples.setdefault(key, {"__key__": key})
-                    sample[fld] = tar.extractfile(member).read()
+            samples += [{"__key__": key, **fields} for key, fields in iter_raw_samples(shard)]
         except tarfile.TarError as err:
             raise ValueError(f"{shard}: not a readable tar shard ({err})") from None
-    return list(samples.values())
+    return samples
 
 
 def _decode_sample(sample: dict[str, bytes], frame: int | str):

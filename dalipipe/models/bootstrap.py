@@ -109,10 +109,11 @@ def load_clips(
     uses this captioner (shards/align depends on the filter).
     """
     from dalipipe.data import shard
+    from dalipipe.data.shard_reader import ShardReader
 
     entries = []
     if metadata is None:
-        reader = shard.ShardReader(source, shuffle=False, rank=0, world_size=1)
+        reader = ShardReader(source, shuffle=False, rank=0, world_size=1)
         for sample in tqdm(reader, desc="load", unit="clip", mininterval=5):
             entries.append(
                 _clip_entry(sample["clip_id"], sample["frames"], sample["meta"], image_size)
