@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from dalipipe.models.captioner import TEMPLATES, AudioCaptioner, CaptionerOptions
+from dalipipe.models.captioner import AudioCaptioner, CaptionerOptions
+from dalipipe.prompts import TEMPLATES
 
 
 @pytest.fixture(scope="module")

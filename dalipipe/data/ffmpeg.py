@@ -204,3 +204,17 @@ def decode_audio(
             raise MediaError(path, "no audio stream")
         raise MediaError(path, f"audio decoding failed ({_last_error_line(message)})")
     return np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
+
+
+def grab_frame(path: str | os.PathLike, second: float):
+    """The first frame at or after ``second`` of a video, as a PIL image."""
+    import io
+
+    from PIL import Image
+
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-ss", f"{second:.3f}"]
+    cmd += ["-i", str(path), "-frames:v", "1", "-f", "image2pipe", "-c:v", "png", "pipe:1"]
+    result = subprocess.run(cmd, capture_output=True, timeout=120)
+    if result.returncode != 0 or not result.stdout:
+        raise ValueError(f"{path}: no video frame at {second:.1f} s")
+    return Image.open(io.BytesIO(result.stdout)).convert("RGB")

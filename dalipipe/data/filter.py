@@ -165,7 +165,7 @@ class MiniLmEmbedder:
 
 def llava_prompt(cfg: dict) -> str:
     """The whole LLaVA prompt: the question inside a conversation template."""
-    from dalipipe.models.captioner import TEMPLATES
+    from dalipipe.prompts import TEMPLATES
 
     if cfg["llava_template"] not in TEMPLATES:
         raise ValueError(

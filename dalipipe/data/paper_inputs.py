@@ -149,7 +149,7 @@ def prefix_pairs(
     pairs_json: str | Path, clips_dir: str | Path, out_csv: str | Path, frames_dir: str | Path
 ) -> dict:
     """pairs.csv (image, caption, id) and one JPEG per pair in ``frames_dir`` (beside it)."""
-    from dalipipe.evaluate.datasets import grab_frame
+    from dalipipe.data.ffmpeg import grab_frame
 
     clips_dir, out_csv, frames_dir = Path(clips_dir), Path(out_csv), Path(frames_dir)
     captions = {p["id"]: p["caption"] for p in read_prefix_pairs(pairs_json)}

@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import re
-import subprocess
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,8 +101,14 @@ def read_shard_dir(shard_dir: str | Path) -> list[dict[str, bytes]]:
     one clip at a time later, so a broken sample fails only its clip."""
     from dalipipe.data.shard_reader import iter_raw_samples, resolve_shards
 
+    shard_dir = Path(shard_dir)
+    # the shard stage's index when there is one, else every tar of the folder
+    has_index = (shard_dir / "index.json").is_file()
+    shards = resolve_shards(shard_dir) if has_index else sorted(shard_dir.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{shard_dir}: no *.tar shards")
     samples = []
-    for shard in resolve_shards(shard_dir):
+    for shard in shards:
         try:
             samples += [{"__key__": key, **fields} for key, fields in iter_raw_samples(shard)]
         except tarfile.TarError as err:
@@ -177,23 +182,9 @@ def _load_extracted(folder: Path, frame: int | str, with_frame: bool):
     return fbank, image
 
 
-def grab_frame(path: Path, second: float):
-    """The first frame at or after ``second`` of a video, through ffmpeg, as a PIL image."""
-    from PIL import Image
-
-    from dalipipe.data.ffmpeg import ffmpeg_exe
-
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-ss", f"{second:.3f}"]
-    cmd += ["-i", str(path), "-frames:v", "1", "-f", "image2pipe", "-c:v", "png", "pipe:1"]
-    result = subprocess.run(cmd, capture_output=True, timeout=120)
-    if result.returncode != 0 or not result.stdout:
-        raise ValueError(f"{path}: no video frame at {second:.1f} s")
-    return Image.open(io.BytesIO(result.stdout)).convert("RGB")
-
-
 def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: bool):
     from dalipipe.data.fbank import model_input_from_wave
-    from dalipipe.data.ffmpeg import decode_audio
+    from dalipipe.data.ffmpeg import decode_audio, grab_frame
 
     wave = decode_audio(path, sample_rate=16000)
     if wave.size == 0:

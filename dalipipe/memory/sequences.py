@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from dalipipe.models.captioner import IMAGE_SLOT, PROMPTS, TEMPLATES
+from dalipipe.prompts import IMAGE_SLOT, PROMPTS, TEMPLATES
 
 # The prefix stage's captions are the user's pairs file, not read here: its longest caption is
 # assumed to take this many tokens (AudioCaps captions are ~10 words, the longest ~50 tokens).

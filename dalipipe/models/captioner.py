@@ -28,26 +28,11 @@ from torch import nn
 
 from dalipipe.models.artifacts import load_state, read_config, save_state, write_config
 from dalipipe.models.cavmae import CavMaeAudioEncoder, load_encoder, save_encoder
+from dalipipe.prompts import IMAGE_SLOT, PROMPTS, TEMPLATES
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "audio", "audio+image")
-IMAGE_SLOT = "<image>"
-
-_SYSTEM = (
-    "A chat between a curious {who} and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the {who}'s questions. "
-)
-# The authors train with vicuna_v1 and caption with llava_v1 (upstream LLaVA's mismatch).
-TEMPLATES = {
-    "vicuna_v1": _SYSTEM.format(who="user") + "USER: <image>\n{prompt} ASSISTANT:",
-    "llava_v1": _SYSTEM.format(who="human") + "USER: <image>\n{prompt} ASSISTANT:",
-    "plain": "USER: <image>\n{prompt} ASSISTANT:",
-}
-PROMPTS = {
-    "code": "Describe the sound that can be heard in this scene.",
-    "paper": "What sound can be heard in this scene ?",
-}
 PREFIX_POSITIONS = ("after_modality", "before_modality", "start")
 
 
