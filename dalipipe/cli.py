@@ -62,6 +62,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "distill": ("dalipipe.caption.distill", "fine-tune the audio projector on the pseudo-labels"),
     "caption": ("dalipipe.caption.describe", "describe the sound of audio or video files"),
+    "import-authors": (
+        "dalipipe.models.authors",
+        "the authors' released DALI weights as a trained-captioner directory",
+    ),
     "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),
     "score": ("dalipipe.evaluate.metrics", "caption metrics for predictions against references"),
     "plan-memory": ("dalipipe.memory.plan", "estimated peak GPU memory of every GPU stage"),

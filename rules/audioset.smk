@@ -17,6 +17,7 @@ if config["acquire"]["source"] == "audioset":
             class_index=AUDIOSET["class_index"],
             ontology=[AUDIOSET["ontology"]] if AUDIOSET.get("ontology") else [],
             exclude=EXCLUDE_ID_LISTS,
+            subset=[AUDIOSET["subset"]] if AUDIOSET.get("subset") else [],
         output:
             parts=expand(f"{RUN}/acquire/selection/part-{{i}}.jsonl", i=PARTS),
             summary=f"{RUN}/acquire/selection/summary.json",
@@ -43,7 +44,8 @@ if config["acquire"]["source"] == "audioset":
         wildcard_constraints:
             i=r"\d+",
         params:
-            p=job_params("acquire.parts", "acquire.audioset"),
+            # the selection is what it downloads: the subset that made it is not its setting
+            p=job_params("acquire.parts", "acquire.audioset", "-acquire.audioset.subset"),
             selection=f"{RUN}/acquire/selection",
         conda:
             CONDA_ENV

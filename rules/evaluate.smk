@@ -3,15 +3,21 @@
 #   snakemake --report report.html        (after a run: tables, examples, curves, modality gap)
 # The commands live in dalipipe/evaluate/; see DEVELOPING.md for the artifacts they read.
 
+# trained-captioner directories evaluated beside the run's own (e.g. `dalipipe import-authors`)
+EVAL_EXTRA_SYSTEMS = EVAL.get("extra_systems") or {}
+
+
 rule evaluate:
     input:
         unpack(evaluate_inputs),
+        extra=list(EVAL_EXTRA_SYSTEMS.values()),
     output:
         directory(f"{RUN}/evaluate/{{dataset}}"),
     wildcard_constraints:
         dataset="miniature|audiocaps|clotho",
     params:
-        # this dataset's settings only, less what only the report reads
+        # this dataset's settings only, less what only the report reads; the stage takes
+        # evaluate.extra_systems (name -> directory, the `extra` inputs) from here
         p=job_params(
             "evaluate",
             "-evaluate.examples",

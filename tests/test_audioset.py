@@ -136,6 +136,7 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
         class_index=str(AS / "class_labels_indices.csv"),
         ontology=str(AS / "ontology.json"),
         split=["eval"],
+        subset=str(tmp_path / "subset.csv"),  # an input of the selection: missing at first
     )
     config["filter"]["captioner"] = "Salesforce/blip2-opt-2.7b"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -147,12 +148,91 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
     )
     for i in range(3):  # the extract stage is another rule file's
         (tmp_path / f"results/{config['run']}/extract/part-{i}").mkdir(parents=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
-         f"results/{config['run']}/filter/kept.txt"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+
+    def dry_run():
+        return subprocess.run(
+            [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
+             f"results/{config['run']}/filter/kept.txt"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    result = dry_run()
+    assert result.returncode != 0 and "subset.csv" in result.stdout + result.stderr
+    (tmp_path / "subset.csv").write_text("YTID\n--4gqARaEJE\n")
+    result = dry_run()
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M))
     assert jobs == {"audioset_select": "1", "audioset_download": "3", "acquire_gather": "1",
                     "filter_part": "3", "filter_merge": "1", "total": "9"}  # fmt: skip
+
+
+def test_subset_file_formats_are_read(tmp_path):
+    """The authors' 500k list: its exact format is not public, so the usual ones are read."""
+    cases = {
+        # a header naming the columns (any case), starts in seconds
+        "ytid.csv": "YTID,start_seconds\n--4gqARaEJE,0.000\n--BfvyPmVMo,20\n",
+        # pandas' index column first, CAV-MAE/AudioSet file names carrying the start
+        "files.csv": ",file_id,set\n0,Y--4gqARaEJE_0.000_10.000,x\n1,--BfvyPmVMo_20.000,x\n",
+        # a segment CSV without header (comment lines), or a plain list of ids
+        "segments.csv": "# YTID, start_seconds, end_seconds, positive_labels\n"
+        '--4gqARaEJE, 0.000, 10.000, "/m/068hy"\n--BfvyPmVMo, 20.000, 30.000, "/m/03l9g"\n',
+        "ids.txt": "--4gqARaEJE\n--BfvyPmVMo\n",
+        # the authors' CAV-MAE training list (AS500k.json)
+        "AS500k.json": json.dumps(
+            {"data": [{"video_id": "--4gqARaEJE", "wav": "/x.wav"}, {"video_id": "--BfvyPmVMo"}]}
+        ),
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        subset = audioset.read_subset(tmp_path / name)
+        assert set(subset) == {"--4gqARaEJE", "--BfvyPmVMo"}, name
+        with_starts = name in ("ytid.csv", "files.csv", "segments.csv")
+        assert subset["--BfvyPmVMo"] == ({20000} if with_starts else None), name
+    (tmp_path / "none.csv").write_text("name\nnot an id\n")
+    with pytest.raises(ValueError, match="no YouTube ids found"):
+        audioset.read_subset(tmp_path / "none.csv")
+
+
+def test_subset_restricts_the_selection_to_the_clips_it_lists(tmp_path, class_index):
+    segments, _ = audioset.read_segments(AS / "eval_segments.csv", "eval", class_index)
+    listed = segments[100:160]
+    rows = [f"{s.youtube_id},{s.start_s}" for s in listed[:50]]
+    rows += [f"{s.youtube_id},{s.start_s + 1}" for s in listed[50:55]]  # another start: not it
+    rows += [s.youtube_id for s in listed[55:]]  # no start: any segment of the video
+    rows += ["zzzzzzzzzzz,0"]  # a video in none of the splits read
+    subset_file = tmp_path / "subset.csv"
+    subset_file.write_text("youtube_id,start_seconds\n" + "\n".join(rows) + "\n")
+    ids = tmp_path / "eval_ids.txt"
+    ids.write_text(listed[0].youtube_id + "\n")  # evaluation ids still never train
+    params = {
+        "seed": 0,
+        "acquire": {
+            "parts": 2,
+            "audioset": {
+                "segments": {"eval": str(AS / "eval_segments.csv")},
+                "class_index": str(AS / "class_labels_indices.csv"),
+                "ontology": None,
+                "split": "eval",
+                "classes": [],
+                "subset": str(subset_file),
+            },
+        },
+        "filter": {"exclude_id_lists": [str(ids)]},
+    }
+    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / "sel")]) == 0
+    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
+    chosen = [
+        r for i in range(2) for r in audioset.read_selection(tmp_path / "sel" / f"part-{i}.jsonl")
+    ]
+    expected = {s.clip_id for s in listed[1:50] + listed[55:]}
+    assert {r.clip_id for r in chosen} == expected
+    assert summary["selected"] == len(expected) == 54 and summary["excluded_eval_ids"] == 1
+    assert summary["not_in_subset"] == len(segments) - 60 + 5
+    assert summary["subset"] == {"path": str(subset_file), "videos_listed": 61, "videos_found": 55}
+    # with a count on top: a seeded sample of the subset
+    params["acquire"]["audioset"].update(max_clips=10)
+    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / "ten")]) == 0
+    ten = [
+        r for i in range(2) for r in audioset.read_selection(tmp_path / "ten" / f"part-{i}.jsonl")
+    ]
+    assert len(ten) == 10 and {r.clip_id for r in ten} <= expected

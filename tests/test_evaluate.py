@@ -348,3 +348,62 @@ def test_media_index_finds_acquire_and_extract_layouts(tmp_path):
     assert list(extracted) == ["def_0"] and list(files) == ["abc_1000"]
     with pytest.raises(FileNotFoundError, match="media folder not found"):
         datasets.index_media(tmp_path / "absent")
+
+
+def test_extra_systems_are_evaluated_as_distilled_captioners(run_dir, tmp_path):
+    """config `evaluate.extra_systems`: an imported model (the authors' released weights through
+    `dalipipe import-authors`, here at a tiny width) is scored beside the run's own systems."""
+    from test_import_authors import write_authors_files
+
+    from dalipipe import cli
+
+    files = write_authors_files(
+        tmp_path / "zenodo",
+        dict(mel=MEL, frames=FRAMES, patch=16, width=32, depth=1, out=32),
+        64,
+        n_prefix=4,
+    )
+    sizes = dict(num_mel_bins=MEL, target_length=FRAMES, embed_dim=32, depth=1, num_heads=2)
+    authors = tmp_path / "models" / "authors"
+    argv = ["import-authors", "--backbone", str(files / "audio_backbone.pth")]
+    argv += ["--mlp", str(files / "prefixMLP.bin"), "--base", str(run_dir / "models" / "llava")]
+    argv += ["--encoder-config", json.dumps({**sizes, "out_dim": 32}), "--out", str(authors)]
+    assert cli.main(argv) == 0
+
+    out = tmp_path / "evaluate"
+    systems = ["audio", "audio_distilled", "audio_image_distilled"]
+    summary = _evaluate(run_dir, out, systems=systems, extra_systems={"authors": str(authors)})
+    assert summary["systems"] == [
+        "mmd_audio",
+        "mmd_audio_distilled",
+        "mmd_audio_image_distilled",
+        "ot_audio",
+        "authors_audio_distilled",
+        "authors_audio_image_distilled",
+    ]
+    record = json.loads((out / "authors_audio_distilled.json").read_text())
+    assert record["method"] == "authors" and record["distilled"] is True
+    assert record["use_prefix"] is False and len(record["captions"]) == 6
+    assert record["options"]["generate_template"] == "llava_v1"  # the authors' options
+    assert record["options"]["share_projector"] is True
+    rows = {r["system"]: r for r in tables.read_csv(out / "table.csv")}
+    assert rows["authors_audio_image_distilled"]["modality"] == "audio+image"
+    md = (out / "table.md").read_text()
+    assert "| authors | audio |" in md and "| authors | audio+image |" in md
+
+    # an extra system must read the run's filterbank, and may not take a method's name
+    params = {"seed": 0, "device": "cpu", "extract": {"fbank": {"mean": -1.07, "std": 2.44}}}
+    params["evaluate"] = {"systems": systems, "extra_systems": {"authors": str(authors)}}
+    with pytest.raises(ValueError, match=r"extra_systems.authors .*normalised with mean -5.081"):
+        run.evaluate(
+            params,
+            "miniature",
+            tmp_path / "refused",
+            captioner_dir=run_dir / "models" / "llava",
+            shards=run_dir / "shards" / "test",
+        )
+    settings = {**section_defaults("evaluate"), "systems": systems}
+    with pytest.raises(ValueError, match="'mmd' is also an evaluated method"):
+        run.plan_systems(settings, ["mmd"], ["mmd"], ["mmd"])
+    with pytest.raises(ValueError, match="needs audio_distilled or audio_image_distilled"):
+        run.plan_systems({**settings, "systems": ["audio"]}, ["mmd"], [], ["authors"])

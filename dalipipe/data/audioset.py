@@ -7,7 +7,9 @@ index (``index,mid,display_name``) and the ontology JSON, which lets a class nam
 and every class below it. Malformed rows are logged with their line number and skipped. Clips whose
 YouTube id is in an evaluation set (``filter.exclude_id_lists``) are never selected, so nothing we
 evaluate on is downloaded for training. ``split_names`` renames AudioSet splits to pipeline
-splits (e.g. unbalanced_train -> align, balanced_train -> pseudolabel) in the metadata. Writes
+splits (e.g. unbalanced_train -> align, balanced_train -> pseudolabel) in the metadata.
+``subset`` (a file, e.g. the authors' list of their 500k alignment clips) keeps only the segments
+it lists (``read_subset``: by YouTube id, and start time where the file gives one). Writes
 ``part-<i>.jsonl`` (one segment per line) and ``summary.json``.
 """
 
@@ -165,6 +167,89 @@ def read_id_list(path: str | Path) -> set[str]:
     return ids - set(bad)
 
 
+# a clip name in a subset file: <ytid>, Y<ytid>, <ytid>_30.000 or Y<ytid>_30.000_40.000 (CAV-MAE
+# and AudioSet file names; a start without a decimal point is ambiguous, ms or s, and is ignored)
+_SUBSET_NAME = re.compile(r"^Y?([A-Za-z0-9_-]{11})(?:_(\d+\.\d+)(?:_\d+\.\d+)?|_\d+(?:_\d+)*)?$")
+SUBSET_ID_COLUMNS = ("youtube_id", "ytid", "video_id", "file_id")
+SUBSET_START_COLUMNS = ("start_seconds", "start_time", "start_s", "start")
+
+# YouTube id -> start times in ms it lists, or None for every segment of the video
+Subset = dict[str, "set[int] | None"]
+
+
+def _add_to_subset(subset: Subset, name: str, start: str | None) -> bool:
+    match = _SUBSET_NAME.match(name.strip())
+    if not match:
+        return False
+    youtube_id, start_in_name = match.groups()
+    start = start_in_name or (start.strip() if start else None)
+    if start is None or start == "":
+        subset[youtube_id] = None
+        return True
+    try:
+        start_ms = round(float(start) * 1000)
+    except ValueError:
+        return False
+    if youtube_id not in subset:
+        subset[youtube_id] = set()
+    if subset[youtube_id] is not None:
+        subset[youtube_id].add(start_ms)
+    return True
+
+
+def read_subset(path: str | Path) -> Subset:
+    """The clips a subset file lists: a CSV whose header names the id column (``youtube_id``,
+    ``YTID``, ``video_id`` or ``file_id``, any case) and optionally the start in seconds
+    (``start_seconds``, ``start_time``, ``start_s`` or ``start``); a CSV without header (a segment
+    CSV or an id list: the id, then optionally the start); or a CAV-MAE JSON list
+    (``{"data": [{"video_id": ...}]}``, the authors' ``AS500k.json``). Ids may be file names:
+    ``<ytid>``, ``Y<ytid>``, ``<ytid>_30.000``, ``Y<ytid>_30.000_40.000``."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")
+    subset: Subset = {}
+    bad: list[str] = []
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+            rows = data["data"] if isinstance(data, dict) else data
+            names = [row["video_id"] if isinstance(row, dict) else row for row in rows]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a CAV-MAE data list ({err})") from None
+        for name in names:
+            if not _add_to_subset(subset, str(name), None):
+                bad.append(str(name))
+    else:
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        rows = list(csv.reader(lines, skipinitialspace=True))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        id_col = next((header.index(c) for c in SUBSET_ID_COLUMNS if c in header), None)
+        if id_col is not None:
+            start_col = next((header.index(c) for c in SUBSET_START_COLUMNS if c in header), None)
+            rows = rows[1:]
+        else:
+            id_col, start_col = 0, 1
+        for row in rows:
+            if len(row) <= id_col:
+                continue
+            start = row[start_col] if start_col is not None and len(row) > start_col else None
+            if start_col == 1 and id_col == 0 and start is not None:  # no header: a number or none
+                start = start if re.fullmatch(r"\s*\d+(\.\d*)?\s*", start) else None
+            if not _add_to_subset(subset, row[id_col], start):
+                bad.append(row[id_col])
+    if bad:
+        log.warning("%s: %d entries are not YouTube ids, e.g. %s", path, len(bad), bad[:3])
+    if not subset:
+        raise ValueError(f"{path}: no YouTube ids found (first entries not ids: {bad[:3]})")
+    return subset
+
+
+def in_subset(segment: Segment, subset: Subset) -> bool:
+    if segment.youtube_id not in subset:
+        return False
+    starts = subset[segment.youtube_id]
+    return starts is None or round(segment.start_s * 1000) in starts
+
+
 def read_exclusions(paths: list[str]) -> set[str]:
     ids: set[str] = set()
     for path in paths:
@@ -179,15 +264,21 @@ def select_segments(
     exclude_ids: set[str],
     max_clips: int | None,
     seed: int,
+    subset: Subset | None = None,
 ) -> tuple[list[Segment], dict[str, int]]:
-    """Keep segments with a wanted label and no excluded id, de-duplicated, then sample."""
+    """Keep segments with a wanted label, no excluded id and (given a subset) listed in it,
+    de-duplicated, then sample."""
     counts = {"read": len(segments), "duplicate": 0, "excluded_eval_ids": 0, "not_in_classes": 0}
+    if subset is not None:
+        counts["not_in_subset"] = 0
     unique: dict[str, Segment] = {}
     for seg in segments:
         if seg.clip_id in unique:
             counts["duplicate"] += 1
         elif seg.youtube_id in exclude_ids:
             counts["excluded_eval_ids"] += 1
+        elif subset is not None and not in_subset(seg, subset):
+            counts["not_in_subset"] += 1
         elif wanted_mids is not None and not wanted_mids.intersection(seg.mids):
             counts["not_in_classes"] += 1
         else:
@@ -222,13 +313,28 @@ def run_selection(params: dict, out_dir: str | Path) -> dict:
     classes = cfg.get("classes") or []
     wanted = resolve_classes(classes, class_index, ontology) if classes else None
     exclude = read_exclusions((params.get("filter") or {}).get("exclude_id_lists") or [])
+    subset = read_subset(cfg["subset"]) if cfg.get("subset") else None
     chosen, counts = select_segments(
         segments,
         wanted_mids=wanted,
         exclude_ids=exclude,
         max_clips=cfg.get("max_clips"),
         seed=int(params.get("seed", 0)),
+        subset=subset,
     )
+    subset_summary = None
+    if subset is not None:
+        found = {s.youtube_id for s in segments if in_subset(s, subset)}
+        subset_summary = {
+            "path": str(cfg["subset"]),
+            "videos_listed": len(subset),
+            "videos_found": len(found),
+        }
+        if len(found) < len(subset):
+            log.warning(
+                "subset %s: %d of the %d videos it lists are in none of the splits read (%s)",
+                cfg["subset"], len(subset) - len(found), len(subset), ", ".join(splits),
+            )  # fmt: skip
     out_dir = Path(out_dir)
     parts = split_parts(chosen, n_parts)
     for i, part in enumerate(parts):
@@ -239,6 +345,7 @@ def run_selection(params: dict, out_dir: str | Path) -> dict:
         "malformed_rows": problems[:100],
         "splits": splits,
         "classes": classes,
+        "subset": subset_summary,
         "parts": [len(p) for p in parts],
     }
     write_json(out_dir / "summary.json", summary)

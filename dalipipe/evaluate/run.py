@@ -13,7 +13,10 @@ Systems (config ``evaluate.systems``), decoded greedily with a fixed seed:
 - ``audio`` / ``audio_image``: each aligned encoder (directory name = method) before
   distillation, with the prefix (the paper's stage-1 ablation rows);
 - ``audio_distilled`` / ``audio_image_distilled``: each distilled captioner, without the prefix
-  by default (the authors' inference.sh).
+  by default (the authors' inference.sh);
+- config ``evaluate.extra_systems`` (name -> trained-captioner directory, e.g. the authors'
+  released weights through ``dalipipe import-authors``): evaluated as distilled captioners, in
+  the distilled rows ``systems`` asks for, each row named after its key.
 Systems not distilled are prompted with config ``models.options`` (template, prompt), as the
 training stages were; a distilled captioner keeps the options saved with it.
 Writes ``<out>/<system>.json`` (captions, scores, prompt options), ``references.json``,
@@ -69,8 +72,11 @@ class System:
     use_prefix: bool
 
 
-def plan_systems(settings: dict, methods: list[str], distilled: list[str]) -> list[System]:
-    """Systems in Table-1 order: image, untrained, then per method zero-shot before distilled."""
+def plan_systems(
+    settings: dict, methods: list[str], distilled: list[str], extra: list[str] = ()
+) -> list[System]:
+    """Systems in Table-1 order: image, untrained, then per method zero-shot before distilled,
+    then the extra systems (trained-captioner directories evaluated as distilled ones)."""
     kinds = settings["systems"]
     unknown = set(kinds) - set(SYSTEM_KINDS)
     if unknown:
@@ -100,7 +106,52 @@ def plan_systems(settings: dict, methods: list[str], distilled: list[str]) -> li
                     pd if is_distilled else pz,
                 )
             )
+    extra_kinds = [
+        (kind, modality)
+        for kind, modality in (
+            ("audio_distilled", "audio"),
+            ("audio_image_distilled", "audio+image"),
+        )
+        if kind in kinds
+    ]
+    if extra and not extra_kinds:
+        raise ValueError(
+            "evaluate.extra_systems are evaluated as distilled captioners: evaluate.systems needs "
+            "audio_distilled or audio_image_distilled"
+        )
+    for name in extra:
+        if name in methods or name in distilled:
+            raise ValueError(
+                f"evaluate.extra_systems: {name!r} is also an evaluated method; rename the entry"
+            )
+        out += [System(f"{name}_{kind}", kind, name, mod, True, pd) for kind, mod in extra_kinds]
     return out
+
+
+def check_extra_system(name: str, directory: Path, fbank_shape: tuple, fbank_cfg: dict) -> None:
+    """An extra system must read the test clips' filterbank: the same size and statistics."""
+    from dalipipe.models.artifacts import read_config
+
+    where = f"evaluate.extra_systems.{name} ({directory})"
+    if not (directory / "captioner.json").is_file():
+        raise FileNotFoundError(f"{where}: not a trained-captioner directory (no captioner.json)")
+    if not (directory / "audio_encoder.json").is_file():
+        raise ValueError(f"{where}: the directory has no audio encoder")
+    encoder = read_config(directory / "audio_encoder.json")
+    wanted = (encoder.get("target_length"), encoder.get("num_mel_bins"))
+    if tuple(fbank_shape) != wanted:
+        raise ValueError(
+            f"{where}: its audio encoder reads a filterbank of {wanted[0]} frames x {wanted[1]} mel "
+            f"bins, and the test clips have {fbank_shape[0]} x {fbank_shape[1]} (extract.fbank)"
+        )
+    features = (read_config(directory / "captioner.json").get("metadata") or {}).get("features")
+    theirs = (features or {}).get("fbank") or {}
+    for key in ("mean", "std"):
+        if key in theirs and key in fbank_cfg and float(theirs[key]) != float(fbank_cfg[key]):
+            raise ValueError(
+                f"{where}: trained on a filterbank normalised with {key} {theirs[key]}, and the "
+                f"test clips with {fbank_cfg[key]} (extract.fbank.{key})"
+            )
 
 
 def load_inputs(ds: EvalSet) -> tuple[list, dict]:
@@ -267,12 +318,21 @@ def evaluate(
         raise ValueError(f"{dataset}: no readable clip to evaluate ({len(ds.failed)} failed)")
     align = {Path(d).name: Path(d) for d in align_dirs if str(d)}
     distill = {Path(d).name: Path(d) for d in distill_dirs if str(d)}
-    systems = plan_systems(settings, list(align), list(distill))
+    extra = {str(k): Path(v) for k, v in (settings.get("extra_systems") or {}).items()}
+    systems = plan_systems(settings, list(align), list(distill), list(extra))
+    for name, directory in extra.items():
+        check_extra_system(name, directory, inputs[clips[0].clip_id][0].shape, fbank_cfg)
     if not ds.has_video:
         systems = [s for s in systems if "image" not in s.modality]
     references = ds.references()
     pool = CaptionerPool(
-        captioner_dir, prefix_dir, align, distill, device, seed, models=params.get("models")
+        captioner_dir,
+        prefix_dir,
+        align,
+        {**distill, **extra},  # an extra system loads as a distilled captioner does
+        device,
+        seed,
+        models=params.get("models"),
     )
     began = time.time()
     with atomic_path(out, directory=True) as tmp:

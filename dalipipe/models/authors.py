@@ -1,0 +1,313 @@
+"""`dalipipe import-authors`: the authors' released DALI model as a trained-captioner directory.
+
+    dalipipe import-authors --backbone audio_backbone.pth --mlp prefixMLP.bin \
+        --base llava-hf/llava-1.5-7b-hf --revision <commit> --out models/authors-ot-att
+    dalipipe caption clip.mp4 --model models/authors-ot-att
+
+The authors publish their DALI OT-Att model on Zenodo (record 14224316) as two PyTorch files,
+which their `LLaVA/eval_captions_AC.py` (lines 207-236) and `LLaVA/generate_pseudo_labels.py`
+(lines 203-217) load. Both are read here with `torch.load(weights_only=True)` (memory-mapped
+where the file allows), never unpickled, and mapped to dalipipe's names
+(docs/authors-implementation.md §2, §8, §9):
+
+`audio_backbone.pth`: the state dict of `DataParallel(CAVMAE(use_clip, dali, x_attn))` saved by
+the alignment loop (`traintest_distribution_alignment.py:194`), hence the `module.` prefix their
+loaders strip. dalipipe's `CavMaeAudioEncoder` keeps CAV-MAE's parameter names, so the audio
+branch maps one to one once `module.` is gone: `patch_embed_a.proj`, `pos_embed_a` (learned
+during alignment: taken from the file, not recomputed), `modality_a`, `blocks_a.<0..10>` (norm1,
+attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2), `blocks_u.0` with its audio norms (`norm1_a`,
+`norm2_a`), `norm_a`, and `proj`, the 768 -> 1024 layer DALI adds (`cav_mae.py:159`), which must
+be present. Everything else in the file is left out: the CLIP tower (`vision_tower.*`), the
+visual branch and decoder, the OT-Att scorers (`audio_scorer`, `image_scorer`, `a_*`, `i_*`) and
+the norms a block keeps for the other modalities.
+
+`prefixMLP.bin`: written by `safe_save_model_for_hf_trainer` (`trainPrefixTuningAudio.py:192-209`)
+with every parameter whose name holds `mm_projector` or `prefix`; the distillation run's copy is
+LLaVA's `mlp2x_gelu` projector (`nn.Sequential(Linear, GELU, Linear)`) under
+`model.mm_projector.{0,2}.{weight,bias}`, which LLaVA in transformers' format calls
+`multi_modal_projector.linear_{1,2}`. It becomes the audio projector. The evaluation loads it into
+LLaVA's single projector (`--use_mlp`), so image tokens pass through it too:
+`share_projector: true` below.
+
+`prefix.bin` (optional; the prefix-tuning run's `prefixMLP.bin`, renamed as their scripts expect):
+the learned prefix under `model.audio_tower.prefix` (16 x 4096).
+
+captioner.json records the options their evaluation ran with: the prompt "Describe the sound
+that can be heard in this scene.", the `llava_v1` template for generation (their conversation mode
+for a "v1" model name) and `vicuna_v1` for training (`--version v1`), the prefix right after the
+modality tokens, the shared projector, and `crop` frames (CAV-MAE's extraction centre-crops, so
+LLaVA's padding never acted on them); its metadata gives `dalipipe caption` the CAV-MAE filterbank
+(128 mel bins x 1024 frames, AudioSet's mean -5.081 and std 4.4849). A missing tensor or one of an
+unexpected shape stops the import, naming it; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from dalipipe.common import atomic_path, setup_logging
+from dalipipe.models.artifacts import write_config
+from dalipipe.models.captioner import PROMPTS, CaptionerOptions
+from dalipipe.models.cavmae import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AudioEncoderConfig,
+    CavMaeAudioEncoder,
+)
+
+log = logging.getLogger(__name__)
+
+ZENODO_RECORD = "https://zenodo.org/records/14224316"
+BACKBONE_PREFIX = "module."  # DataParallel's, stripped by the authors' loaders
+# prefixMLP.bin (LLaVA's mm_projector, nn.Sequential index) -> LLaVA-hf's multi_modal_projector
+PROJECTOR_KEYS = {
+    "model.mm_projector.0.weight": "linear_1.weight",
+    "model.mm_projector.0.bias": "linear_1.bias",
+    "model.mm_projector.2.weight": "linear_2.weight",
+    "model.mm_projector.2.bias": "linear_2.bias",
+}
+PREFIX_KEY = "model.audio_tower.prefix"
+# The options of the authors' evaluation (eval_captions_AC.py, inference.sh).
+AUTHORS_OPTIONS = {
+    "prompt": PROMPTS["code"],
+    "template": "vicuna_v1",
+    "generate_template": "llava_v1",
+    "prefix_position": "after_modality",
+    "share_projector": True,
+    "image_aspect": "crop",
+}
+# CAV-MAE's filterbank statistics (AudioSet), as every loader of the authors normalises.
+AUDIOSET_FBANK = {"mean": -5.081, "std": 4.4849}
+
+
+def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a PyTorch file, with `torch.load(weights_only=True)`, mapped lazily."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be memory-mapped
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{what} {path}: not a readable PyTorch state dict ({err})") from err
+    except Exception as err:
+        raise ValueError(f"{what} {path}: not a readable PyTorch state dict ({err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _check(path, what: str, state: dict, wanted: dict[str, tuple[str, tuple]]) -> dict:
+    """`wanted`: file key -> (our key, shape). Missing keys and wrong shapes stop the import."""
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        )
+        raise ValueError(f"{what} {path}: tensor(s) missing: {shown}")
+    wrong = [
+        f"{k}: {tuple(state[k].shape)}, expected {shape}"
+        for k, (_, shape) in wanted.items()
+        if tuple(state[k].shape) != shape
+    ]
+    if wrong:
+        raise ValueError(f"{what} {path}: unexpected shape of " + "; ".join(wrong))
+    return {ours: state[k] for k, (ours, _) in wanted.items()}
+
+
+def backbone_state(path, state: dict, config: AudioEncoderConfig) -> dict[str, torch.Tensor]:
+    """The audio encoder's tensors from `audio_backbone.pth`, under dalipipe's names."""
+    with torch.device("meta"):  # names and shapes only, no memory
+        own = CavMaeAudioEncoder(config).state_dict()
+    prefixed = any(k.startswith(BACKBONE_PREFIX) for k in state)
+    wanted = {(BACKBONE_PREFIX + k if prefixed else k): (k, tuple(v.shape)) for k, v in own.items()}
+    out = _check(path, "--backbone", state, wanted)
+    log.info("--backbone %s: %d tensors used, %d left out", path, len(out), len(state) - len(out))
+    return out
+
+
+def projector_state(path, state: dict, vision: int, text: int) -> dict[str, torch.Tensor]:
+    """The distilled projector from `prefixMLP.bin`, as LLaVA-hf's `linear_1`/`linear_2`."""
+    state = {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items()}
+    shapes = {
+        "linear_1.weight": (text, vision),
+        "linear_1.bias": (text,),
+        "linear_2.weight": (text, text),
+        "linear_2.bias": (text,),
+    }
+    wanted = {k: (ours, shapes[ours]) for k, ours in PROJECTOR_KEYS.items()}
+    out = _check(path, "--mlp", state, wanted)
+    if PREFIX_KEY in state:
+        log.warning(
+            "--mlp %s also holds %s: not imported (the authors' evaluation takes the prefix "
+            "from prefix.bin; give it with --prefix)",
+            path,
+            PREFIX_KEY,
+        )
+    return out
+
+
+def prefix_state(path, state: dict, text: int) -> torch.Tensor:
+    state = {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items()}
+    if PREFIX_KEY not in state:
+        raise ValueError(f"--prefix {path}: tensor missing: {PREFIX_KEY}")
+    prefix = state[PREFIX_KEY]
+    if prefix.ndim != 2 or prefix.shape[1] != text:
+        raise ValueError(
+            f"--prefix {path}: unexpected shape of {PREFIX_KEY}: {tuple(prefix.shape)}, "
+            f"expected (n_tokens, {text})"
+        )
+    return prefix
+
+
+def base_widths(base: str | Path, revision: str | None) -> tuple[int, int]:
+    """(image-token width, LM width) of the base LLaVA, from its config alone."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base), revision=revision)
+    except (OSError, ValueError) as err:
+        raise OSError(f"--base {base}: cannot read its config ({err})") from err
+    if not hasattr(config, "vision_config") or not hasattr(config, "text_config"):
+        raise ValueError(f"--base {base}: not a LLaVA model ({type(config).__name__})")
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"--base {base}: several vision feature layers ({layer}); LLaVA-1.5 has one"
+        )
+    return config.vision_config.hidden_size, config.text_config.hidden_size
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors straight from the (memory-mapped) tensors, without `save_state`'s copy of all
+    of them; only a tensor whose storage another one shares is copied (safetensors refuses it)."""
+    from safetensors.torch import save_file
+
+    seen, out = set(), {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.contiguous().clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    save_file(out, str(path))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_authors(
+    backbone: str | Path,
+    mlp: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    prefix: str | Path | None = None,
+    revision: str | None = None,
+    encoder_config: AudioEncoderConfig | dict | None = None,
+) -> dict:
+    """Write a trained-captioner directory (DEVELOPING.md) from the authors' files.
+
+    `encoder_config`: the CAV-MAE sizes the backbone must have (default: the paper's, 128 x 1024
+    fbank, 768 wide, 11 + 1 blocks, 1024 out). Returns the provenance recorded in captioner.json.
+    """
+    out = Path(out)
+    if not isinstance(encoder_config, AudioEncoderConfig):
+        encoder_config = AudioEncoderConfig.from_dict(encoder_config or {})
+    vision, text = base_widths(base, revision)
+    if encoder_config.out_dim != vision:
+        raise ValueError(
+            f"the audio encoder's out_dim {encoder_config.out_dim} does not fit --base {base}, "
+            f"whose image tokens are {vision} wide"
+        )
+    encoder = backbone_state(backbone, read_weights(backbone, "--backbone"), encoder_config)
+    projector = projector_state(mlp, read_weights(mlp, "--mlp"), vision, text)
+    prefix_tensor = None
+    if prefix is not None:
+        prefix_tensor = prefix_state(prefix, read_weights(prefix, "--prefix"), text)
+    CaptionerOptions.from_dict(AUTHORS_OPTIONS)  # the options are valid for this dalipipe
+
+    files = {"backbone": Path(backbone), "mlp": Path(mlp)}
+    if prefix is not None:
+        files["prefix"] = Path(prefix)
+    imported = {
+        "source": f"the authors' released DALI weights ({ZENODO_RECORD})",
+        "files": {k: {"name": p.name, "sha256": sha256(p)} for k, p in files.items()},
+    }
+    features = {
+        "fbank": {
+            "num_mel_bins": encoder_config.num_mel_bins,
+            "target_length": encoder_config.target_length,
+            **AUDIOSET_FBANK,
+        },
+        "frame_short_side": 336,
+        "window_seconds": 10.0,
+    }
+    recorded_base = str(base)
+    if Path(base).is_dir():  # a local model: relative to the output, as stage distill records it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        recorded_base = os.path.relpath(Path(base).resolve(), out.resolve())
+    info = {
+        "base": recorded_base,
+        "revision": revision,
+        "options": CaptionerOptions.from_dict(AUTHORS_OPTIONS).to_dict(),
+        "metadata": {"features": features, "imported": imported},
+    }
+    with atomic_path(out, directory=True) as tmp:
+        write_config(tmp / "captioner.json", info)
+        save_tensors(tmp / WEIGHTS_FILE, encoder)
+        write_config(tmp / CONFIG_FILE, encoder_config.to_dict())
+        save_tensors(tmp / "audio_projector.safetensors", projector)
+        if prefix_tensor is not None:
+            save_tensors(tmp / "prefix.safetensors", {"prefix": prefix_tensor})
+    log.info("wrote %s from %s", out, ", ".join(str(p) for p in files.values()))
+    return info
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dalipipe import-authors",
+        description="the authors' released DALI weights as a dalipipe trained-captioner directory",
+    )
+    parser.add_argument("--backbone", required=True, help="audio_backbone.pth (aligned CAV-MAE)")
+    parser.add_argument("--mlp", required=True, help="prefixMLP.bin (the distilled projector)")
+    parser.add_argument("--prefix", help="prefix.bin (model.audio_tower.prefix), if released")
+    parser.add_argument(
+        "--base", required=True, help="LLaVA-1.5 in transformers' format: hub id or folder"
+    )
+    parser.add_argument("--revision", help="hub commit of --base (pin it for offline nodes)")
+    parser.add_argument(
+        "--encoder-config",
+        help="JSON object of audio encoder sizes when not the paper's CAV-MAE (tests)",
+    )
+    parser.add_argument("--out", required=True, help="the trained-captioner directory to write")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        sizes = json.loads(args.encoder_config) if args.encoder_config else None
+        import_authors(
+            args.backbone,
+            args.mlp,
+            args.base,
+            args.out,
+            prefix=args.prefix,
+            revision=args.revision,
+            encoder_config=sizes,
+        )
+    except (OSError, ValueError) as err:
+        print(f"dalipipe import-authors: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,282 @@
+"""`dalipipe import-authors`: the authors' released DALI files as a trained-captioner directory.
+
+The files are written here with the authors' key names (docs/authors-implementation.md §2, §8):
+`audio_backbone.pth` is the state dict of `DataParallel(CAVMAE(use_clip, dali, x_attn))`,
+`prefixMLP.bin` holds LLaVA's `model.mm_projector.{0,2}`, `prefix.bin` `model.audio_tower.prefix`.
+Every tensor is drawn from a generator seeded by its own key, so a test can draw it again to
+compare, one tensor at a time, instead of holding two copies of a 87M-parameter encoder.
+
+    pytest tests/test_import_authors.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalipipe import cli
+from dalipipe.models.artifacts import load_state, read_config
+
+# The authors' CAV-MAE audio branch and projector (cav_mae.py:121-210, LLaVA-1.5-7B).
+PAPER = dict(mel=128, frames=1024, patch=16, width=768, depth=11, out=1024)
+LM_WIDTH = 4096
+# A small version for the tiny LLaVA of tests/conftest.py (image tokens 32 wide, LM 64 wide).
+SMALL = dict(mel=32, frames=64, patch=16, width=32, depth=2, out=32)
+SMALL_CONFIG = dict(
+    num_mel_bins=32, target_length=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=32
+)
+WAV = Path("/work/shared/data/clips/vggsound_FwVYUHKoLtQ_000034.wav")
+
+# What the import keeps of the backbone: the audio branch, each block with the norms it runs.
+AUDIO_BRANCH = re.compile(
+    r"^module\.(patch_embed_a\.|pos_embed_a$|modality_a$|norm_a\.|proj\."
+    r"|blocks_a\.\d+\.(norm1|norm2|attn|mlp)\.|blocks_u\.\d+\.(norm1_a|norm2_a|attn|mlp)\.)"
+)
+
+
+def drawn(key: str, shape, dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def backbone_shapes(mel, frames, patch, width, depth, out) -> dict[str, tuple]:
+    """Keys and shapes of `audio_backbone.pth` (CAVMAE with its visual branch, decoder heads,
+    OT-Att scorers and CLIP tower, `blocks_v` and `decoder_blocks` set to None before saving)."""
+    shapes = {
+        "patch_embed_a.proj.weight": (width, 1, patch, patch),
+        "patch_embed_a.proj.bias": (width,),
+        "pos_embed_a": (1, (mel // patch) * (frames // patch), width),
+        "modality_a": (1, 1, width),
+    }
+    for branch, count in (("blocks_a", depth), ("blocks_u", 1)):
+        for i in range(count):
+            block = f"{branch}.{i}."
+            for norm in ("norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v"):
+                shapes[block + norm + ".weight"] = shapes[block + norm + ".bias"] = (width,)
+            shapes[block + "attn.qkv.weight"] = (3 * width, width)
+            shapes[block + "attn.qkv.bias"] = (3 * width,)
+            shapes[block + "attn.proj.weight"] = (width, width)
+            shapes[block + "attn.proj.bias"] = (width,)
+            shapes[block + "mlp.fc1.weight"] = (4 * width, width)
+            shapes[block + "mlp.fc1.bias"] = (4 * width,)
+            shapes[block + "mlp.fc2.weight"] = (width, 4 * width)
+            shapes[block + "mlp.fc2.bias"] = (width,)
+    for norm in ("norm_a", "norm_v", "norm"):
+        shapes[norm + ".weight"] = shapes[norm + ".bias"] = (width,)
+    shapes["proj.weight"], shapes["proj.bias"] = (out, width), (out,)
+    # a sample of what the import leaves out
+    shapes.update(
+        {
+            "patch_embed_v.proj.weight": (width, 3, patch, patch),
+            "pos_embed_v": (1, 196, width),
+            "modality_v": (1, 1, width),
+            "decoder_embed.weight": (512, width),
+            "mask_token": (1, 1, 512),
+            "audio_scorer.in_proj_weight": (3 * out, out),
+            "a_k.weight": (out, out),
+            "vision_tower.vision_model.post_layernorm.weight": (out,),
+        }
+    )
+    return {f"module.{k}": v for k, v in shapes.items()}
+
+
+def mlp_shapes(vision: int, text: int) -> dict[str, tuple]:
+    return {
+        "model.mm_projector.0.weight": (text, vision),
+        "model.mm_projector.0.bias": (text,),
+        "model.mm_projector.2.weight": (text, text),
+        "model.mm_projector.2.bias": (text,),
+    }
+
+
+def write_authors_files(directory: Path, sizes: dict, lm_width: int, *, n_prefix: int = 16):
+    """audio_backbone.pth (float32), prefixMLP.bin and prefix.bin (bfloat16, as LLaVA ran)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    backbone = {k: drawn(k, s) for k, s in backbone_shapes(**sizes).items()}
+    torch.save(backbone, directory / "audio_backbone.pth")
+    del backbone
+    mlp = {k: drawn(k, s, torch.bfloat16) for k, s in mlp_shapes(sizes["out"], lm_width).items()}
+    torch.save(mlp, directory / "prefixMLP.bin")
+    prefix = {"model.audio_tower.prefix": drawn("prefix", (n_prefix, lm_width), torch.bfloat16)}
+    torch.save(prefix, directory / "prefix.bin")
+    return directory
+
+
+def import_argv(files: Path, base, out: Path, *, prefix: bool = True, sizes=None) -> list[str]:
+    argv = ["import-authors", "--backbone", str(files / "audio_backbone.pth")]
+    argv += ["--mlp", str(files / "prefixMLP.bin"), "--base", str(base), "--out", str(out)]
+    if prefix:
+        argv += ["--prefix", str(files / "prefix.bin")]
+    if sizes:
+        argv += ["--encoder-config", json.dumps(sizes)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def paper_base(tmp_path_factory) -> Path:
+    """The config of LLaVA-1.5-7B's widths (image tokens 1024, LM 4096): all the import reads."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    out = tmp_path_factory.mktemp("llava-1.5-widths")
+    vision = CLIPVisionConfig(
+        hidden_size=1024, num_attention_heads=16, image_size=336, patch_size=14
+    )
+    text = LlamaConfig(hidden_size=LM_WIDTH, num_attention_heads=32, vocab_size=32064)
+    LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2).save_pretrained(
+        out
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory) -> Path:
+    return write_authors_files(tmp_path_factory.mktemp("authors-small"), SMALL, 64, n_prefix=4)
+
+
+def test_real_shapes_import_to_the_same_tensors(tmp_path, paper_base):
+    from safetensors import safe_open
+
+    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder
+
+    files = write_authors_files(tmp_path / "zenodo", PAPER, LM_WIDTH)
+    out = tmp_path / "authors"
+    assert cli.main(import_argv(files, paper_base, out)) == 0
+
+    # the paper's encoder, whose every parameter (a strict load) is the file's tensor
+    config = AudioEncoderConfig.from_dict(read_config(out / "audio_encoder.json"))
+    assert config == AudioEncoderConfig() and config.depth == 11 and config.out_dim == 1024
+    with torch.device("meta"):
+        own = CavMaeAudioEncoder(config).state_dict()
+    kept = {k for k in backbone_shapes(**PAPER) if AUDIO_BRANCH.match(k)}
+    assert len(kept) == 4 + 12 * 12 + 4 and {f"module.{k}" for k in own} == kept
+    with safe_open(out / "audio_encoder.safetensors", "pt") as f:  # one tensor at a time
+        assert set(f.keys()) == set(own)
+        for name in own:
+            tensor = f.get_tensor(name)
+            assert tensor.shape == own[name].shape, name
+            assert torch.equal(tensor, drawn(f"module.{name}", tensor.shape)), name
+
+    projector = load_state(out / "audio_projector.safetensors")
+    assert sorted(projector) == [
+        "linear_1.bias",
+        "linear_1.weight",
+        "linear_2.bias",
+        "linear_2.weight",
+    ]
+    for authors, ours in (("0", "linear_1"), ("2", "linear_2")):
+        for part in ("weight", "bias"):
+            tensor = projector[f"{ours}.{part}"]
+            assert tensor.dtype == torch.bfloat16
+            assert torch.equal(
+                tensor, drawn(f"model.mm_projector.{authors}.{part}", tensor.shape, torch.bfloat16)
+            )
+    assert tuple(projector["linear_1.weight"].shape) == (4096, 1024)
+    prefix = load_state(out / "prefix.safetensors")["prefix"]
+    assert torch.equal(prefix, drawn("prefix", (16, LM_WIDTH), torch.bfloat16))
+
+    info = read_config(out / "captioner.json")
+    assert info["options"]["generate_template"] == "llava_v1"
+    assert info["options"]["template"] == "vicuna_v1"
+    assert info["options"]["prompt"] == "Describe the sound that can be heard in this scene."
+    assert info["options"]["share_projector"] is True
+    assert info["metadata"]["features"]["fbank"] == {
+        "num_mel_bins": 128,
+        "target_length": 1024,
+        "mean": -5.081,
+        "std": 4.4849,
+    }
+    assert set(info["metadata"]["imported"]["files"]) == {"backbone", "mlp", "prefix"}
+
+
+def test_a_missing_tensor_or_a_wrong_shape_is_named(tmp_path, small_files, tiny_models, capsys):
+    sizes = SMALL_CONFIG
+    out = tmp_path / "out"
+
+    def rewrite(name: str, change) -> Path:
+        state = torch.load(small_files / name, weights_only=True)
+        change(state)
+        broken = tmp_path / f"broken-{name}"
+        broken.mkdir(exist_ok=True)
+        for other in ("audio_backbone.pth", "prefixMLP.bin", "prefix.bin"):
+            if other != name:
+                (broken / other).write_bytes((small_files / other).read_bytes())
+        torch.save(state, broken / name)
+        return broken
+
+    def error(files: Path) -> str:
+        assert cli.main(import_argv(files, tiny_models.llava, out, sizes=sizes)) == 2
+        assert not out.exists()  # nothing is written when the import fails
+        return capsys.readouterr().err
+
+    files = rewrite("audio_backbone.pth", lambda s: s.pop("module.blocks_a.1.mlp.fc2.weight"))
+    assert "--backbone" in (msg := error(files)) and "module.blocks_a.1.mlp.fc2.weight" in msg
+    assert "missing" in msg
+    files = rewrite("audio_backbone.pth", lambda s: s.pop("module.proj.bias"))
+    assert "module.proj.bias" in error(files)
+    files = rewrite(
+        "audio_backbone.pth", lambda s: s.update({"module.proj.weight": torch.zeros(48, 32)})
+    )
+    msg = error(files)
+    assert "module.proj.weight: (48, 32), expected (32, 32)" in msg and "unexpected shape" in msg
+    files = rewrite("prefixMLP.bin", lambda s: s.pop("model.mm_projector.2.bias"))
+    assert "--mlp" in (msg := error(files)) and "model.mm_projector.2.bias" in msg
+    files = rewrite(
+        "prefixMLP.bin", lambda s: s.update({"model.mm_projector.0.weight": torch.zeros(64, 1024)})
+    )
+    assert "model.mm_projector.0.weight: (64, 1024), expected (64, 32)" in error(files)
+    files = rewrite("prefix.bin", lambda s: s.clear())
+    assert "--prefix" in (msg := error(files)) and "model.audio_tower.prefix" in msg
+    # an encoder for another base: the paper's sizes against the tiny LLaVA
+    assert cli.main(import_argv(small_files, tiny_models.llava, out)) == 2
+    assert "out_dim 1024 does not fit" in capsys.readouterr().err
+    # a file that is not a state dict of tensors
+    (tmp_path / "notes.bin").write_text("not a checkpoint")
+    argv = import_argv(small_files, tiny_models.llava, out, sizes=sizes)
+    argv[argv.index("--mlp") + 1] = str(tmp_path / "notes.bin")
+    assert cli.main(argv) == 2 and "not a readable PyTorch state dict" in capsys.readouterr().err
+
+
+def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, tiny_models, capsys):
+    import numpy as np
+
+    from dalipipe.caption import describe
+    from dalipipe.models.captioner import AudioCaptioner
+
+    out = tmp_path / "models" / "authors"
+    assert cli.main(import_argv(small_files, tiny_models.llava, out, sizes=SMALL_CONFIG)) == 0
+    info = read_config(out / "captioner.json")
+    assert not Path(info["base"]).is_absolute()  # a local base moves with the directory
+
+    captioner = AudioCaptioner.from_dir(out)
+    assert captioner.options.generate_template == "llava_v1" and captioner.options.share_projector
+    for name, tensor in captioner.audio_encoder.state_dict().items():
+        assert torch.equal(tensor, drawn(f"module.{name}", tensor.shape)), name
+    for name, tensor in captioner.audio_projector.state_dict().items():
+        index = {"linear_1": "0", "linear_2": "2"}[name.split(".")[0]]
+        key = f"model.mm_projector.{index}.{name.split('.')[1]}"
+        assert torch.equal(tensor, drawn(key, tensor.shape, torch.bfloat16).float()), name
+    assert torch.equal(captioner.prefix.data, drawn("prefix", (4, 64), torch.bfloat16).float())
+
+    fbank = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 64, 32), np.float32))
+    frames = [np.full((40, 60, 3), c, np.uint8) for c in (40, 200)]
+    for modality in ("audio", "audio+image"):
+        captions = captioner.generate(
+            modality=modality,
+            fbank=fbank,
+            pixel_values=captioner.pixel_values(frames) if "image" in modality else None,
+            use_prefix=True,
+            max_new_tokens=5,
+        )
+        assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+    if WAV.exists():  # `dalipipe caption` prepares a real file with the recorded fbank sizes
+        assert (
+            describe.main([str(WAV), "--model", str(out), "--json", "--max-new-tokens", "4"]) == 0
+        )
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["file"] == str(WAV) and isinstance(line["caption"], str)
