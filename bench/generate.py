@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from dalipipe.caption.schedule import default_dtype
     from dalipipe.common import pick_device
+    from dalipipe.training import default_dtype
 
     torch.set_grad_enabled(False)
     device = pick_device(args.device)

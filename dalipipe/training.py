@@ -1,47 +1,53 @@
-"""Checkpoints that resume a training loop exactly, and a SIGTERM flag for Slurm pre-emption.
+"""The training kernel every stage shares, and the checkpoints that let it resume exactly.
 
-    ckpt = TrainCheckpoint(f"{out}.ckpt")     # also starts catching SIGTERM
-    saved = ckpt.load()                       # None on a fresh start; restores the RNG states
-    if saved:
-        model.load_state_dict(saved["model"])
-        start = saved["step"]
-    for ...:
-        ...
-        if step % every == 0 or sigterm_requested():
-            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict()}, step=step)
-        if sigterm_requested():
-            raise SystemExit(PREEMPTED_EXIT_CODE)   # non-zero; a rerun resumes
+A stage brings only its step: which examples a step takes and what their loss is. `TrainLoop`
+owns the rest: the step counter, the progress bar, the optimizer step, gradients averaged across
+`accelerate` processes, the curve, a checkpoint every `checkpoint_every` steps, and on SIGTERM
+(Slurm pre-emption) a checkpoint and exit 143, from which a rerun resumes bit for bit.
+
+    loop = TrainLoop(f"{out}.ckpt", {"model": model, "optimizer": opt}, settings=settings,
+                     checkpoint_every=50)   # a checkpoint under other settings is not resumed
+    loop.resume()                           # state, step, curve and RNG of the last checkpoint
+
+    def step(index):                        # forward and backward of optimizer step `index`
+        epoch, k = divmod(index, steps_per_epoch)
+        loss = model(batch_of(epoch, k)).mean()
+        loss.backward()
+        return {"epoch": epoch + 1, "loss": loss.detach()}   # the step's row of the curve
+
+    curve = loop.fit(step, total_steps, optimizer=opt)
+    write_curve(out / "curve.csv", curve)
 
 Gradient accumulation and activation checkpointing, the memory options of the LLaVA-side stages:
-
-    micro = micro_batch_size(settings, "distill")   # examples per forward/backward
-    with activation_checkpointing(captioner.language_model, settings["activation_checkpointing"]):
-        for step in ...:
-            for part in micro_batches(step_examples, micro):
-                (loss_sum(part) / step_tokens).backward()   # adds up to the step's mean
+a step backs its examples `micro_batch_size(settings, ...)` at a time through `accumulate`, and
+`fit(..., recompute=language_model)` runs under `activation_checkpointing`. A loop of its own
+(alignment: two optimisers, per-epoch streams) calls `end_step()` after each optimizer step.
 
 A checkpoint is a directory holding ``state.safetensors`` (every tensor) and ``state.json`` (the
 nested structure, with each tensor replaced by its name), so nothing is ever unpickled. The
-Python, NumPy and torch (CPU and CUDA) random states are saved with it and restored by load. It is written to a
-temporary directory and renamed, so a kill during a save leaves the previous checkpoint intact.
+Python, NumPy and torch (CPU and CUDA) random states are saved with it and restored by load. It
+is written to a temporary directory and renamed, so a kill during a save leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import random
 import shutil
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from dalipipe.common import atomic_path
 
@@ -184,6 +190,8 @@ class TrainCheckpoint:
                 f"{self.latest}: unreadable checkpoint ({err}); delete it to restart"
             ) from err
         stored = saved["states"].pop("__settings__", None)
+        if stored is None and "fingerprint" in saved["states"]:  # align's, before issue 16
+            stored = json.dumps(saved["states"].pop("fingerprint"))
         if self.settings is not None and stored != self.settings:
             log.warning("%s was written with other settings: starting afresh", self.latest)
             self.remove()
@@ -196,6 +204,154 @@ class TrainCheckpoint:
     def remove(self) -> None:
         """Drop the checkpoints once the stage's output is complete."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def _state_of(thing) -> Any:
+    if isinstance(thing, dict):  # plain values (counters), kept as they are
+        return thing
+    if isinstance(thing, (list, tuple)):  # tensors trained in place (a prefix, a projector)
+        return [tensor.detach() for tensor in thing]
+    return thing.state_dict()  # a module, an optimizer, a scheduler
+
+
+def _load_state(thing, saved) -> None:
+    if isinstance(thing, dict):
+        thing.clear()
+        thing.update(saved)
+    elif isinstance(thing, (list, tuple)):
+        with torch.no_grad():
+            for tensor, value in zip(thing, saved):
+                tensor.copy_(value)
+    else:
+        thing.load_state_dict(saved)
+
+
+class TrainLoop:
+    """One training run: its step counter, curve and checkpoints in ``checkpoint_dir``.
+
+    ``state`` names what a checkpoint holds: modules, optimizers and schedulers (by their
+    state_dict), lists of tensors trained in place, and dicts of plain values (restored in place).
+    ``settings`` (JSON-able): a checkpoint written under other settings is not resumed.
+    ``accelerator``: under ``accelerate launch``, the main process writes the checkpoints,
+    gradients are averaged across processes and the curve holds the processes' mean losses.
+    """
+
+    def __init__(
+        self, checkpoint_dir, state: dict, *, settings=None, checkpoint_every: int, accelerator=None
+    ):
+        self.checkpoint = TrainCheckpoint(checkpoint_dir, settings=settings)
+        self.state, self.every, self.accelerator = state, checkpoint_every, accelerator
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.is_main = accelerator is None or accelerator.is_main_process
+        self.step, self.curve = 0, []  # optimizer steps done; rows of curve.csv
+
+    def resume(self) -> bool:
+        """Restore state, step, curve and random states from the checkpoint, if there is one."""
+        saved = self.checkpoint.load()
+        if saved is None:
+            return False
+        for name, thing in self.state.items():
+            _load_state(thing, saved[name])
+        self.step, self.curve = int(saved["step"]), list(saved.get("curve", []))
+        return True
+
+    def save(self) -> None:
+        if self.is_main:
+            states = {name: _state_of(thing) for name, thing in self.state.items()}
+            self.checkpoint.save({**states, "curve": self.curve}, step=self.step)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def end_step(self) -> None:
+        """Count an optimizer step; checkpoint every ``checkpoint_every`` steps, and on SIGTERM
+        checkpoint and exit (also on a SIGTERM that arrives during a periodic checkpoint)."""
+        self.step += 1
+        preempted = sigterm_requested()
+        if preempted or self.step % self.every == 0:
+            self.save()
+            if preempted or sigterm_requested():
+                log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", self.step)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    def average_gradients(self, params: Iterable[torch.Tensor]) -> None:
+        """Each gradient becomes the mean of the processes' (a no-op in one process)."""
+        if self.world > 1:
+            for param in params:
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def _mean(self, value) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self.world > 1:
+            value = self.accelerator.reduce(value, reduction="mean")
+        return value.item()
+
+    def fit(
+        self,
+        step: Callable[[int], dict],
+        total_steps: int,
+        *,
+        optimizer: torch.optim.Optimizer,
+        scheduler=None,
+        average: Iterable[torch.Tensor] = (),
+        desc: str = "train",
+        recompute=None,
+    ) -> list[dict]:
+        """Run optimizer steps ``self.step`` to ``total_steps - 1``; returns the curve.
+
+        ``step(index)`` runs the forward and backward passes of step ``index`` and returns its
+        row of the curve (tensors become the processes' mean); the row gets the step number and,
+        with a ``scheduler`` (stepped after each optimizer step), the step's learning rate.
+        ``average``: the parameters whose gradients are averaged across processes.
+        ``recompute``: a transformers model whose decoder layers recompute their activations in
+        the backward pass (`activation_checkpointing`); None: everything is kept.
+        """
+        if self.step:
+            log.info("%s: resuming at step %d of %d", desc, self.step, total_steps)
+        average = list(average)
+        steps = range(self.step, total_steps)
+        bar = tqdm(steps, desc=desc, initial=self.step, total=total_steps, disable=not self.is_main)
+        with activation_checkpointing(recompute, enabled=recompute is not None):
+            for index in bar:
+                optimizer.zero_grad(set_to_none=True)
+                values = step(index)
+                self.average_gradients(average)
+                lr = scheduler.get_last_lr()[0] if scheduler is not None else None
+                optimizer.step()
+                row = {"step": index + 1, **{k: self._mean(v) for k, v in values.items()}}
+                if scheduler is not None:
+                    scheduler.step()
+                    row["lr"] = lr
+                self.curve.append(row)
+                shown = {k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "epoch", "lr")}
+                bar.set_postfix(shown)
+                self.end_step()
+        return self.curve
+
+
+def write_curve(path, rows: list[dict], columns: Sequence[str] | None = None) -> None:
+    """``rows`` as CSV; ``columns`` by default in the order the rows first name them."""
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU as the authors ran it; float32 on a CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """The sample order of one epoch, a function of (seed, epoch) only, so a resumed run
+    draws exactly the batches the killed one would have drawn."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
 
 
 # --- gradient accumulation and activation checkpointing ------------------------------------------
@@ -223,6 +379,18 @@ def micro_batches(items: Sequence, size: int) -> list[Sequence]:
     if size < 1:
         raise ValueError(f"micro_batches: size {size} < 1")
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def accumulate(items: Sequence, size: int, summed_loss: Callable, count) -> torch.Tensor:
+    """Back-propagate one step's mean loss over ``items``, ``size`` at a time: each micro-batch's
+    ``summed_loss(part)`` divided by ``count`` (the step's token count), so the accumulated
+    gradient is the whole batch's. Returns that mean loss, detached."""
+    total = 0.0
+    for part in micro_batches(items, size):
+        loss = summed_loss(part) / count
+        loss.backward()
+        total = total + loss.detach()
+    return total
 
 
 @contextlib.contextmanager

@@ -18,8 +18,9 @@ from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dalipipe.caption.pairs import load_pairs, middle
-from dalipipe.caption.prefix import epoch_order, fit_prefix, train_prefix
+from dalipipe.caption.prefix import fit_prefix, train_prefix
 from dalipipe.config import section_defaults
+from dalipipe.training import epoch_order
 
 CAPTIONS = ["a dog barks", "a bell rings", "a bird chirps", "a car passes by"]
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]

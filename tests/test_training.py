@@ -1,4 +1,4 @@
-"""Checkpoint round trips and the SIGTERM flag: pytest tests/test_training.py -x -q"""
+"""Checkpoint round trips, the SIGTERM flag and the training loop: pytest tests/test_training.py"""
 
 import os
 import random
@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dalipipe.training import TrainCheckpoint, catch_sigterm, clear_sigterm, sigterm_requested
+from dalipipe.training import (
+    PREEMPTED_EXIT_CODE,
+    TrainCheckpoint,
+    TrainLoop,
+    catch_sigterm,
+    clear_sigterm,
+    sigterm_requested,
+    write_curve,
+)
 
 
 def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
@@ -86,3 +94,55 @@ def test_a_checkpoint_written_under_other_settings_is_not_resumed(tmp_path):
     assert TrainCheckpoint(tmp_path / "ckpt", settings={"lr": 1e-3}).load()["step"] == 7
     assert TrainCheckpoint(tmp_path / "ckpt", settings={"lr": 2e-3}).load() is None
     assert not (tmp_path / "ckpt").exists()  # the stale checkpoint is gone
+
+
+def test_an_align_checkpoint_from_before_stored_settings_is_checked_by_its_fingerprint(tmp_path):
+    TrainCheckpoint(tmp_path / "ckpt").save({"fingerprint": "0123abcd", "w": torch.ones(1)}, step=4)
+    assert TrainCheckpoint(tmp_path / "ckpt", settings="0123abcd").load()["step"] == 4
+    assert TrainCheckpoint(tmp_path / "ckpt", settings="0123abce").load() is None
+
+
+def toy_run(directory, kill_at=None):
+    """Six steps of a linear model on random batches (global RNG), checkpointed every 4."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    seen = {"batches": 0}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "seen": seen}
+    loop = TrainLoop(directory, state, settings={"lr": 0.1}, checkpoint_every=4)
+    loop.resume()
+
+    def step(index):
+        if index == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen["batches"] += 1
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        return {"epoch": index // 2 + 1, "loss": loss.detach()}
+
+    return loop.fit(step, 6, optimizer=optimizer, scheduler=scheduler), model, seen
+
+
+def test_a_loop_killed_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    import dalipipe.training as training
+
+    curve, model, seen = toy_run(tmp_path / "straight")
+    assert [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6] and seen == {"batches": 6}
+    assert list(curve[0]) == ["step", "epoch", "loss", "lr"] and curve[2]["lr"] == 0.05
+    assert TrainCheckpoint(tmp_path / "straight").load()["step"] == 4
+
+    catch_sigterm()
+    monkeypatch.setitem(training._sigterm, "requested", False)
+    with pytest.raises(SystemExit) as stop:
+        toy_run(tmp_path / "killed", kill_at=2)
+    assert stop.value.code == PREEMPTED_EXIT_CODE
+    assert TrainCheckpoint(tmp_path / "killed").load()["step"] == 3
+    monkeypatch.setitem(training._sigterm, "requested", False)
+    resumed, resumed_model, resumed_seen = toy_run(tmp_path / "killed")
+    assert resumed == curve and resumed_seen == seen
+    assert torch.equal(resumed_model.weight, model.weight)
+
+    write_curve(tmp_path / "curve.csv", curve)
+    lines = (tmp_path / "curve.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,loss,lr" and lines[3].startswith("3,2,")

@@ -20,9 +20,7 @@ The output directory holds audio_encoder.safetensors/.json, curve.csv and summar
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -39,6 +37,7 @@ from dalipipe.align.objective import METHODS, Objective
 from dalipipe.align.ot import OTSolver
 from dalipipe.common import atomic_path, parse_params, seed_everything, setup_logging, write_json
 from dalipipe.config import section_defaults
+from dalipipe.training import TrainLoop, write_curve
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +223,7 @@ class Run:
         self.objective = Objective(
             method, self.solver, self.scorer, s["attentive"]["double_gradient"]
         )
-        self.checkpoint = _checkpoint(self.out)
-        self.fingerprint = hashlib.sha256(
+        fingerprint = hashlib.sha256(
             json.dumps(
                 [
                     method,
@@ -240,16 +238,19 @@ class Run:
         ).hexdigest()[:16]
         self.token_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.token_cache_bytes = 0
-        self.progress = {
-            "epoch": 1,
-            "batch": 0,
-            "step": 0,
-            "sums": {},
-            "count": 0,
-            "curve": [],
-            "seconds": 0.0,
-            "clips": 0,
-        }
+        # the place in the data; the loop counts the steps and holds the per-epoch curve
+        self.progress = {"epoch": 1, "batch": 0, "sums": {}, "count": 0, "seconds": 0.0, "clips": 0}
+        state = {"progress": self.progress, "encoder": self.encoder}
+        state.update(optimizer=self.optimizer, scheduler=self.scheduler)
+        if self.scorer is not None:
+            state.update(scorer=self.scorer, scorer_optimizer=self.scorer_optimizer)
+        self.loop = TrainLoop(
+            self.out.with_name(self.out.name + ".ckpt"),
+            state,
+            settings=fingerprint,  # the settings, RESUMABLE_CHANGES aside
+            checkpoint_every=s["checkpoint_every"],
+            accelerator=self.accelerator,
+        )
 
     def _build_encoder(self, models: dict, fbank_shape, width: int):
         from dalipipe.models.cavmae import build_encoder
@@ -309,53 +310,6 @@ class Run:
         att = self.settings["attentive"]
         return entropy_weight(epoch, att["frozen_epochs"], att["lambdas"], att["final_lambda"])
 
-    # --- checkpoints ---------------------------------------------------------------------------
-
-    def state(self) -> dict:
-        state = {
-            "fingerprint": self.fingerprint,
-            "progress": self.progress,
-            "encoder": self.encoder.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-        if self.scorer is not None:
-            state["scorer"] = self.scorer.state_dict()
-            state["scorer_optimizer"] = self.scorer_optimizer.state_dict()
-        return state
-
-    def save(self) -> None:
-        if self.accelerator.is_main_process:
-            self.checkpoint.save(self.state(), step=self.progress["step"])
-        self.accelerator.wait_for_everyone()
-
-    def resume(self) -> bool:
-        state = self.checkpoint.load()
-        if state is None:
-            return False
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning(
-                "%s was written with other settings: starting afresh", self.checkpoint.latest
-            )
-            self.checkpoint.remove()
-            seed_everything(self.seed)
-            return False
-        self.encoder.load_state_dict(state["encoder"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scorer is not None:
-            self.scorer.load_state_dict(state["scorer"])
-            self.scorer_optimizer.load_state_dict(state["scorer_optimizer"])
-        self.progress = state["progress"]
-        log.info(
-            "resuming %s at epoch %d, batch %d (step %d)",
-            self.method,
-            self.progress["epoch"],
-            self.progress["batch"],
-            self.progress["step"],
-        )
-        return True
-
     # --- steps ---------------------------------------------------------------------------------
 
     def in_step(self, batches):
@@ -380,12 +334,6 @@ class Run:
             means = dict(zip(means, self.accelerator.reduce(values, reduction="mean").tolist()))
         return means
 
-    def _reduce_grads(self, params) -> None:
-        if self.world > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-
     def train_step(self, samples: list[dict], epoch: int) -> dict[str, float]:
         s, p = self.settings, self.progress
         gen = step_generator(self.seed, epoch, p["batch"], self.rank)
@@ -405,27 +353,20 @@ class Run:
                 out.scorer_loss, scorer_params, retain_graph=True, allow_unused=True
             )
         out.loss.backward()
-        self._reduce_grads(self.encoder.parameters())
+        self.loop.average_gradients(self.encoder.parameters())
         self.optimizer.step()
         if scorer_grads is not None:
             # The scorer learns only from its own loss OT - lambda*H, with its own optimiser.
             for param, grad in zip(scorer_params, scorer_grads):
                 param.grad = grad
-            self._reduce_grads(scorer_params)
+            self.loop.average_gradients(scorer_params)
             self.scorer_optimizer.step()
         return {"loss": out.loss.item(), **out.logged}
 
     @torch.no_grad()
     def validate(self) -> float | None:
         s = self.settings
-        reader = open_reader(
-            self.val_shards,
-            shuffle=False,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world,
-            frame=s["val_frame"],
-        )
+        reader = self.reader(self.val_shards, shuffle=False, frame=s["val_frame"])
         self.encoder.eval()
         total = torch.zeros(2, device=self.device)
         clips = usable(reader, str(self.val_shards), self.fbank_shape)
@@ -444,22 +385,19 @@ class Run:
             return None
         return float(total[0] / total[1])
 
-    def train(self) -> dict:
-        from dalipipe.training import PREEMPTED_EXIT_CODE, sigterm_requested
+    def reader(self, shards, *, shuffle: bool, frame):
+        share = {"seed": self.seed, "rank": self.rank, "world_size": self.world}
+        return open_reader(shards, shuffle=shuffle, frame=frame, **share)
 
-        s, p = self.settings, self.progress
-        self.resume()
-        p = self.progress
+    def train(self) -> dict:
+        s, p, loop = self.settings, self.progress, self.loop
+        if loop.resume():
+            loop.curve = p.pop("curve", loop.curve)  # checkpoints before issue 16 kept the curve
+            p.pop("step", None)  # and the step in `progress`
+            log.info("resuming %s at epoch %d, batch %d", self.method, p["epoch"], p["batch"])
         began = time.time() - p["seconds"]
         for epoch in range(p["epoch"], s["epochs"] + 1):
-            reader = open_reader(
-                self.shards,
-                shuffle=True,
-                seed=self.seed,
-                rank=self.rank,
-                world_size=self.world,
-                frame=s["frame"],
-            )
+            reader = self.reader(self.shards, shuffle=True, frame=s["frame"])
             reader.set_epoch(epoch)
             clips = usable(
                 in_workers(reader, s["loader_workers"]), str(self.shards), self.fbank_shape
@@ -476,22 +414,17 @@ class Run:
             for samples in bar:
                 logged = self.train_step(samples, epoch)
                 p["batch"] += 1
-                p["step"] += 1
                 p["count"] += 1
                 p["clips"] += len(samples) * self.world
                 for key, value in logged.items():
                     p["sums"][key] = p["sums"].get(key, 0.0) + value
                 bar.set_postfix(loss=f"{logged['loss']:.4f}")
                 p["seconds"] = time.time() - began
-                if p["step"] % s["checkpoint_every"] == 0 or sigterm_requested():
-                    self.save()
-                if sigterm_requested():
-                    log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", p["step"])
-                    raise SystemExit(PREEMPTED_EXIT_CODE)
+                loop.end_step()  # a checkpoint every checkpoint_every steps, and on SIGTERM
             val = self.validate()
             row = {
                 "epoch": epoch,
-                "step": p["step"],
+                "step": loop.step,
                 "lr": self.scheduler.get_last_lr()[0],
                 "entropy_lambda": lam,
                 "val_loss": val,
@@ -499,22 +432,22 @@ class Run:
                 **{f"train_{k}": v for k, v in self.epoch_means().items()},
             }
             log.info("epoch %d: %s", epoch, json.dumps(row))
-            p["curve"].append(row)
+            loop.curve.append(row)
             self.scheduler.step()
             p.update(epoch=epoch + 1, batch=0, sums={}, count=0, seconds=time.time() - began)
-            self.save()
+            loop.save()
         return self.finish()
 
     def finish(self) -> dict:
         from dalipipe.models.cavmae import count_parameters, save_encoder
 
-        p, curve = self.progress, self.progress["curve"]
+        p, curve = self.progress, self.loop.curve
         last = curve[-1] if curve else {}
         summary = {
             "method": self.method,
             "solver": self.solver.describe() if self.solver else None,
             "epochs": self.settings["epochs"],
-            "steps": p["step"],
+            "steps": self.loop.step,
             "clips_seen": p["clips"],
             "final_train_loss": last.get("train_loss"),
             "final_val_loss": last.get("val_loss"),
@@ -529,28 +462,14 @@ class Run:
         if self.accelerator.is_main_process:
             with atomic_path(self.out, directory=True) as tmp:
                 save_encoder(self.encoder, tmp)
-                write_curve(tmp / "curve.csv", curve)
+                columns = sorted({k for row in curve for k in row}, key=lambda k: (k != "epoch", k))
+                write_curve(tmp / "curve.csv", curve, columns)
                 write_json(tmp / "summary.json", summary)
-            self.checkpoint.remove()
+            self.loop.checkpoint.remove()
         self.accelerator.wait_for_everyone()
         if self.solver is not None:
             self.solver.close()
         return summary
-
-
-def _checkpoint(out: Path):
-    from dalipipe.training import TrainCheckpoint
-
-    return TrainCheckpoint(out.with_name(out.name + ".ckpt"))
-
-
-def write_curve(path: Path, rows: list[dict]) -> None:
-    columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "epoch", k))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    path.write_text(buffer.getvalue())
 
 
 def align(params: dict, method: str, shards, val_shards, captioner, out) -> dict:

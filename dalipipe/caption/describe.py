@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from dalipipe.caption.pairs import middle
-from dalipipe.caption.schedule import default_dtype
 from dalipipe.common import pick_device, setup_logging
+from dalipipe.training import default_dtype
 
 log = logging.getLogger("dalipipe.caption")
 

@@ -18,7 +18,6 @@ job resumes from <out>.ckpt/. The output is a trained-captioner directory (DEVEL
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import os
@@ -28,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dalipipe.caption.pairs import as_pil, middle
-from dalipipe.caption.prefix import epoch_order
-from dalipipe.caption.schedule import default_dtype, save_training_state, start_training
+from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
     atomic_path,
     parse_params,
@@ -43,6 +40,7 @@ from dalipipe.common import (
 )
 from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
+from dalipipe.training import accumulate, default_dtype, epoch_order, micro_batch_size, write_curve
 
 log = logging.getLogger("dalipipe.distill")
 
@@ -136,32 +134,26 @@ def fit_projector(
     """
     from accelerate import Accelerator
 
-    from dalipipe.training import (
-        PREEMPTED_EXIT_CODE,
-        activation_checkpointing,
-        micro_batch_size,
-        micro_batches,
-        sigterm_requested,
-    )
-
     micro = micro_batch_size(settings, "distill")
     accelerator = accelerator or Accelerator(cpu=captioner.device.type == "cpu")
-    modality = settings["modality"]
     # a bf16 model (GPU) trains float32 master weights of the projector under autocast, as the
     # authors' DeepSpeed bf16 run did; AdamW steps of 2e-4 vanish in bf16 weights
-    low_precision = captioner.dtype != torch.float32
-    if low_precision:
+    if captioner.dtype != torch.float32:
         captioner.audio_projector.float()
-    params = captioner.trainable_parameters("audio_projector")
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = settings["batch_size"] * world
     steps_per_epoch = math.ceil(len(examples) / global_batch)
     total_steps = settings["epochs"] * steps_per_epoch
-    optimizer, scheduler, checkpoint, start, curve = start_training(
-        params, settings, total_steps, checkpoint_dir
-    )
-    if start:
-        log.info("resuming distillation at step %d of %d", start, total_steps)
+
+    def step(index: int) -> dict:
+        epoch, k = divmod(index, steps_per_epoch)
+        chunk = epoch_order(len(examples), epoch, seed)[k * global_batch : (k + 1) * global_batch]
+        mine = [examples[i] for i in chunk[rank::world]] or [examples[chunk[0]]]
+        n_tokens = captioner.caption_token_count([e["caption"] for e in mine])
+        loss = accumulate(
+            mine, micro, lambda part: summed_loss(captioner, part, settings), n_tokens
+        )
+        return {"epoch": epoch + 1, "loss": loss}  # this process's mean over its caption tokens
 
     log.info(
         "distill: %d clips, %d steps, %d per process (micro-batches of %d) x %d, lr %g, "
@@ -172,46 +164,12 @@ def fit_projector(
         micro,
         world,
         settings["lr"],
-        modality,
+        settings["modality"],
         settings["use_prefix"],
     )
-    progress = tqdm(
-        range(start, total_steps),
-        desc="distill",
-        initial=start,
-        total=total_steps,
-        disable=not accelerator.is_main_process,
+    return fit_captioner(
+        captioner, "audio_projector", step, total_steps, settings, checkpoint_dir, accelerator
     )
-    with activation_checkpointing(captioner.language_model, settings["activation_checkpointing"]):
-        for step in progress:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = epoch_order(len(examples), epoch, seed)
-            chunk = order[k * global_batch : (k + 1) * global_batch]
-            mine = [examples[i] for i in chunk[rank::world]] or [examples[chunk[0]]]
-            n_tokens = captioner.caption_token_count([e["caption"] for e in mine])
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0  # this process's mean over its caption tokens, one micro-batch at a time
-            for part in micro_batches(mine, micro):
-                part_loss = summed_loss(captioner, part, settings) / n_tokens
-                part_loss.backward()
-                loss = loss + part_loss.detach()
-            if world > 1:
-                for param in params:
-                    param.grad = accelerator.reduce(param.grad, reduction="mean")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            value = accelerator.reduce(loss, reduction="mean").item()
-            curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
-            progress.set_postfix(loss=f"{value:.3f}")
-            if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
-                if accelerator.is_main_process:
-                    save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
-                accelerator.wait_for_everyone()
-                if sigterm_requested():
-                    log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
-                    raise SystemExit(PREEMPTED_EXIT_CODE)
-    return curve
 
 
 def distill(
@@ -282,10 +240,7 @@ def write_captioner_dir(captioner, out_dir: Path, summary: dict, curve: list[dic
     with atomic_path(out_dir, directory=True) as tmp:
         captioner.save_dir(tmp, metadata={"features": features, "distill": summary["settings"]})
         write_json(tmp / "distill.json", summary)
-        with open(tmp / "curve.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
-            writer.writeheader()
-            writer.writerows(curve)
+        write_curve(tmp / "curve.csv", curve)
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,6 @@ prefix.safetensors, prefix.json and curve.csv; a killed run resumes from <out>.c
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import shutil
@@ -21,14 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dalipipe.caption.pairs import load_pairs
-from dalipipe.caption.schedule import (
-    default_dtype,
-    save_training_state,
-    start_training,
-)
+from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
     atomic_path,
     parse_params,
@@ -39,15 +33,9 @@ from dalipipe.common import (
 )
 from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
+from dalipipe.training import accumulate, default_dtype, epoch_order, micro_batch_size, write_curve
 
 log = logging.getLogger("dalipipe.prefix")
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    """The sample order of one epoch, a function of (seed, epoch) only, so a resumed run
-    draws exactly the batches the killed one would have drawn."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
 
 
 def fit_prefix(
@@ -60,26 +48,27 @@ def fit_prefix(
     full-batch one. Resumes from `checkpoint_dir` when it holds a checkpoint; on SIGTERM,
     checkpoints and exits.
     """
-    from dalipipe.training import (
-        PREEMPTED_EXIT_CODE,
-        activation_checkpointing,
-        micro_batch_size,
-        micro_batches,
-        sigterm_requested,
-    )
-
     micro = micro_batch_size(settings, "prefix")
-    params = captioner.trainable_parameters("prefix")
     pixel_values = captioner.pixel_values([p.image for p in pairs])
     captions = [p.caption for p in pairs]
     batch_size = min(settings["batch_size"], len(pairs))
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     total_steps = settings["epochs"] * steps_per_epoch
-    optimizer, scheduler, checkpoint, start, curve = start_training(
-        params, settings, total_steps, checkpoint_dir
-    )
-    if start:
-        log.info("resuming prefix tuning at step %d of %d", start, total_steps)
+
+    def summed_loss(part: list[int]) -> torch.Tensor:
+        return captioner.caption_loss(
+            captions=[captions[i] for i in part],
+            modality="image",
+            pixel_values=pixel_values[part],
+            use_prefix=True,
+            reduction="sum",
+        )
+
+    def step(index: int) -> dict:
+        epoch, k = divmod(index, steps_per_epoch)
+        batch = epoch_order(len(pairs), epoch, seed)[k * batch_size : (k + 1) * batch_size]
+        n_tokens = captioner.caption_token_count([captions[i] for i in batch])
+        return {"epoch": epoch + 1, "loss": accumulate(batch, micro, summed_loss, n_tokens)}
 
     log.info(
         "prefix tuning: %d pairs, %d steps, batch %d in micro-batches of %d, lr %g",
@@ -89,49 +78,14 @@ def fit_prefix(
         min(micro, batch_size),
         settings["lr"],
     )
-    progress = tqdm(range(start, total_steps), desc="prefix", initial=start, total=total_steps)
-    with activation_checkpointing(captioner.language_model, settings["activation_checkpointing"]):
-        for step in progress:
-            epoch, k = divmod(step, steps_per_epoch)
-            batch = epoch_order(len(pairs), epoch, seed)[k * batch_size : (k + 1) * batch_size]
-            n_tokens = captioner.caption_token_count([captions[i] for i in batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0  # the step's mean over its caption tokens, summed micro-batch by micro-batch
-            for part in micro_batches(batch, micro):
-                part_loss = (
-                    captioner.caption_loss(
-                        captions=[captions[i] for i in part],
-                        modality="image",
-                        pixel_values=pixel_values[part],
-                        use_prefix=True,
-                        reduction="sum",
-                    )
-                    / n_tokens
-                )
-                part_loss.backward()
-                loss = loss + part_loss.detach()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            value = float(loss)
-            curve.append({"step": step + 1, "epoch": epoch + 1, "loss": value, "lr": lr})
-            progress.set_postfix(loss=f"{value:.3f}")
-            if (step + 1) % settings["checkpoint_every"] == 0 or sigterm_requested():
-                save_training_state(checkpoint, params, optimizer, scheduler, curve, step + 1)
-                if sigterm_requested():
-                    log.warning("SIGTERM: checkpoint saved at step %d; rerun to resume", step + 1)
-                    raise SystemExit(PREEMPTED_EXIT_CODE)
-    return curve
+    return fit_captioner(captioner, "prefix", step, total_steps, settings, checkpoint_dir)
 
 
 def write_prefix(out_dir: Path, captioner, summary: dict, curve: list[dict]) -> None:
     with atomic_path(out_dir, directory=True) as tmp:
         captioner.save_prefix(tmp / "prefix.safetensors")
         write_json(tmp / "prefix.json", summary)
-        with open(tmp / "curve.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
-            writer.writeheader()
-            writer.writerows(curve)
+        write_curve(tmp / "curve.csv", curve)
 
 
 def train_prefix(

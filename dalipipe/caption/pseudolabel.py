@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from dalipipe.caption.pairs import as_pil, middle
-from dalipipe.caption.schedule import default_dtype
 from dalipipe.common import parse_params, pick_device, seed_everything, setup_logging
 from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
+from dalipipe.training import default_dtype
 
 log = logging.getLogger("dalipipe.pseudolabel")
 

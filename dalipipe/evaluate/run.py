@@ -199,9 +199,9 @@ class CaptionerPool:
         return self._captioner
 
     def _build(self, system: System):
-        from dalipipe.caption.schedule import default_dtype
         from dalipipe.models.assemble import load_captioner
         from dalipipe.models.captioner import AudioCaptioner
+        from dalipipe.training import default_dtype
 
         dtype = default_dtype(self.device)
         if system.distilled:

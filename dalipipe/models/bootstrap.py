@@ -23,7 +23,6 @@ The output is a `save_pretrained` model + processor; training checkpoints go to 
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import logging
@@ -42,6 +41,7 @@ from dalipipe.config import section_defaults
 from dalipipe.models.captioner import TEMPLATES
 from dalipipe.models.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
 from dalipipe.models.tokenizer import build_tokenizer
+from dalipipe.training import TrainLoop, write_curve
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- training
 
+CURVE = ["step", "epoch", "visual_loss", "sound_loss"]  # the columns of curve.csv
+
 
 def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
     """Linear warm-up then cosine decay to zero."""
@@ -243,8 +245,6 @@ def bootstrap(
     """
     from transformers import LlavaForConditionalGeneration
 
-    from dalipipe.training import TrainCheckpoint, sigterm_requested
-
     defaults = section_defaults("bootstrap")
     cfg = {**defaults, **(settings or {})}
     unknown = set(cfg) - set(defaults)
@@ -300,71 +300,54 @@ def bootstrap(
     steps_per_epoch = max(1, len(train) // batch_size)
     total = steps_per_epoch * int(cfg["epochs"])
     optimizer = make_optimizer(model, cfg)
-    checkpoint = TrainCheckpoint(
-        f"{out}.ckpt", settings={"bootstrap": cfg, "seed": seed, "clips": len(clips)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loop = TrainLoop(
+        f"{out}.ckpt",
+        {"model": model, "optimizer": optimizer},
+        settings={"bootstrap": cfg, "seed": seed, "clips": len(clips)},
+        checkpoint_every=steps_per_epoch,  # at each epoch's end
     )
-    saved = checkpoint.load()
-    step, curve = 0, []
-    if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step, curve = int(saved["step"]), list(saved["curve"])
+    if loop.resume():  # a checkpoint before issue 16 holds its curve's rows as lists
+        loop.curve = [r if isinstance(r, dict) else dict(zip(CURVE, r)) for r in loop.curve]
+
+    def step(index: int) -> dict:
+        epoch, i = divmod(index, steps_per_epoch)
+        # Epoch-seeded order, so a resumed run sees exactly the batches it would have seen.
+        perm = np.random.default_rng([seed, epoch]).permutation(len(train))
+        batch = [train[j] for j in perm[i * batch_size : (i + 1) * batch_size]]
+        step_rng = np.random.default_rng([seed, epoch, i])
+        frames = torch.stack([c["frames"][step_rng.integers(len(c["frames"]))] for c in batch])
+        asks_sound = [
+            c["sound"] is not None and step_rng.random() < cfg["sound_fraction"] for c in batch
+        ]
+        pairs = [
+            sound_seqs.visual(int(step_rng.integers(len(sound_seqs.prompts))), c["sound"])
+            if sound
+            else seqs.visual(int(step_rng.integers(len(seqs.prompts))), c["visual"])
+            for c, sound in zip(batch, asks_sound)
+        ]
+        ids, mask, labels = seqs.batch(pairs)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=normalise(frames).to(device),
+        ).logits
+        is_sound = torch.tensor(asks_sound, device=device)
+        labels = labels.to(device)
+        loss = lm_loss(logits, labels)
+        with torch.no_grad():  # the two tasks' losses, for the curve
+            visual_loss, sound_loss = (
+                lm_loss(logits[rows], labels[rows]) if rows.any() else torch.zeros(())
+                for rows in (~is_sound, is_sound)
+            )
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr_mult"] * lr_at(index, total, cfg["lr"], cfg["warmup_fraction"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        return {"epoch": epoch + 1, "visual_loss": visual_loss, "sound_loss": sound_loss}
 
     model.train()
-    progress = tqdm(total=total, initial=step, desc="bootstrap", unit="step")
-    while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
-        # Epoch-seeded order, so a resumed run sees exactly the batches it would have seen.
-        rng = np.random.default_rng([seed, epoch])
-        perm = rng.permutation(len(train))
-        for i in range(within, steps_per_epoch):
-            batch = [train[j] for j in perm[i * batch_size : (i + 1) * batch_size]]
-            step_rng = np.random.default_rng([seed, epoch, i])
-            frames = torch.stack([c["frames"][step_rng.integers(len(c["frames"]))] for c in batch])
-            asks_sound = [
-                c["sound"] is not None and step_rng.random() < cfg["sound_fraction"] for c in batch
-            ]
-            pairs = [
-                sound_seqs.visual(int(step_rng.integers(len(sound_seqs.prompts))), c["sound"])
-                if sound
-                else seqs.visual(int(step_rng.integers(len(seqs.prompts))), c["visual"])
-                for c, sound in zip(batch, asks_sound)
-            ]
-            ids, mask, labels = seqs.batch(pairs)
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                pixel_values=normalise(frames).to(device),
-            ).logits
-            is_sound = torch.tensor(asks_sound, device=device)
-            labels = labels.to(device)
-            loss = lm_loss(logits, labels)
-            with torch.no_grad():  # the two tasks' losses, for the curve
-                visual_loss, sound_loss = (
-                    lm_loss(logits[rows], labels[rows]) if rows.any() else torch.zeros(())
-                    for rows in (~is_sound, is_sound)
-                )
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr_mult"] * lr_at(
-                    step, total, cfg["lr"], cfg["warmup_fraction"]
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            step += 1
-            curve.append([step, epoch + 1, visual_loss.item(), sound_loss.item()])
-            progress.update(1)
-            progress.set_postfix(visual=f"{curve[-1][2]:.3f}", sound=f"{curve[-1][3]:.3f}")
-            if sigterm_requested():
-                break
-        states = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "curve": curve}
-        checkpoint.save(states, step=step)
-        if sigterm_requested():
-            from dalipipe.training import PREEMPTED_EXIT_CODE
-
-            raise SystemExit(PREEMPTED_EXIT_CODE)
-    progress.close()
+    curve = loop.fit(step, total, optimizer=optimizer, desc="bootstrap")
 
     model.eval()
     exact, examples = 0, []
@@ -383,8 +366,8 @@ def bootstrap(
         "train_clips": len(train),
         "heldout_clips": len(held),
         "heldout_exact": exact / len(held) if held else None,
-        "final_visual_loss": curve[-1][2] if curve else None,
-        "final_sound_loss": curve[-1][3] if curve else None,
+        "final_visual_loss": curve[-1]["visual_loss"] if curve else None,
+        "final_sound_loss": curve[-1]["sound_loss"] if curve else None,
         "steps": total,
         "seconds": round(time.time() - started, 1),
         "settings": cfg,
@@ -399,11 +382,8 @@ def bootstrap(
         model.save_pretrained(tmp)
         llava_processor(tokenizer, cfg["image_size"], cfg["patch_size"]).save_pretrained(tmp)
         (tmp / "bootstrap_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        with open(tmp / "curve.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "epoch", "visual_loss", "sound_loss"])
-            writer.writerows(curve)
-    checkpoint.remove()
+        write_curve(tmp / "curve.csv", curve, CURVE)
+    loop.checkpoint.remove()
     return summary
 
 
