@@ -6,6 +6,7 @@ never leaves an output that looks finished (docs/design.md, "Stages and their co
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -109,6 +110,25 @@ def pick_device(name: str = "auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+# the --captioner option of every stage that starts from the base captioner
+CAPTIONER_HELP = "the base LLaVA-class captioner: a save_pretrained directory or a hub id"
+
+
+def stage_parser(command: str, doc: str, reads: str, **inputs: str) -> argparse.ArgumentParser:
+    """The parser of `dalipipe <command>`: `--params` (the JSON object its rule builds, or
+    @file; `reads` names its keys), then a required `--<name>` per keyword, its value the help."""
+    parser = argparse.ArgumentParser(prog=f"dalipipe {command}", description=doc.split("\n\n")[0])
+    parser.add_argument("--params", default="{}", help=f"JSON object (or @file): {reads}")
+    for name, text in inputs.items():
+        parser.add_argument(f"--{name}", required=True, help=text)
+    return parser
+
+
+def run_settings(params: dict) -> dict:
+    """The seed and device of a stage's --params, as keyword arguments of its function."""
+    return {"seed": params.get("seed", 0), "device": params.get("device", "auto")}
 
 
 def parse_params(text: str | None) -> dict:

@@ -17,7 +17,6 @@ job resumes from <out>.ckpt/. The output is a trained-captioner directory (DEVEL
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -31,11 +30,14 @@ import torch
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
+    CAPTIONER_HELP,
     atomic_path,
     parse_params,
     read_jsonl,
+    run_settings,
     seed_everything,
     setup_logging,
+    stage_parser,
     write_json,
 )
 from dalipipe.config import section_defaults
@@ -244,36 +246,25 @@ def write_captioner_dir(captioner, out_dir: Path, summary: dict, curve: list[dic
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe distill", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--params",
-        default="{}",
-        help="JSON object (or @file): seed, device, distill, extract, models",
-    )
-    parser.add_argument("--pseudolabels", required=True, help="pseudolabel stage JSON lines")
-    parser.add_argument(
-        "--pool", required=True, help="shard directory of the pseudo-labelled clips"
-    )
-    parser.add_argument("--encoder", required=True, help="aligned audio encoder directory")
-    parser.add_argument("--prefix", required=True, help="prefix stage output directory")
-    parser.add_argument(
-        "--captioner", required=True, help="a save_pretrained LLaVA-class captioner"
-    )
-    parser.add_argument("--out", required=True, help="output trained-captioner directory")
-    args = parser.parse_args(argv)
+    args = stage_parser(
+        "distill",
+        __doc__,
+        "seed, device, distill, extract, models",
+        pseudolabels="pseudolabel stage JSON lines",
+        pool="shard directory of the pseudo-labelled clips",
+        encoder="aligned audio encoder directory",
+        prefix="prefix stage output directory",
+        captioner=CAPTIONER_HELP,
+        out="output trained-captioner directory",
+    ).parse_args(argv)
     setup_logging()
     params = parse_params(args.params)
+    inputs = (args.pseudolabels, args.pool, args.encoder, args.prefix, args.captioner, args.out)
     distill(
-        args.pseudolabels,
-        args.pool,
-        args.encoder,
-        args.prefix,
-        args.captioner,
-        args.out,
+        *inputs,
         settings=params.get("distill"),
-        seed=params.get("seed", 0),
-        device=params.get("device", "auto"),
         features=feature_settings(params),
         models=params.get("models"),
+        **run_settings(params),
     )
     return 0

@@ -12,7 +12,6 @@ prefix.safetensors, prefix.json and curve.csv; a killed run resumes from <out>.c
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -24,11 +23,14 @@ import torch
 from dalipipe.caption.pairs import load_pairs
 from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
+    CAPTIONER_HELP,
     atomic_path,
     parse_params,
     pick_device,
+    run_settings,
     seed_everything,
     setup_logging,
+    stage_parser,
     write_json,
 )
 from dalipipe.config import section_defaults
@@ -124,27 +126,23 @@ def train_prefix(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe prefix", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--params", default="{}", help="JSON object (or @file) with seed, device, prefix, models"
-    )
-    parser.add_argument(
-        "--pairs", required=True, help="prefix split shard directory or a pairs file"
-    )
-    parser.add_argument(
-        "--captioner", required=True, help="a save_pretrained LLaVA-class captioner"
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
+    args = stage_parser(
+        "prefix",
+        __doc__,
+        "seed, device, prefix, models",
+        pairs="prefix split shard directory or a pairs file",
+        captioner=CAPTIONER_HELP,
+        out="output directory",
+    ).parse_args(argv)
     setup_logging()
     params = parse_params(args.params)
+    settings, models = params.get("prefix"), params.get("models")
     train_prefix(
         args.pairs,
         args.captioner,
         args.out,
-        settings=params.get("prefix"),
-        seed=params.get("seed", 0),
-        device=params.get("device", "auto"),
-        models=params.get("models"),
+        settings=settings,
+        models=models,
+        **run_settings(params),
     )
     return 0

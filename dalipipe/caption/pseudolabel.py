@@ -14,7 +14,6 @@ writes the same rows as an uninterrupted one, sampled decoding included.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -27,7 +26,15 @@ import torch
 from tqdm import tqdm
 
 from dalipipe.caption.pairs import as_pil, middle
-from dalipipe.common import parse_params, pick_device, seed_everything, setup_logging
+from dalipipe.common import (
+    CAPTIONER_HELP,
+    parse_params,
+    pick_device,
+    run_settings,
+    seed_everything,
+    setup_logging,
+    stage_parser,
+)
 from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
 from dalipipe.training import default_dtype
@@ -169,31 +176,19 @@ def pseudolabel(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dalipipe pseudolabel", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--params", default="{}", help="JSON object (or @file): seed, device, pseudolabel, models"
-    )
-    parser.add_argument("--pool", required=True, help="shard directory of the clips to caption")
-    parser.add_argument("--encoder", required=True, help="aligned audio encoder directory")
-    parser.add_argument("--prefix", required=True, help="prefix stage output directory")
-    parser.add_argument(
-        "--captioner", required=True, help="a save_pretrained LLaVA-class captioner"
-    )
-    parser.add_argument("--out", required=True, help="output JSON lines file")
-    args = parser.parse_args(argv)
+    args = stage_parser(
+        "pseudolabel",
+        __doc__,
+        "seed, device, pseudolabel, models",
+        pool="shard directory of the clips to caption",
+        encoder="aligned audio encoder directory",
+        prefix="prefix stage output directory",
+        captioner=CAPTIONER_HELP,
+        out="output JSON lines file",
+    ).parse_args(argv)
     setup_logging()
     params = parse_params(args.params)
-    counts = pseudolabel(
-        args.pool,
-        args.encoder,
-        args.prefix,
-        args.captioner,
-        args.out,
-        settings=params.get("pseudolabel"),
-        seed=params.get("seed", 0),
-        device=params.get("device", "auto"),
-        models=params.get("models"),
-    )
+    inputs = (args.pool, args.encoder, args.prefix, args.captioner, args.out)
+    settings, models = params.get("pseudolabel"), params.get("models")
+    counts = pseudolabel(*inputs, settings=settings, models=models, **run_settings(params))
     return 0 if counts["ok"] or counts["skipped"] else 1
