@@ -341,6 +341,9 @@ def evaluate(
         gap: dict[str, np.ndarray] = {}
         for system in systems:
             t0 = time.time()
+            # drop the last system's captioner first: the pool frees its own reference before
+            # loading the next, and this one would keep two LLaVA-7B in memory at once
+            captioner = None
             captioner = pool.get(system)
             all_captions[system.name] = caption_all(
                 captioner, system, clips, inputs, settings, seed

@@ -8,6 +8,14 @@ written with `save_pretrained`, so it loads through the same `from_pretrained` p
 checkpoint (offline). `llava-336` keeps LLaVA-1.5's image geometry (336 px, patch 14, 576
 tokens) with tiny widths. Functions `make_tiny_*` take sizes so tests and the bootstrap can
 build other shapes.
+
+    dalipipe make-tiny --paper-widths --out DIR [--hub-cache CACHE [--config configs/paper.yaml]]
+    # DIR/cavmae/cav-mae-paper-width.pth (+ .json); LLaVA, BLIP-2, GPT-2 in CACHE (else in DIR)
+
+`--paper-widths` builds the models of configs/paper.yaml at their real widths with one or two
+layers (PAPER_DEPTHS), for the rehearsal (configs/rehearsal.yaml, tests/test_rehearsal.py);
+`--hub-cache` lays them out as `hf download --revision <commit>` does, under the config's hub ids
+and pinned commits, so the paper config loads them with HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
@@ -41,7 +49,11 @@ def llava_config(
     text_layers: int = 2,
     text_heads: int = 4,
     max_positions: int = 1024,
+    vocab_size: int | None = None,
+    text_intermediate: int | None = None,
 ):
+    """vocab_size: the LM's rows (default: the tokenizer's length; LLaVA-1.5 pads 32002 tokens
+    to 32064 rows); text_intermediate: the MLP width (default: about 8/3 of text_hidden)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -55,9 +67,9 @@ def llava_config(
         hidden_act="quick_gelu",
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=text_hidden,
-        intermediate_size=int(8 / 3 * text_hidden) // 8 * 8,
+        intermediate_size=text_intermediate or int(8 / 3 * text_hidden) // 8 * 8,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
         num_key_value_heads=text_heads,
@@ -262,11 +274,302 @@ def make_all(out: str | Path) -> dict[str, Path]:
     return paths
 
 
+# --- the paper's widths, shallow (configs/rehearsal.yaml) -------------------------------------
+
+# Where configs/paper.yaml names each hub model and its pinned commit.
+PAPER_HUB_KEYS = {
+    "llava": ("models.captioner", "models.captioner_revision"),
+    "blip2": ("filter.captioner", "filter.captioner_revision"),
+    "gpt2": ("filter.gpt2", "filter.gpt2_revision"),
+}
+# How deep each paper-width model is: depth costs time, width is what the rehearsal checks.
+PAPER_DEPTHS = {
+    "llama_layers": 1,  # LLaVA-1.5-7B: 32
+    "clip_layers": 2,  # CLIP ViT-L/14-336: 24; LLaVA reads layer -2, so at least 2
+    "blip2_vision_layers": 1,  # BLIP-2 ViT-g: 39
+    "qformer_layers": 2,  # Q-Former: 12 (cross-attention every 2nd layer, so layer 0 has it)
+    "opt_layers": 1,  # OPT-2.7B: 32
+    "gpt2_layers": 1,  # GPT-2: 12
+    "cavmae_depth": 1,  # CAV-MAE audio blocks: 11 (+ the shared block, kept)
+}
+
+
+def paper_width_corpus(n_words: int = 150_000, seed: int = 0) -> list[str]:
+    """Made-up words enough for a byte-level BPE of 50k tokens (a real tokenizer's size).
+
+    A random LM samples its whole vocabulary; with a small tokenizer most ids would decode to
+    nothing and every caption would come out empty, which a real checkpoint never does.
+    """
+    import random
+
+    rng = random.Random(seed)
+    onsets, vowels, codas = "bcdfghjklmnprstvwz", "aeiou", ["", "n", "r", "s", "t", "l", "m"]
+    syllables = [o + v + c for o in onsets for v in vowels for c in codas]
+    words: set[str] = set()
+    while len(words) < n_words:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))))
+    ordered = sorted(words)
+    return [" ".join(ordered[i : i + 50]) for i in range(0, len(ordered), 50)]
+
+
+def _save(model, out: Path, dtype: torch.dtype) -> None:
+    model.to(dtype).save_pretrained(out)
+
+
+def make_paper_width_llava(
+    out: str | Path, *, corpus: list[str], layers: int = 1, clip_layers: int = 2, seed: int = 0
+) -> Path:
+    """LLaVA-1.5-7B's widths: LLaMA 4096 wide, 32 heads, MLP 11008, 32064 vocabulary rows (a
+    32002-token tokenizer, as the hub's); CLIP ViT-L/14-336 1024 wide, 16 heads, MLP 4096, 576
+    image tokens; saved in float16 as on the hub."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = Path(out)
+    tokenizer = build_tokenizer(corpus, vocab_size=32002)
+    config = llava_config(
+        tokenizer,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=clip_layers,
+        vision_heads=16,
+        text_hidden=4096,
+        text_layers=layers,
+        text_heads=32,
+        max_positions=4096,
+        vocab_size=32064,
+        text_intermediate=11008,
+    )
+    config.vision_config.projection_dim = 768
+    config.text_config.rms_norm_eps = 1e-5
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    _save(model, out, torch.float16)
+    del model
+    llava_processor(tokenizer, 336, 14).save_pretrained(out)
+    return out
+
+
+def make_paper_width_blip2(
+    out: str | Path,
+    *,
+    corpus: list[str],
+    vision_layers: int = 1,
+    qformer_layers: int = 2,
+    opt_layers: int = 1,
+    seed: int = 0,
+) -> Path:
+    """BLIP-2 OPT-2.7B's widths: ViT-g 1408 wide (16 heads, MLP 6144) at 224 px, patch 14; a
+    Q-Former 768 wide with 32 queries; OPT 2560 wide, 32 heads, FFN 10240, 50272 vocabulary
+    rows (a 50265-token tokenizer plus the processor's <image>, as the hub's); float16."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    out = Path(out)
+    tokenizer = build_tokenizer(corpus, vocab_size=50265, image_token=False)
+    images = BlipImageProcessor(
+        size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    processor = Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=32)
+    tokenizer = processor.tokenizer
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=1408,
+            intermediate_size=6144,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            initializer_range=0.02,  # the class default 1e-10 (for loading weights) is all zeros
+        ),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=768,
+            num_hidden_layers=qformer_layers,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            encoder_hidden_size=1408,
+            cross_attention_frequency=2,
+        ),
+        text_config=OPTConfig(
+            vocab_size=50272,
+            hidden_size=2560,
+            num_hidden_layers=opt_layers,
+            num_attention_heads=32,
+            ffn_dim=10240,
+            word_embed_proj_dim=2560,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        num_query_tokens=32,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # initialised to zeros, as if trained weights always followed
+        model.query_tokens.normal_(std=0.02)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    _save(model, out, torch.float16)
+    del model
+    processor.save_pretrained(out)
+    return out
+
+
+def make_paper_width_gpt2(
+    out: str | Path, *, corpus: list[str], layers: int = 1, seed: int = 0
+) -> Path:
+    """GPT-2 (small)'s widths: 768 wide, 12 heads, 1024 positions, 50257 tokens; float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(out)
+    tokenizer = build_tokenizer(corpus, vocab_size=50257, image_token=False, add_bos=False)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=layers,
+        n_head=12,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_paper_width_models(
+    out: str | Path, *, depths: dict | None = None, seed: int = 0
+) -> dict[str, Path]:
+    """Every model of configs/paper.yaml at its real widths and shallow depth (PAPER_DEPTHS):
+    `llava`, `blip2`, `gpt2` (save_pretrained folders) and `cavmae` (an official-style .pth
+    of the full-width audio branch, 1024x128 fbank -> 512 tokens of 768, out_dim 1024, with
+    its AudioEncoderConfig beside it as .json)."""
+    out = Path(out)
+    d = {**PAPER_DEPTHS, **(depths or {})}
+    corpus = paper_width_corpus(seed=seed)
+    paths = {
+        "llava": make_paper_width_llava(
+            out / "llava", corpus=corpus, layers=d["llama_layers"], clip_layers=d["clip_layers"]
+        ),
+        "blip2": make_paper_width_blip2(
+            out / "blip2",
+            corpus=corpus,
+            vision_layers=d["blip2_vision_layers"],
+            qformer_layers=d["qformer_layers"],
+            opt_layers=d["opt_layers"],
+        ),
+        "gpt2": make_paper_width_gpt2(out / "gpt2", corpus=corpus, layers=d["gpt2_layers"]),
+        "cavmae": make_tiny_cavmae(
+            out / "cavmae" / "cav-mae-paper-width.pth",
+            seed=seed,
+            num_mel_bins=128,
+            target_length=1024,
+            patch_size=16,
+            embed_dim=768,
+            depth=d["cavmae_depth"],
+            shared_depth=1,
+            num_heads=12,
+            out_dim=1024,
+        ),
+    }
+    return paths
+
+
+def place_in_hub_cache(model_dir: str | Path, cache: str | Path, repo_id: str, commit: str) -> Path:
+    """Move a save_pretrained folder into a Hugging Face cache as `hf download <repo_id>
+    --revision <commit>` leaves it: blobs named by their SHA-256, `snapshots/<commit>/` of
+    relative symlinks, no `refs/` (a commit is not a ref). Loads offline with that revision."""
+    import hashlib
+    import os
+    import shutil
+
+    model_dir, cache = Path(model_dir), Path(cache)
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        blob = repo / "blobs" / digest.hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, blob)
+        link = snapshot / path.relative_to(model_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    shutil.rmtree(model_dir)
+    return repo
+
+
+def place_paper_models(paths: dict[str, Path], cache: str | Path, config: dict) -> dict[str, str]:
+    """Put the `llava`, `blip2` and `gpt2` folders where `config` (configs/paper.yaml) looks for
+    them: its hub ids at its pinned commits, in `cache` (HF_HUB_CACHE). Returns {key: id}."""
+    placed = {}
+    for key, (id_key, revision_key) in PAPER_HUB_KEYS.items():
+        repo_id, commit = _config_value(config, id_key), _config_value(config, revision_key)
+        if not repo_id or not commit:
+            raise ValueError(f"{id_key} and {revision_key}: a hub id and a pinned commit needed")
+        place_in_hub_cache(paths[key], cache, repo_id, commit)
+        placed[key] = repo_id
+    return placed
+
+
+def _config_value(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe make-tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write the tiny models into")
+    parser.add_argument(
+        "--paper-widths",
+        action="store_true",
+        help="the paper's models at their real widths, shallow (configs/rehearsal.yaml)",
+    )
+    parser.add_argument(
+        "--hub-cache",
+        help="with --paper-widths: move LLaVA, BLIP-2 and GPT-2 into this Hugging Face cache "
+        "under the hub ids and pinned commits of --config (use it as HF_HUB_CACHE)",
+    )
+    parser.add_argument(
+        "--config", default="configs/paper.yaml", help="where --hub-cache reads ids and commits"
+    )
     args = parser.parse_args(argv)
     setup_logging()
-    for name, path in make_all(args.out).items():
+    if args.hub_cache and not args.paper_widths:
+        parser.error("--hub-cache needs --paper-widths")
+    if not args.paper_widths:
+        for name, path in make_all(args.out).items():
+            log.info("wrote %s: %s", name, path)
+        return 0
+    import yaml
+
+    paths = make_paper_width_models(args.out)
+    for name, path in paths.items():
         log.info("wrote %s: %s", name, path)
+    if args.hub_cache:
+        try:  # the config as a run sees it: config.yaml, then --config, then the defaults
+            from dalipipe.config import load_config
+
+            config = load_config(args.config)
+        except ImportError:
+            with open(args.config) as f:
+                config = yaml.safe_load(f)
+        for name, repo_id in place_paper_models(paths, args.hub_cache, config).items():
+            log.info("placed %s in %s as %s", name, args.hub_cache, repo_id)
     return 0
