@@ -23,18 +23,11 @@ import time
 import numpy as np
 import torch
 
+from dalipipe.config import llava_sizes, section_defaults
+
 SHAPES = {
     "miniature": {
-        "llava": dict(
-            image_size=64,
-            patch_size=8,
-            vision_hidden=128,
-            vision_layers=3,
-            vision_heads=4,
-            text_hidden=128,
-            text_layers=2,
-            text_heads=4,
-        ),
+        "llava": llava_sizes(section_defaults("bootstrap")),  # what the workflow trains
         "encoder": dict(num_mel_bins=64, target_length=256, embed_dim=64, depth=2, num_heads=4),
         "intermediate": None,
         "vocab": None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -94,6 +95,22 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@contextlib.contextmanager
+def open_csv(
+    path: str | os.PathLike, columns: Iterable[str], problem: str
+) -> Iterator[csv.DictReader]:
+    """A DictReader over a UTF-8 CSV whose header has all of ``columns``, else a ValueError
+    "<path>: <problem>"; in ``problem``, ``{missing}`` stands for the sorted columns it lacks and
+    ``{needed}`` for ``columns``. The file closes when the block ends."""
+    columns = list(columns)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = sorted(set(columns) - set(reader.fieldnames or []))
+        if missing:
+            raise ValueError(f"{path}: " + problem.format(missing=missing, needed=columns))
+        yield reader
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) for a deterministic run."""
     import torch
@@ -116,19 +133,30 @@ def pick_device(name: str = "auto"):
 CAPTIONER_HELP = "the base LLaVA-class captioner: a save_pretrained directory or a hub id"
 
 
-def stage_parser(command: str, doc: str, reads: str, **inputs: str) -> argparse.ArgumentParser:
-    """The parser of `dalipipe <command>`: `--params` (the JSON object its rule builds, or
-    @file; `reads` names its keys), then a required `--<name>` per keyword, its value the help."""
+def stage_args(
+    argv: list[str], command: str, doc: str, reads: str, **inputs: str
+) -> tuple[argparse.Namespace, dict]:
+    """The command line of `dalipipe <command>` read and logging started: (args, its params).
+    It takes `--params` (the JSON object its rule builds, or @file; `reads` names its keys), then
+    a required `--<name>` per keyword, its value the help."""
     parser = argparse.ArgumentParser(prog=f"dalipipe {command}", description=doc.split("\n\n")[0])
     parser.add_argument("--params", default="{}", help=f"JSON object (or @file): {reads}")
     for name, text in inputs.items():
         parser.add_argument(f"--{name}", required=True, help=text)
-    return parser
+    args = parser.parse_args(argv)
+    setup_logging()
+    return args, parse_params(args.params)
 
 
-def run_settings(params: dict) -> dict:
-    """The seed and device of a stage's --params, as keyword arguments of its function."""
-    return {"seed": params.get("seed", 0), "device": params.get("device", "auto")}
+def stage_settings(params: dict, section: str) -> dict:
+    """What a caption stage's function takes from its --params, as keyword arguments: its config
+    section as `settings`, section `models`, the seed and the device."""
+    return {
+        "settings": params.get(section),
+        "models": params.get("models"),
+        "seed": params.get("seed", 0),
+        "device": params.get("device", "auto"),
+    }
 
 
 def parse_params(text: str | None) -> dict:

@@ -62,6 +62,26 @@ def section_defaults(section: str) -> dict:
     return fill_defaults({})[section]
 
 
+# The keys of section `bootstrap` that size the miniature's LLaVA, keywords of
+# `dalipipe.models.tiny.llava_config`: the bootstrap stage builds it with them, plan-memory and
+# bench/generate.py size it before it exists.
+LLAVA_SIZE_KEYS = (
+    "image_size",
+    "patch_size",
+    "vision_hidden",
+    "vision_layers",
+    "vision_heads",
+    "text_hidden",
+    "text_layers",
+    "text_heads",
+)
+
+
+def llava_sizes(bootstrap: dict) -> dict[str, int]:
+    """The LLaVA sizes a `bootstrap` section sets (those it leaves out: llava_config's)."""
+    return {k: int(bootstrap[k]) for k in LLAVA_SIZE_KEYS if k in bootstrap}
+
+
 def merge(base: dict, over: dict) -> dict:
     """`over` laid on `base` key by key, as Snakemake merges config files (a new dict)."""
     merged = copy.deepcopy(base)

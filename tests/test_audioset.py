@@ -90,9 +90,12 @@ def test_selection_by_class_count_seed_and_exclusion(tmp_path, class_index):
     assert sorted(s.clip_id for p in parts for s in p) == sorted(s.clip_id for s in chosen)
 
 
-def test_command_writes_parts_and_summary(tmp_path):
+def select_eval(tmp_path, out: str, evaluation_id: str, **settings) -> tuple[dict, list[list]]:
+    """`dalipipe audioset` over eval_segments.csv in two parts, `evaluation_id` on the list of
+    evaluation ids it must leave out; `settings`: the other acquire.audioset keys. Returns its
+    summary and the rows of each part."""
     ids = tmp_path / "eval_ids.txt"
-    ids.write_text("--4gqARaEJE\n")  # the first row of eval_segments.csv
+    ids.write_text(evaluation_id + "\n")
     params = {
         "seed": 0,
         "acquire": {
@@ -100,18 +103,27 @@ def test_command_writes_parts_and_summary(tmp_path):
             "audioset": {
                 "segments": {"eval": str(AS / "eval_segments.csv")},
                 "class_index": str(AS / "class_labels_indices.csv"),
-                "ontology": str(AS / "ontology.json"),
                 "split": "eval",
-                "split_names": {"eval": "align"},
-                "classes": ["Dog"],
-                "max_clips": None,
+                **settings,
             },
         },
         "filter": {"exclude_id_lists": [str(ids)]},
     }
-    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / "sel")]) == 0
-    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
-    rows = [audioset.read_selection(tmp_path / "sel" / f"part-{i}.jsonl") for i in range(2)]
+    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / out)]) == 0
+    summary = json.loads((tmp_path / out / "summary.json").read_text())
+    return summary, [audioset.read_selection(tmp_path / out / f"part-{i}.jsonl") for i in range(2)]
+
+
+def test_command_writes_parts_and_summary(tmp_path):
+    summary, rows = select_eval(
+        tmp_path,
+        "sel",
+        "--4gqARaEJE",  # the first row of eval_segments.csv
+        ontology=str(AS / "ontology.json"),
+        split_names={"eval": "align"},
+        classes=["Dog"],
+        max_clips=None,
+    )
     assert summary["parts"] == [len(rows[0]), len(rows[1])]
     assert summary["excluded_eval_ids"] == 1  # --4gqARaEJE is labelled Dog
     assert all(r.split == "align" and r.youtube_id != "--4gqARaEJE" for p in rows for r in p)
@@ -202,37 +214,16 @@ def test_subset_restricts_the_selection_to_the_clips_it_lists(tmp_path, class_in
     rows += ["zzzzzzzzzzz,0"]  # a video in none of the splits read
     subset_file = tmp_path / "subset.csv"
     subset_file.write_text("youtube_id,start_seconds\n" + "\n".join(rows) + "\n")
-    ids = tmp_path / "eval_ids.txt"
-    ids.write_text(listed[0].youtube_id + "\n")  # evaluation ids still never train
-    params = {
-        "seed": 0,
-        "acquire": {
-            "parts": 2,
-            "audioset": {
-                "segments": {"eval": str(AS / "eval_segments.csv")},
-                "class_index": str(AS / "class_labels_indices.csv"),
-                "ontology": None,
-                "split": "eval",
-                "classes": [],
-                "subset": str(subset_file),
-            },
-        },
-        "filter": {"exclude_id_lists": [str(ids)]},
-    }
-    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / "sel")]) == 0
-    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
-    chosen = [
-        r for i in range(2) for r in audioset.read_selection(tmp_path / "sel" / f"part-{i}.jsonl")
-    ]
+    evaluation_id = listed[0].youtube_id  # evaluation ids still never train
+    settings = {"ontology": None, "classes": [], "subset": str(subset_file)}
+    summary, parts = select_eval(tmp_path, "sel", evaluation_id, **settings)
+    chosen = [r for part in parts for r in part]
     expected = {s.clip_id for s in listed[1:50] + listed[55:]}
     assert {r.clip_id for r in chosen} == expected
     assert summary["selected"] == len(expected) == 54 and summary["excluded_eval_ids"] == 1
     assert summary["not_in_subset"] == len(segments) - 60 + 5
     assert summary["subset"] == {"path": str(subset_file), "videos_listed": 61, "videos_found": 55}
     # with a count on top: a seeded sample of the subset
-    params["acquire"]["audioset"].update(max_clips=10)
-    assert audioset.main(["--params", json.dumps(params), "--out", str(tmp_path / "ten")]) == 0
-    ten = [
-        r for i in range(2) for r in audioset.read_selection(tmp_path / "ten" / f"part-{i}.jsonl")
-    ]
+    _, parts = select_eval(tmp_path, "ten", evaluation_id, **settings, max_clips=10)
+    ten = [r for part in parts for r in part]
     assert len(ten) == 10 and {r.clip_id for r in ten} <= expected

@@ -7,14 +7,20 @@ the same weights, and the output is a trained-captioner directory `from_dir` loa
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
-from test_prefix import COLOURS, solid, with_first_step_gradients, write_shards
+from test_prefix import (
+    COLOURS,
+    assembled,
+    assert_trains_like_the_whole_batch,
+    sigterm_in_loss_call,
+    solid,
+    write_shards,
+)
 
+import dalipipe.training as training
 from dalipipe.caption.distill import distill, fit_projector, training_set
 from dalipipe.config import section_defaults
 
@@ -59,19 +65,6 @@ def stage_inputs(tiny_models, tmp_path_factory):
     }
 
 
-def assembled(stage_inputs):
-    from dalipipe.models.assemble import load_captioner
-
-    return load_captioner(
-        stage_inputs["captioner_path"],
-        None,
-        encoder_dir=stage_inputs["encoder_dir"],
-        prefix_dir=stage_inputs["prefix_dir"],
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
-
-
 def test_training_set_keeps_captioned_pool_clips(stage_inputs):
     examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
     assert [e["clip_id"] for e in examples] == ["clip0", "clip3", "clip4"]
@@ -108,40 +101,46 @@ def test_only_the_audio_projector_trains_and_the_loss_falls(stage_inputs, tmp_pa
     )
 
 
-def test_sigterm_then_rerun_gives_the_uninterrupted_projector(stage_inputs, tmp_path, monkeypatch):
-    import dalipipe.training as training
-
+def uninterrupted(stage_inputs, tmp_path):
+    """The training clips, and the captioner and curve of a run nothing stops."""
     examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
     reference = assembled(stage_inputs)
-    reference_curve = fit_projector(reference, examples, tmp_path / "ref.ckpt", settings=QUICK)
+    curve = fit_projector(reference, examples, tmp_path / "ref.ckpt", settings=QUICK)
+    return examples, reference, curve
 
+
+def killed_in_step_3(stage_inputs, examples, checkpoint_dir, monkeypatch):
+    """A run SIGTERM-killed in step 3 of 4 (one micro-batch a step), its checkpoint left in
+    `checkpoint_dir`; returns pytest's record of its SystemExit. The flag is cleared after, as
+    in the new process a rerun is."""
     killed = assembled(stage_inputs)
-    calls = {"n": 0}
-    real_loss = killed.caption_loss
-
-    def loss_then_sigterm(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(**kwargs)
-
-    monkeypatch.setattr(killed, "caption_loss", loss_then_sigterm)
-    monkeypatch.setitem(training._sigterm, "requested", False)
+    sigterm_in_loss_call(monkeypatch, killed, 3)
     with pytest.raises(SystemExit) as stop:
-        fit_projector(killed, examples, tmp_path / "run.ckpt", settings=QUICK)
-    assert stop.value.code == training.PREEMPTED_EXIT_CODE
-
+        fit_projector(killed, examples, checkpoint_dir, settings=QUICK)
     monkeypatch.setitem(training._sigterm, "requested", False)
-    resumed = assembled(stage_inputs)
-    curve = fit_projector(resumed, examples, tmp_path / "run.ckpt", settings=QUICK)
+    return stop
+
+
+def assert_resumed_like(resumed, curve, reference, reference_curve, atol):
+    """The resumed run's curve and audio projector are the uninterrupted run's, within atol."""
     assert [c["step"] for c in curve] == [1, 2, 3, 4]
     assert [c["loss"] for c in curve] == pytest.approx(
-        [c["loss"] for c in reference_curve], abs=1e-6
+        [c["loss"] for c in reference_curve], abs=atol
     )
     for key, value in reference.audio_projector.state_dict().items():
         torch.testing.assert_close(
-            resumed.audio_projector.state_dict()[key], value, rtol=0, atol=1e-6
+            resumed.audio_projector.state_dict()[key], value, rtol=0, atol=atol
         )
+
+
+def test_sigterm_then_rerun_gives_the_uninterrupted_projector(stage_inputs, tmp_path, monkeypatch):
+    examples, reference, reference_curve = uninterrupted(stage_inputs, tmp_path)
+    stop = killed_in_step_3(stage_inputs, examples, tmp_path / "run.ckpt", monkeypatch)
+    assert stop.value.code == training.PREEMPTED_EXIT_CODE
+
+    resumed = assembled(stage_inputs)
+    curve = fit_projector(resumed, examples, tmp_path / "run.ckpt", settings=QUICK)
+    assert_resumed_like(resumed, curve, reference, reference_curve, atol=1e-6)
 
 
 def test_distill_writes_a_directory_from_dir_loads(stage_inputs, tmp_path):
@@ -227,15 +226,7 @@ def test_accumulation_and_checkpointing_train_like_the_whole_batch(stage_inputs,
         curve = fit_projector(captioner, examples, tmp_path / name, settings=settings)
         return curve, {k: v.clone() for k, v in captioner.audio_projector.state_dict().items()}
 
-    (curve, projector), grads = with_first_step_gradients(lambda: fit(QUICK, "whole"))
-    (other, other_projector), other_grads = with_first_step_gradients(
-        lambda: fit({**QUICK, **memory}, "memory")
-    )
-    for a, b in zip(other_grads, grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert [c["loss"] for c in other] == pytest.approx([c["loss"] for c in curve], abs=1e-5)
-    for key, value in projector.items():
-        torch.testing.assert_close(other_projector[key], value, rtol=0, atol=1e-5)
+    assert_trains_like_the_whole_batch(fit, QUICK, memory)
     with pytest.raises(ValueError, match=r"distill\.micro_batch_size=3 does not divide distill\."):
         fit({**QUICK, "micro_batch_size": 3}, "refused")
 
@@ -245,29 +236,10 @@ def test_a_run_killed_for_memory_resumes_with_smaller_micro_batches(
 ):
     """micro_batch_size and activation_checkpointing change memory, not the training: a changed
     value resumes the checkpoint (up to rounding) instead of starting afresh."""
-    import dalipipe.training as training
-
-    examples = training_set(stage_inputs["pseudolabels"], stage_inputs["pool"], "audio")
-    reference = assembled(stage_inputs)
-    reference_curve = fit_projector(reference, examples, tmp_path / "ref.ckpt", settings=QUICK)
-
-    killed = assembled(stage_inputs)
-    calls = {"n": 0}
-    real_loss = killed.caption_loss
-
-    def loss_then_sigterm(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 3 of 4 (one micro-batch a step)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(**kwargs)
-
-    monkeypatch.setattr(killed, "caption_loss", loss_then_sigterm)
-    monkeypatch.setitem(training._sigterm, "requested", False)
-    with pytest.raises(SystemExit):
-        fit_projector(killed, examples, tmp_path / "run.ckpt", settings=QUICK)
+    examples, reference, reference_curve = uninterrupted(stage_inputs, tmp_path)
+    killed_in_step_3(stage_inputs, examples, tmp_path / "run.ckpt", monkeypatch)
     assert training.TrainCheckpoint(tmp_path / "run.ckpt").load()["step"] == 3
 
-    monkeypatch.setitem(training._sigterm, "requested", False)
     resumed = assembled(stage_inputs)
     smaller = {**QUICK, "micro_batch_size": 1, "activation_checkpointing": True}
     calls = {"n": 0}
@@ -280,11 +252,4 @@ def test_a_run_killed_for_memory_resumes_with_smaller_micro_batches(
     monkeypatch.setattr(resumed, "caption_loss", counted)
     curve = fit_projector(resumed, examples, tmp_path / "run.ckpt", settings=smaller)
     assert calls["n"] == 1  # only step 4 ran (its 1 clip: the 3 clips' second step)
-    assert [c["step"] for c in curve] == [1, 2, 3, 4]
-    assert [c["loss"] for c in curve] == pytest.approx(
-        [c["loss"] for c in reference_curve], abs=1e-5
-    )
-    for key, value in reference.audio_projector.state_dict().items():
-        torch.testing.assert_close(
-            resumed.audio_projector.state_dict()[key], value, rtol=0, atol=1e-5
-        )
+    assert_resumed_like(resumed, curve, reference, reference_curve, atol=1e-5)

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from video_host import serving
 
 from dalipipe.data import fetch as fetch_mod
 from dalipipe.data import paper_inputs
@@ -84,16 +85,8 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(chunk)
 
 
-@contextlib.contextmanager
 def serve(files: dict[str, bytes], behaviours: dict[str, str] | None = None):
-    server = FileServer(files, behaviours or {})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving(FileServer(files, behaviours or {}))
 
 
 def md5(data: bytes) -> str:

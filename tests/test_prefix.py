@@ -61,6 +61,21 @@ def solid(colour, size=(40, 48)):
     return np.full((*size, 3), colour, dtype=np.uint8)
 
 
+def assembled(stage_inputs):
+    """The captioner pseudolabel and distill start from (float32, CPU): a stage_inputs fixture's
+    base captioner, aligned encoder and prefix (tests/test_pseudolabel.py, test_distill.py)."""
+    from dalipipe.models.assemble import load_captioner
+
+    return load_captioner(
+        stage_inputs["captioner_path"],
+        None,
+        encoder_dir=stage_inputs["encoder_dir"],
+        prefix_dir=stage_inputs["prefix_dir"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
 @pytest.fixture
 def pairs_file(tmp_path):
     rows = []
@@ -163,6 +178,24 @@ def test_prefix_loss_falls_and_only_the_prefix_changes(tiny_models, pairs_file, 
     assert curve[0]["lr"] == 0.0 and curve[1]["lr"] == pytest.approx(QUICK["lr"])
 
 
+def sigterm_in_loss_call(monkeypatch, captioner, n: int) -> None:
+    """Make `captioner`'s n-th caption_loss call send this process SIGTERM (as a scheduler that
+    preempts the job does), with the training loop's flag cleared before the run."""
+    import dalipipe.training as training
+
+    calls = {"n": 0}
+    real_loss = captioner.caption_loss
+
+    def loss_then_sigterm(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(**kwargs)
+
+    monkeypatch.setattr(captioner, "caption_loss", loss_then_sigterm)
+    monkeypatch.setitem(training._sigterm, "requested", False)
+
+
 def test_sigterm_then_rerun_gives_the_uninterrupted_prefix(
     tiny_models, pairs_file, tmp_path, monkeypatch
 ):
@@ -173,17 +206,8 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_prefix(
     fit_prefix(reference, pairs, tmp_path / "ref.ckpt", settings=QUICK)
 
     killed = fresh_captioner(tiny_models.llava)
-    calls = {"n": 0}
-    real_loss = killed.caption_loss
-
-    def loss_then_sigterm(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # step 5 of 12: the checkpoint after it is not a periodic one
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(**kwargs)
-
-    monkeypatch.setattr(killed, "caption_loss", loss_then_sigterm)
-    monkeypatch.setitem(training._sigterm, "requested", False)
+    # step 5 of 12: the checkpoint after it is not a periodic one
+    sigterm_in_loss_call(monkeypatch, killed, 5)
     with pytest.raises(SystemExit) as stop:
         fit_prefix(killed, pairs, tmp_path / "run.ckpt", settings=QUICK)
     assert stop.value.code == training.PREEMPTED_EXIT_CODE
@@ -236,6 +260,21 @@ def with_first_step_gradients(fit):
     return result, seen[0]
 
 
+def assert_trains_like_the_whole_batch(fit, settings: dict, memory: dict) -> None:
+    """`fit(settings, name)` trains a fresh captioner under checkpoint dir `name` and returns
+    (its curve, its trained tensors by name); with the `memory` settings laid over `settings`,
+    the first step's gradients, the curve and the trained tensors are the whole batch's."""
+    (curve, trained), grads = with_first_step_gradients(lambda: fit(settings, "whole"))
+    (other, other_trained), other_grads = with_first_step_gradients(
+        lambda: fit({**settings, **memory}, "memory")
+    )
+    for a, b in zip(other_grads, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert [c["loss"] for c in other] == pytest.approx([c["loss"] for c in curve], abs=1e-5)
+    for key, value in trained.items():
+        torch.testing.assert_close(other_trained[key], value, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "memory",
     [
@@ -253,16 +292,9 @@ def test_accumulation_and_checkpointing_train_like_the_whole_batch(
     def fit(settings, name):
         captioner = fresh_captioner(tiny_models.llava)
         curve = fit_prefix(captioner, pairs, tmp_path / name, settings=settings)
-        return curve, captioner.prefix.detach().clone()
+        return curve, {"prefix": captioner.prefix.detach().clone()}
 
-    (curve, prefix), grads = with_first_step_gradients(lambda: fit(settings, "whole"))
-    (other, other_prefix), other_grads = with_first_step_gradients(
-        lambda: fit({**settings, **memory}, "memory")
-    )
-    for a, b in zip(other_grads, grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert [c["loss"] for c in other] == pytest.approx([c["loss"] for c in curve], abs=1e-5)
-    torch.testing.assert_close(other_prefix, prefix, rtol=0, atol=1e-5)
+    assert_trains_like_the_whole_batch(fit, settings, memory)
 
 
 def test_micro_batch_size_not_dividing_batch_size_is_refused(tiny_models, pairs_file, tmp_path):

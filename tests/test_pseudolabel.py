@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_prefix import COLOURS, solid, write_shards
+from test_prefix import COLOURS, assembled, solid, write_shards
 
 from dalipipe.caption.pseudolabel import pseudolabel, read_partial
 
@@ -62,7 +62,6 @@ def run(stage_inputs, out, **settings):
 
 def test_rows_follow_the_pool_and_match_direct_generation(stage_inputs, tmp_path):
     from dalipipe.data.shard_reader import load_split
-    from dalipipe.models.assemble import load_captioner
 
     out = tmp_path / "mmd.jsonl"
     counts = run(stage_inputs, out)
@@ -82,14 +81,7 @@ def test_rows_follow_the_pool_and_match_direct_generation(stage_inputs, tmp_path
     assert not out.with_name("mmd.jsonl.partial").exists()
 
     # batch 0 (clip0, clip1) by hand: image + audio + prefix through the same captioner
-    captioner = load_captioner(
-        stage_inputs["captioner_path"],
-        None,
-        encoder_dir=stage_inputs["encoder_dir"],
-        prefix_dir=stage_inputs["prefix_dir"],
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+    captioner = assembled(stage_inputs)
     samples = load_split(stage_inputs["pool"])[:2]
     expected = captioner.generate(
         modality="audio+image",

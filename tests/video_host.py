@@ -123,10 +123,14 @@ class VideoHandler(http.server.BaseHTTPRequestHandler):
                 pass  # the client gave up (the stalled id): expected
 
 
-@contextlib.contextmanager
 def serve_videos(video: bytes, behaviours: dict[str, str] | None = None, stall_s: float = 3.0):
     """A running VideoServer in a daemon thread; shut down on exit."""
-    server = VideoServer(video, behaviours or {}, stall_s)
+    return serving(VideoServer(video, behaviours or {}, stall_s))
+
+
+@contextlib.contextmanager
+def serving(server: http.server.HTTPServer):
+    """`server` answering in a daemon thread; shut down on exit (tests/test_fetch.py's too)."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -32,12 +32,10 @@ from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
     CAPTIONER_HELP,
     atomic_path,
-    parse_params,
     read_jsonl,
-    run_settings,
     seed_everything,
-    setup_logging,
-    stage_parser,
+    stage_args,
+    stage_settings,
     write_json,
 )
 from dalipipe.config import section_defaults
@@ -246,7 +244,8 @@ def write_captioner_dir(captioner, out_dir: Path, summary: dict, curve: list[dic
 
 
 def main(argv: list[str]) -> int:
-    args = stage_parser(
+    args, params = stage_args(
+        argv,
         "distill",
         __doc__,
         "seed, device, distill, extract, models",
@@ -256,15 +255,7 @@ def main(argv: list[str]) -> int:
         prefix="prefix stage output directory",
         captioner=CAPTIONER_HELP,
         out="output trained-captioner directory",
-    ).parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
-    inputs = (args.pseudolabels, args.pool, args.encoder, args.prefix, args.captioner, args.out)
-    distill(
-        *inputs,
-        settings=params.get("distill"),
-        features=feature_settings(params),
-        models=params.get("models"),
-        **run_settings(params),
     )
+    inputs = (args.pseudolabels, args.pool, args.encoder, args.prefix, args.captioner, args.out)
+    distill(*inputs, features=feature_settings(params), **stage_settings(params, "distill"))
     return 0

@@ -25,12 +25,10 @@ from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
     CAPTIONER_HELP,
     atomic_path,
-    parse_params,
     pick_device,
-    run_settings,
     seed_everything,
-    setup_logging,
-    stage_parser,
+    stage_args,
+    stage_settings,
     write_json,
 )
 from dalipipe.config import section_defaults
@@ -126,23 +124,14 @@ def train_prefix(
 
 
 def main(argv: list[str]) -> int:
-    args = stage_parser(
+    args, params = stage_args(
+        argv,
         "prefix",
         __doc__,
         "seed, device, prefix, models",
         pairs="prefix split shard directory or a pairs file",
         captioner=CAPTIONER_HELP,
         out="output directory",
-    ).parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
-    settings, models = params.get("prefix"), params.get("models")
-    train_prefix(
-        args.pairs,
-        args.captioner,
-        args.out,
-        settings=settings,
-        models=models,
-        **run_settings(params),
     )
+    train_prefix(args.pairs, args.captioner, args.out, **stage_settings(params, "prefix"))
     return 0

@@ -28,12 +28,10 @@ from tqdm import tqdm
 from dalipipe.caption.pairs import as_pil, middle
 from dalipipe.common import (
     CAPTIONER_HELP,
-    parse_params,
     pick_device,
-    run_settings,
     seed_everything,
-    setup_logging,
-    stage_parser,
+    stage_args,
+    stage_settings,
 )
 from dalipipe.config import section_defaults
 from dalipipe.models.assemble import load_captioner
@@ -176,7 +174,8 @@ def pseudolabel(
 
 
 def main(argv: list[str]) -> int:
-    args = stage_parser(
+    args, params = stage_args(
+        argv,
         "pseudolabel",
         __doc__,
         "seed, device, pseudolabel, models",
@@ -185,10 +184,7 @@ def main(argv: list[str]) -> int:
         prefix="prefix stage output directory",
         captioner=CAPTIONER_HELP,
         out="output JSON lines file",
-    ).parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
+    )
     inputs = (args.pool, args.encoder, args.prefix, args.captioner, args.out)
-    settings, models = params.get("pseudolabel"), params.get("models")
-    counts = pseudolabel(*inputs, settings=settings, models=models, **run_settings(params))
+    counts = pseudolabel(*inputs, **stage_settings(params, "pseudolabel"))
     return 0 if counts["ok"] or counts["skipped"] else 1

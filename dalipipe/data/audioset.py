@@ -24,7 +24,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dalipipe.common import parse_params, setup_logging, write_json, write_jsonl
+from dalipipe.common import open_csv, parse_params, setup_logging, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,7 @@ def youtube_id_of(clip: dict) -> str | None:
 
 def read_class_index(path: str | Path) -> dict[str, str]:
     """mid -> display name, from ``class_labels_indices.csv``."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"mid", "display_name"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: class index lacks column(s) {sorted(missing)}")
+    with open_csv(path, ["mid", "display_name"], "class index lacks column(s) {missing}") as reader:
         return {row["mid"]: row["display_name"] for row in reader}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dalipipe.common import atomic_path
+from dalipipe.common import atomic_path, open_csv
 
 # every acquire source (synthetic, local, audioset) and the gathered manifest
 ACQUIRE_FIELDS = ["clip_id", "path", "status", "reason", "split", "start_s", "labels"]
@@ -33,9 +33,5 @@ def write_manifest(path: str | Path, rows: list[dict], fields: list[str]) -> Non
 
 def read_manifest(path: str | Path, fields: list[str]) -> list[dict]:
     """The rows of a manifest; a missing column is an error naming the file."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = set(fields) - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
+    with open_csv(path, fields, "manifest lacks column(s) {missing}") as reader:
         return list(reader)

@@ -32,7 +32,7 @@ import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
-from dalipipe.common import atomic_path, setup_logging, write_json, write_jsonl
+from dalipipe.common import atomic_path, open_csv, setup_logging, write_json, write_jsonl
 from dalipipe.data.audioset import YOUTUBE_ID, Segment, clip_id_for
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,8 @@ def _segment(youtube_id: str, start_s: float, split: str) -> dict:
 def audiocaps_selection(csv_path: str | Path, out_dir: str | Path, split: str = "test") -> int:
     """Selection part-0.jsonl of every clip of an AudioCaps CSV (one row per clip)."""
     rows: dict[str, dict] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"youtube_id", "start_time"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{csv_path}: not an AudioCaps CSV (no {sorted(missing)} column)")
+    need = ["youtube_id", "start_time"]
+    with open_csv(csv_path, need, "not an AudioCaps CSV (no {missing} column)") as reader:
         for row in reader:
             seg = _segment(row["youtube_id"], float(row["start_time"]), split)
             rows.setdefault(seg["clip_id"], seg)

@@ -17,7 +17,6 @@ byte-for-byte reproducible: fixed member order, mtimes and owners.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
@@ -33,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
+from dalipipe.common import atomic_path, open_csv, parse_params, setup_logging, write_json
 from dalipipe.data.audioset import read_exclusions, youtube_id_of
 
 log = logging.getLogger(__name__)
@@ -94,11 +93,7 @@ def read_extract_manifests(
         manifest = part / "manifest.csv"
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest}: extract manifest missing")
-        with open(manifest, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"clip_id", "status"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{manifest}: missing columns {sorted(missing)}")
+        with open_csv(manifest, ["clip_id", "status"], "missing columns {missing}") as reader:
             for row in reader:
                 if row["clip_id"] in found:
                     log.warning(

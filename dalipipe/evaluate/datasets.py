@@ -23,7 +23,6 @@ where there is video). A clip whose media is missing or unreadable becomes a row
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dalipipe.common import open_csv
 from dalipipe.data.audioset import clip_id_for
 
 log = logging.getLogger(__name__)
@@ -218,11 +218,8 @@ def read_audiocaps(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str
     """(references, metadata) per clip id, in file order."""
     refs: dict[str, list[str]] = {}
     meta: dict[str, dict] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"audiocap_id", "youtube_id", "start_time", "caption"}
-        if not need <= set(reader.fieldnames or []):
-            raise ValueError(f"{csv_path}: AudioCaps CSV needs columns {sorted(need)}")
+    need = ["audiocap_id", "caption", "start_time", "youtube_id"]
+    with open_csv(csv_path, need, "AudioCaps CSV needs columns {needed}") as reader:
         for line, row in enumerate(reader, start=2):
             try:
                 start = float(row["start_time"])
@@ -241,11 +238,8 @@ def read_audiocaps(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str
 def read_clotho(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
     refs: dict[str, list[str]] = {}
     meta: dict[str, dict] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
-        if not set(columns) <= set(reader.fieldnames or []):
-            raise ValueError(f"{csv_path}: Clotho CSV needs columns {columns}")
+    columns = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+    with open_csv(csv_path, columns, "Clotho CSV needs columns {needed}") as reader:
         for row in reader:
             clip_id = clotho_clip_id(row["file_name"])
             if clip_id in refs:
@@ -284,35 +278,23 @@ def _media_set(
     return ds
 
 
+# The sets read from a CSV and a media folder: the CSV's reader, whether the media has video,
+# and the metadata fields that may name a clip's media file besides its clip id.
+MEDIA_SETS = {
+    "audiocaps": (read_audiocaps, True, ["youtube_id"]),
+    "clotho": (read_clotho, False, ["file_name"]),
+}
+
+
 def load_dataset(name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle") -> EvalSet:
     """One configured evaluation set (``evaluate.datasets.<name>``)."""
     fbank_cfg = fbank_cfg or {}
     if name == "miniature":
         return miniature_set(cfg["shards"], frame)
-    if name == "audiocaps":
-        refs, meta = read_audiocaps(cfg["csv"])
-        return _media_set(
-            name,
-            refs,
-            meta,
-            cfg.get("media"),
-            fbank_cfg,
-            frame,
-            True,
-            cfg.get("dedup", False),
-            ["youtube_id"],
-        )
-    if name == "clotho":
-        refs, meta = read_clotho(cfg["csv"])
-        return _media_set(
-            name,
-            refs,
-            meta,
-            cfg.get("media"),
-            fbank_cfg,
-            frame,
-            False,
-            cfg.get("dedup", False),
-            ["file_name"],
-        )
+    if name in MEDIA_SETS:
+        read_csv, has_video, key_fields = MEDIA_SETS[name]
+        refs, meta = read_csv(cfg["csv"])
+        dedup = cfg.get("dedup", False)
+        media = cfg.get("media")
+        return _media_set(name, refs, meta, media, fbank_cfg, frame, has_video, dedup, key_fields)
     raise ValueError(f"evaluate.datasets: unknown dataset {name!r} (miniature, audiocaps, clotho)")

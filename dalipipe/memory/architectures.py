@@ -213,6 +213,7 @@ def resolve(model_id: str, revision: str | None = None) -> Arch:
 
 def bootstrap_llava(section: dict) -> Arch:
     """The miniature captioner the workflow trains (config ``bootstrap``), before it exists."""
+    from dalipipe.config import llava_sizes
     from dalipipe.models.tiny import llava_config
 
     class _Vocabulary:  # what llava_config reads from a tokenizer
@@ -224,19 +225,5 @@ def bootstrap_llava(section: dict) -> Arch:
         def convert_tokens_to_ids(self, token):
             return 4
 
-    sizes = {
-        k: section[k]
-        for k in (
-            "image_size",
-            "patch_size",
-            "vision_hidden",
-            "vision_layers",
-            "vision_heads",
-            "text_hidden",
-            "text_layers",
-            "text_heads",
-        )
-        if k in section
-    }
-    config = llava_config(_Vocabulary(), max_positions=512, **sizes)
+    config = llava_config(_Vocabulary(), max_positions=512, **llava_sizes(section))
     return Arch(config, "config bootstrap section (models/llava not built yet)")

@@ -150,24 +150,24 @@ class Planner:
     def _checkpointing(self, stage: str) -> bool:
         return bool(self._section(stage).get("activation_checkpointing", False))
 
-    def _prefix(self, batch: int) -> Estimate:
+    def _training_estimate(
+        self, stage, batch, layout, caption: str, note: str = "", **parts
+    ) -> Estimate:
+        """prefix or distill: the frozen LLaVA in training over `layout`; `parts` are
+        llava_training's (trainable, frozen_extra, ...), `caption` says where the caption's length
+        comes from and `note` adds to the measured layer note."""
         arch = self.captioner()
-        checkpointing = self._checkpointing("prefix")
-        layout = self._layout(
-            generate=False, modality="image", use_prefix=True, caption=PREFIX_CAPTION_TOKENS
-        )
-        n_tokens = int(self._section("prefix").get("n_tokens", 16))
+        checkpointing = self._checkpointing(stage)
         components = llava_training(
             arch,
             dtype=self.dtype,
             micro_batch=batch,
             layout=layout,
             checkpointing=checkpointing,
-            trainable=n_tokens * arch.text_config.hidden_size,
-            frozen_extra=arch.params().get("projector", 0),  # the audio projector's copy
+            **parts,
         )
         return Estimate(
-            "prefix",
+            stage,
             batch,
             layout.total,
             components,
@@ -175,9 +175,24 @@ class Planner:
             {
                 "layout": layout.describe(),
                 "activation_checkpointing": checkpointing,
-                "caption": f"{PREFIX_CAPTION_TOKENS} tokens assumed",
-                "measured": layer_note(arch, self.dtype, training=True),
+                "caption": caption,
+                "measured": layer_note(arch, self.dtype, training=True) + note,
             },
+        )
+
+    def _prefix(self, batch: int) -> Estimate:
+        arch = self.captioner()
+        layout = self._layout(
+            generate=False, modality="image", use_prefix=True, caption=PREFIX_CAPTION_TOKENS
+        )
+        n_tokens = int(self._section("prefix").get("n_tokens", 16))
+        return self._training_estimate(
+            "prefix",
+            batch,
+            layout,
+            f"{PREFIX_CAPTION_TOKENS} tokens assumed",
+            trainable=n_tokens * arch.text_config.hidden_size,
+            frozen_extra=arch.params().get("projector", 0),  # the audio projector's copy
         )
 
     def _distill(self, batch: int) -> Estimate:
@@ -185,7 +200,6 @@ class Planner:
         section = self._section("distill")
         modality = section.get("modality", "audio")
         use_prefix = bool(section.get("use_prefix", False))
-        checkpointing = self._checkpointing("distill")
         new = int(self._section("pseudolabel").get("max_new_tokens", 128))
         layout = self._layout(
             generate=False, modality=modality, use_prefix=use_prefix, caption=new + 1
@@ -197,32 +211,18 @@ class Planner:
         per_token = measure.projector(arch.config, self.dtype)
         projector = arch.params()["projector"]
         encoder = self.encoder_params() if "audio" in modality else 0  # frozen, in bf16
-        components = llava_training(
-            arch,
-            dtype=self.dtype,
-            micro_batch=batch,
-            layout=layout,
-            checkpointing=checkpointing,
+        return self._training_estimate(
+            "distill",
+            batch,
+            layout,
+            f"pseudolabel.max_new_tokens + 1 = {new + 1}",
+            note=f"; projector saves {size_text(per_token)}/token",
             trainable=projector,
             frozen_extra=encoder,
             input_side=through * per_token,
             autocast_copies=projector * dtype_bytes(self.dtype)
             if self.dtype != torch.float32
             else 0,
-        )
-        return Estimate(
-            "distill",
-            batch,
-            layout.total,
-            components,
-            training_phases("weights", "optimizer_state", "gradients", "activations"),
-            {
-                "layout": layout.describe(),
-                "activation_checkpointing": checkpointing,
-                "caption": f"pseudolabel.max_new_tokens + 1 = {new + 1}",
-                "measured": layer_note(arch, self.dtype, training=True)
-                + f"; projector saves {size_text(per_token)}/token",
-            },
         )
 
     def _generation_estimate(

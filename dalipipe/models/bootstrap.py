@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, pick_device, seed_everything, setup_logging
-from dalipipe.config import section_defaults
+from dalipipe.config import llava_sizes, section_defaults
 from dalipipe.models.captioner import TEMPLATES
 from dalipipe.models.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
 from dalipipe.models.tokenizer import build_tokenizer
@@ -268,20 +268,7 @@ def bootstrap(
     corpus += list(cfg["sound_prompts"])
     corpus += [c["visual"] for c in clips] + [c["sound"] for c in clips if c["sound"]]
     tokenizer = build_tokenizer(corpus, vocab_size=int(cfg["vocab_size"]))
-    sizes = {
-        k: int(cfg[k])
-        for k in (
-            "image_size",
-            "patch_size",
-            "vision_hidden",
-            "vision_layers",
-            "vision_heads",
-            "text_hidden",
-            "text_layers",
-            "text_heads",
-        )
-    }
-    config = llava_config(tokenizer, max_positions=512, **sizes)
+    config = llava_config(tokenizer, max_positions=512, **llava_sizes(cfg))
     n_image_tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2
     seqs = Sequences(tokenizer, templates, list(cfg["prompts"]), n_image_tokens)
     sound_seqs = Sequences(tokenizer, templates, list(cfg["sound_prompts"]), n_image_tokens)
