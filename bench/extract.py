@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dalipipe.data import synthetic
 from dalipipe.data.extract import extract_all, read_sources
+from dalipipe.miniature import synthetic
 
 
 def cpu_seconds() -> float:

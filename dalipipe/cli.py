@@ -16,7 +16,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "acquire-synthetic": (
-        "dalipipe.data.synthetic",
+        "dalipipe.miniature.synthetic",
         "generate the synthetic audiovisual world (MP4 clips)",
     ),
     "acquire-local": ("dalipipe.data.local", "list a folder or CSV of local media files as clips"),
@@ -41,11 +41,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "shard": ("dalipipe.data.shard", "write webdataset shards of extracted clips"),
     "make-tiny": (
-        "dalipipe.models.tiny",
+        "dalipipe.miniature.tiny",
         "write tiny LLaVA, BLIP-2, GPT-2 and CAV-MAE checkpoints",
     ),
     "bootstrap": (
-        "dalipipe.models.bootstrap",
+        "dalipipe.miniature.bootstrap",
         "train the miniature LLaVA-class captioner on frames",
     ),
     "prefix": (
@@ -80,7 +80,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
     "class-breakdown": (
-        "dalipipe.evaluate.class_breakdown",
+        "dalipipe.miniature.class_breakdown",
         "per-class recall of every system of a synthetic-world run",
     ),
 }

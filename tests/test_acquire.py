@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from dalipipe.common import read_jsonl
-from dalipipe.data import local, synthetic, world
+from dalipipe.data import local
 from dalipipe.data.ffmpeg import decode_audio, ffmpeg_exe, probe
 from dalipipe.data.gather import gather
 from dalipipe.data.manifest import ACQUIRE_FIELDS
+from dalipipe.miniature import synthetic, world
 
 TINY = {
     "n_classes": 6,

@@ -57,7 +57,7 @@ def make_clips(rng, prefix, n):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from dalipipe.models.tiny import make_tiny_llava
+    from dalipipe.miniature.tiny import make_tiny_llava
 
     root = tmp_path_factory.mktemp("align")
     rng = np.random.default_rng(0)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from dalipipe.config import section_defaults
-from dalipipe.data import world
 from dalipipe.evaluate import datasets, run, tables
-from dalipipe.evaluate.world_scores import world_scores
+from dalipipe.miniature import world
+from dalipipe.miniature.world_scores import world_scores
 
 SHARED = Path("/work/shared/data")
 AUDIOCAPS_CSV = SHARED / "audiocaps" / "test.csv"
@@ -178,9 +178,9 @@ def run_dir(tmp_path_factory):
     """A tiny run: base captioner, prefix, two aligned encoders, one distilled captioner."""
     import torch
 
+    from dalipipe.miniature.tiny import make_tiny_llava
     from dalipipe.models.captioner import AudioCaptioner
     from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
-    from dalipipe.models.tiny import make_tiny_llava
 
     root = tmp_path_factory.mktemp("run")
     corpus = [

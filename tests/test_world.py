@@ -6,8 +6,8 @@ pytest tests/test_world.py -q
 import numpy as np
 import pytest
 
-from dalipipe.data import world
-from dalipipe.data.world import (
+from dalipipe.miniature import world
+from dalipipe.miniature.world import (
     audio_caption,
     classes_named,
     is_well_formed,

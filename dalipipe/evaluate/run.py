@@ -47,8 +47,9 @@ from dalipipe.common import (
     write_json,
 )
 from dalipipe.config import section_defaults
-from dalipipe.evaluate import metrics, tables, world_scores
+from dalipipe.evaluate import metrics, tables
 from dalipipe.evaluate.datasets import EvalSet, load_dataset
+from dalipipe.miniature import world_scores
 
 log = logging.getLogger(__name__)
 

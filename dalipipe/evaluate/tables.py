@@ -15,7 +15,7 @@ import csv
 from pathlib import Path
 
 from dalipipe.common import atomic_path
-from dalipipe.evaluate.world_scores import WORLD_METRICS
+from dalipipe.miniature.world_scores import WORLD_METRICS
 
 CAPTION_COLUMNS = ["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"]
 KEY_COLUMNS = ["system", "method", "modality", "distilled"]

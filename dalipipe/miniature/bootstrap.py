@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, pick_device, seed_everything, setup_logging
 from dalipipe.config import llava_sizes, section_defaults
+from dalipipe.miniature.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
+from dalipipe.miniature.tokenizer import build_tokenizer
 from dalipipe.models.captioner import TEMPLATES
-from dalipipe.models.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
-from dalipipe.models.tokenizer import build_tokenizer
 from dalipipe.training import TrainLoop, write_curve
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 def world_texts() -> list[str]:
     """Every caption form of every world class, so their words become whole tokens."""
-    from dalipipe.data import world
+    from dalipipe.miniature import world
 
     rng = np.random.default_rng(0)
     texts = []
@@ -87,7 +87,7 @@ def normalise(frames_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_entry(clip_id: str, frames: list, meta: dict, image_size: int) -> dict | None:
-    from dalipipe.data import world
+    from dalipipe.miniature import world
 
     visual, seen = meta.get("visual_caption"), meta.get("seen") or []
     if not frames or not visual:

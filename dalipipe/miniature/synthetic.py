@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
 from dalipipe.config import section_defaults
-from dalipipe.data import world
 from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
+from dalipipe.miniature import world
 
 log = logging.getLogger(__name__)
 

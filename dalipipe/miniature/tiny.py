@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dalipipe.common import setup_logging
-from dalipipe.models.tokenizer import build_tokenizer
+from dalipipe.miniature.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
