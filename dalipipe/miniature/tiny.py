@@ -142,6 +142,60 @@ def make_tiny_llava_336(out: str | Path, **kwargs) -> Path:
     return make_tiny_llava(out, **kwargs)
 
 
+def blip2_with_processor(
+    corpus: Iterable[str],
+    *,
+    vocab_size: int,
+    image_size: int,
+    patch_size: int,
+    num_query_tokens: int,
+    vision: dict,
+    qformer: dict,
+    text: dict,
+):
+    """A Blip2ForConditionalGeneration (OPT LM, random weights) and its Blip2Processor, the
+    tokenizer trained on `corpus`; `vision`, `qformer`, `text` are their configs' sizes (a
+    size "tokenizer" is the processor's tokenizer length)."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    # The processor adds the <image> token itself (it crashes if the tokenizer defines one).
+    tokenizer = build_tokenizer(corpus, vocab_size=vocab_size, image_token=False)
+    images = BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    processor = Blip2Processor(
+        image_processor=images, tokenizer=tokenizer, num_query_tokens=num_query_tokens
+    )
+    tokenizer = processor.tokenizer
+
+    def sized(sizes: dict) -> dict:  # "tokenizer": as many rows as the processor's tokenizer
+        return {k: len(tokenizer) if v == "tokenizer" else v for k, v in sizes.items()}
+
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(image_size=image_size, patch_size=patch_size, **vision),
+        qformer_config=Blip2QFormerConfig(**sized(qformer)),
+        text_config=OPTConfig(
+            **sized(text),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
 def make_tiny_blip2(
     out: str | Path,
     *,
@@ -153,61 +207,28 @@ def make_tiny_blip2(
     seed: int = 0,
 ) -> Path:
     """Blip2ForConditionalGeneration with an OPT LM, and a Blip2Processor."""
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        BlipImageProcessor,
-        OPTConfig,
-    )
-
     out = Path(out)
-    # The processor adds the <image> token itself (it crashes if the tokenizer defines one).
-    tokenizer = build_tokenizer(corpus, vocab_size=600, image_token=False)
-    images = BlipImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
-    )
-    processor = Blip2Processor(
-        image_processor=images, tokenizer=tokenizer, num_query_tokens=num_query_tokens
-    )
-    tokenizer = processor.tokenizer
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        qformer_config=Blip2QFormerConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=4 * hidden,
-            encoder_hidden_size=hidden,
-        ),
-        text_config=OPTConfig(
-            vocab_size=len(tokenizer),
+    torch.manual_seed(seed)
+    layers = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * hidden)
+    vocab = "tokenizer"
+    model, processor = blip2_with_processor(
+        corpus,
+        vocab_size=600,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_query_tokens=num_query_tokens,
+        vision=dict(hidden_size=hidden, **layers),
+        qformer=dict(vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=hidden, **layers),
+        text=dict(
+            vocab_size=vocab,
             hidden_size=hidden,
             num_hidden_layers=2,
             num_attention_heads=2,
             ffn_dim=4 * hidden,
             word_embed_proj_dim=hidden,
             max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         ),
-        num_query_tokens=num_query_tokens,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -363,34 +384,22 @@ def make_paper_width_blip2(
     """BLIP-2 OPT-2.7B's widths: ViT-g 1408 wide (16 heads, MLP 6144) at 224 px, patch 14; a
     Q-Former 768 wide with 32 queries; OPT 2560 wide, 32 heads, FFN 10240, 50272 vocabulary
     rows (a 50265-token tokenizer plus the processor's <image>, as the hub's); float16."""
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        BlipImageProcessor,
-        OPTConfig,
-    )
-
     out = Path(out)
-    tokenizer = build_tokenizer(corpus, vocab_size=50265, image_token=False)
-    images = BlipImageProcessor(
-        size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD
-    )
-    processor = Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=32)
-    tokenizer = processor.tokenizer
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(
+    torch.manual_seed(seed)
+    model, processor = blip2_with_processor(
+        corpus,
+        vocab_size=50265,
+        image_size=224,
+        patch_size=14,
+        num_query_tokens=32,
+        vision=dict(
             hidden_size=1408,
             intermediate_size=6144,
             num_hidden_layers=vision_layers,
             num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
             initializer_range=0.02,  # the class default 1e-10 (for loading weights) is all zeros
         ),
-        qformer_config=Blip2QFormerConfig(
+        qformer=dict(
             hidden_size=768,
             num_hidden_layers=qformer_layers,
             num_attention_heads=12,
@@ -398,7 +407,7 @@ def make_paper_width_blip2(
             encoder_hidden_size=1408,
             cross_attention_frequency=2,
         ),
-        text_config=OPTConfig(
+        text=dict(
             vocab_size=50272,
             hidden_size=2560,
             num_hidden_layers=opt_layers,
@@ -406,18 +415,10 @@ def make_paper_width_blip2(
             ffn_dim=10240,
             word_embed_proj_dim=2560,
             max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         ),
-        num_query_tokens=32,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
     with torch.no_grad():  # initialised to zeros, as if trained weights always followed
         model.query_tokens.normal_(std=0.02)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     _save(model, out, torch.float16)
     del model
     processor.save_pretrained(out)
