@@ -82,9 +82,7 @@ def job_params(*paths):
 def require_existing_paths(*keys):
     """Stop before any job when a configured input path does not exist, naming the key."""
     for key in keys:
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = config_value(key)
         values = node if isinstance(node, list) else [node]
         for value in values:
             if value is not None and not os.path.exists(str(value)):
@@ -255,11 +253,8 @@ def fetch_checksum_arg(wildcards):
     return f"--record {shlex.quote(FETCH_RECORD)}"
 
 
-def youtube_params(wildcards):
-    """acquire.audioset's yt-dlp settings only: the clip downloads of rules/fetch.smk."""
-    keys = ("url_template", "format", "height", "retries", "backoff_s", "rate_limit",
-            "socket_timeout", "cookies", "ytdlp_options")  # fmt: skip
-    audioset = config["acquire"].get("audioset") or {}
-    payload = {"seed": config["seed"], "device": config["device"]}
-    payload["acquire"] = {"audioset": {k: audioset[k] for k in keys if k in audioset}}
-    return json.dumps(payload, sort_keys=True)
+# acquire.audioset's yt-dlp settings only: the clip downloads of rules/fetch.smk
+youtube_params = job_params(
+    *(f"acquire.audioset.{key}" for key in ("url_template", "format", "height", "retries",
+      "backoff_s", "rate_limit", "socket_timeout", "cookies", "ytdlp_options"))
+)  # fmt: skip
