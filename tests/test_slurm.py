@@ -342,10 +342,9 @@ def test_alignment_under_accelerate_with_two_processes(workdir, ci_run, tmp_path
 # The align stage's parameters as the workflow passes them, with the device forced to the CPU
 # (accelerate forms a two-process group on a CPU only when told to use the CPU).
 ACCELERATE_PARAMS = """
-import json, yaml
-from snakemake.utils import update_config
-config = yaml.safe_load(open("config.yaml"))
-update_config(config, yaml.safe_load(open("configs/ci.yaml")))
+import json
+from dalipipe.config import load_config
+config = load_config("configs/ci.yaml")  # config.yaml, the preset, the schema's defaults
 print(json.dumps({"seed": config["seed"], "device": "cpu", "align": config["align"],
                   "models": config.get("models")}))
 """

@@ -394,7 +394,13 @@ class Run:
         if loop.resume():
             loop.curve = p.pop("curve", loop.curve)  # checkpoints before issue 16 kept the curve
             p.pop("step", None)  # and the step in `progress`
-            log.info("resuming %s at epoch %d, batch %d", self.method, p["epoch"], p["batch"])
+            log.info(
+                "resuming %s at epoch %d, batch %d (step %d)",
+                self.method,
+                p["epoch"],
+                p["batch"],
+                loop.step,
+            )
         began = time.time() - p["seconds"]
         for epoch in range(p["epoch"], s["epochs"] + 1):
             reader = self.reader(self.shards, shuffle=True, frame=s["frame"])
