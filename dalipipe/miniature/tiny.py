@@ -235,19 +235,29 @@ def make_tiny_blip2(
 
 
 def make_tiny_gpt2(
-    out: str | Path, *, corpus: Iterable[str] = (), hidden: int = 32, layers: int = 2, seed: int = 0
+    out: str | Path,
+    *,
+    corpus: Iterable[str] = (),
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    positions: int = 256,
+    vocab_size: int = 600,
+    rows: int | None = None,
+    seed: int = 0,
 ) -> Path:
-    """GPT2LMHeadModel with a byte-level BPE tokenizer (GPT-2's own scheme, smaller vocabulary)."""
+    """GPT2LMHeadModel with a byte-level BPE tokenizer (GPT-2's own scheme) of `vocab_size`
+    tokens at most; `rows` embedding rows (None: as many as the tokenizer has)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = Path(out)
-    tokenizer = build_tokenizer(corpus, vocab_size=600, image_token=False, add_bos=False)
+    tokenizer = build_tokenizer(corpus, vocab_size=vocab_size, image_token=False, add_bos=False)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=256,
+        vocab_size=rows or len(tokenizer),
+        n_positions=positions,
         n_embd=hidden,
         n_layer=layers,
-        n_head=2,
+        n_head=heads,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -429,24 +439,17 @@ def make_paper_width_gpt2(
     out: str | Path, *, corpus: list[str], layers: int = 1, seed: int = 0
 ) -> Path:
     """GPT-2 (small)'s widths: 768 wide, 12 heads, 1024 positions, 50257 tokens; float32."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    out = Path(out)
-    tokenizer = build_tokenizer(corpus, vocab_size=50257, image_token=False, add_bos=False)
-    config = GPT2Config(
+    return make_tiny_gpt2(
+        out,
+        corpus=corpus,
+        hidden=768,
+        layers=layers,
+        heads=12,
+        positions=1024,
         vocab_size=50257,
-        n_positions=1024,
-        n_embd=768,
-        n_layer=layers,
-        n_head=12,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        rows=50257,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(config).eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def make_paper_width_models(
