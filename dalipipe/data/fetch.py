@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dalipipe.common import setup_logging
+from dalipipe.common import setup_logging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,7 @@ def _locked_record(record: Path):
         before = json.dumps(entries, sort_keys=True)
         yield entries
         if json.dumps(entries, sort_keys=True) != before:
-            tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(tmp, record)
-
-
-def recorded(record: str | os.PathLike | None, url: str) -> dict | None:
-    if not record or not Path(record).exists():
-        return None
-    return json.loads(Path(record).read_text(encoding="utf-8")).get(url)
+            write_json(record, entries)
 
 
 # ----------------------------------------------------------------------------- HTTP
