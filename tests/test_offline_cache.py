@@ -14,6 +14,7 @@ distill and evaluate jobs, then `dalipipe caption` on the distilled model, must 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -122,4 +123,5 @@ def test_caption_command_loads_the_distilled_model_offline(offline_run):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert clip.name in done.stdout or clip.stem in done.stdout
+    (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert row["file"] == str(clip) and isinstance(row["caption"], str)
