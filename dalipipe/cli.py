@@ -79,6 +79,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "AudioCaps/prefix clip selections, prefix pairs, archive unpacking (rules/fetch.smk)",
     ),
     "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
+    "experiments": (
+        "dalipipe.evaluate.experiments",
+        "Appendix A's prefix-pairs sweep (sweep) and the table across seeds (seeds)",
+    ),
     "class-breakdown": (
         "dalipipe.miniature.class_breakdown",
         "per-class recall of every system of a synthetic-world run",

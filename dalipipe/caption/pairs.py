@@ -103,3 +103,15 @@ def load_pairs(src: str | Path) -> list[Pair]:
     if not pairs:
         raise ValueError(f"prefix pairs: {src} holds no pairs")
     return pairs
+
+
+def first_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
+    """The first ``n`` pairs of a shuffle drawn from ``seed``: the prefix-pairs sweep's subsets
+    (Appendix A). One shuffle for every n, so the sweep's subsets nest (the 2 pairs are among
+    the 4); the order of the source never decides which pairs a small n sees."""
+    import numpy as np
+
+    if not 1 <= n <= len(pairs):
+        raise ValueError(f"prefix pairs: asked for {n} pairs, the source holds {len(pairs)}")
+    order = np.random.RandomState(seed).permutation(len(pairs))
+    return [pairs[i] for i in order[:n]]

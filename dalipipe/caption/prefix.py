@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dalipipe.caption.pairs import load_pairs
+from dalipipe.caption.pairs import first_pairs, load_pairs
 from dalipipe.caption.schedule import fit_captioner
 from dalipipe.common import (
     CAPTIONER_HELP,
@@ -89,9 +89,18 @@ def write_prefix(out_dir: Path, captioner, summary: dict, curve: list[dict]) -> 
 
 
 def train_prefix(
-    pairs_src, captioner_path, out_dir, *, settings=None, seed=0, device="auto", models=None
+    pairs_src,
+    captioner_path,
+    out_dir,
+    *,
+    settings=None,
+    seed=0,
+    device="auto",
+    models=None,
+    n_pairs=None,
 ) -> dict:
-    """The stage: `models` is config section `models` (the captioner's revision and options)."""
+    """The stage: `models` is config section `models` (the captioner's revision and options);
+    `n_pairs` (the prefix-pairs sweep) trains on the first n of a seeded shuffle of the pairs."""
 
     settings = {**section_defaults("prefix"), **(settings or {})}
     out_dir = Path(out_dir)
@@ -99,6 +108,8 @@ def train_prefix(
     seed_everything(seed)
     device = pick_device(device)
     pairs = load_pairs(pairs_src)
+    if n_pairs is not None:
+        pairs = first_pairs(pairs, int(n_pairs), seed)
     captioner = load_captioner(captioner_path, models, device=device, dtype=default_dtype(device))
     captioner.init_prefix(n_tokens=settings["n_tokens"], std=settings["init_std"], seed=seed)
     began = time.time()
@@ -128,10 +139,11 @@ def main(argv: list[str]) -> int:
         argv,
         "prefix",
         __doc__,
-        "seed, device, prefix, models",
+        "seed, device, prefix, models, n_pairs (the sweep: first n of a seeded shuffle)",
         pairs="prefix split shard directory or a pairs file",
         captioner=CAPTIONER_HELP,
         out="output directory",
     )
-    train_prefix(args.pairs, args.captioner, args.out, **stage_settings(params, "prefix"))
+    settings = stage_settings(params, "prefix")
+    train_prefix(args.pairs, args.captioner, args.out, **settings, n_pairs=params.get("n_pairs"))
     return 0

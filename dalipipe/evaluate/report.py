@@ -84,6 +84,12 @@ def markdown_table_to_html(md: str) -> str:
     return "\n".join(out)
 
 
+def decoding_note(summary: dict) -> str:
+    """The decoding the systems used (summary ``decoding``: system -> label; older runs: greedy)."""
+    labels = sorted(set((summary.get("decoding") or {}).values())) or ["greedy, fixed seed"]
+    return "; ".join(labels)
+
+
 def results_page(evaluate_dirs: list[Path]) -> str:
     parts = []
     for directory in evaluate_dirs:
@@ -92,7 +98,7 @@ def results_page(evaluate_dirs: list[Path]) -> str:
         parts.append(f"<h2>{html.escape(summary['dataset'])}</h2>")
         parts.append(
             f"<p>{summary['n_clips']} clips scored, {summary['n_failed']} unreadable "
-            f"(listed in failed.csv); greedy decoding, fixed seed.</p>"
+            f"(listed in failed.csv); decoding: {html.escape(decoding_note(summary))}.</p>"
         )
         parts.append(markdown_table_to_html(md))
     return _page("Captioning results", "\n".join(parts))
@@ -309,18 +315,25 @@ def plot_modality_gap(gap_file: Path, out: Path) -> None:
 
 def gather_tables(evaluate_dirs: list[Path], out_csv: Path, out_md: Path) -> None:
     """The run's tables: every set's rows with a leading ``dataset`` column, and the Markdown."""
+    from dalipipe.evaluate import published
+
     rows, cols, md = [], ["dataset"], []
     for directory in evaluate_dirs:
         dataset = json.loads((directory / "summary.json").read_text())["dataset"]
         with open(directory / "table.csv", newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             cols += [c for c in reader.fieldnames if c not in cols]
-            rows += [{"dataset": dataset, **row} for row in reader]
+            measured = [{"dataset": dataset, **row} for row in reader]
         md.append((directory / "table.md").read_text(encoding="utf-8"))
+        if published.has_published(dataset):  # AudioCaps, Clotho: the paper's values beside
+            measured = published.with_published(measured, dataset)
+            cols += [f"paper_{m}" for m in published.METRICS if f"paper_{m}" not in cols]
+            md.append(published.markdown(measured, dataset))
+        rows += measured
     with atomic_path(out_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=cols, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(md), encoding="utf-8")
 

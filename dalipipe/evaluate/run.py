@@ -6,7 +6,9 @@
         --align results/miniature/align/mmd results/miniature/align/ot ... \
         --distill results/miniature/distill/mmd ... --out results/miniature/evaluate/miniature
 
-Systems (config ``evaluate.systems``), decoded greedily with a fixed seed:
+Systems (config ``evaluate.systems``), decoded as config ``evaluate.decoding`` says: greedy
+(default), or sampled at ``evaluate.temperature`` (top-k 50) with seed ``evaluate.seed`` + batch
+index, as the authors' eval_captions_AC.py sampled at 0.2; recorded per system:
 - ``image``: the frozen captioner on the frame, with the learned prefix (paper: "Image only");
 - ``untrained``: audio only through a randomly initialised encoder of the aligned encoders'
   size (seeded): the floor that alignment must beat;
@@ -267,7 +269,8 @@ def caption_all(captioner, system: System, clips, inputs, settings, seed) -> dic
             fbank=fbank,
             use_prefix=system.use_prefix and captioner.prefix is not None,
             max_new_tokens=int(settings["max_new_tokens"]),
-            do_sample=False,
+            do_sample=settings.get("decoding", "greedy") == "sampled",
+            temperature=float(settings.get("temperature", 0.2)),
             seed=seed + index,
         )
         captions.update({c.clip_id: t for c, t in zip(batch, texts)})
@@ -335,6 +338,7 @@ def evaluate(
         seed,
         models=params.get("models"),
     )
+    decoding = tables.decoding_label(settings, seed)
     began = time.time()
     with atomic_path(out, directory=True) as tmp:
         write_json(tmp / "references.json", references)
@@ -374,8 +378,9 @@ def evaluate(
             record = {**asdict(system), "dataset": dataset, "captions": captions, "scores": scores}
             record.update(notes=notes, per_clip=per_clip, seconds=seconds[system.name])
             record["options"] = options[system.name]
+            record["decoding"] = decoding
             write_json(tmp / f"{system.name}.json", record)
-            rows.append(tables.table_row(system, scores))
+            rows.append(tables.table_row(system, scores, decoding))
             all_notes.update(notes)
             log.info(
                 "%s: %s", system.name, metrics.format_scores(scores, notes).replace("\n", "; ")
@@ -394,6 +399,7 @@ def evaluate(
             "n_clips": len(clips),
             "n_failed": len(ds.failed),
             "systems": [s.name for s in systems],
+            "decoding": {s.name: decoding for s in systems},
             "versions": package_versions(),  # what produced these numbers
             "seconds": round(time.time() - began, 2),
         }

@@ -18,7 +18,7 @@ from dalipipe.common import atomic_path
 from dalipipe.miniature.world_scores import WORLD_METRICS
 
 CAPTION_COLUMNS = ["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"]
-KEY_COLUMNS = ["system", "method", "modality", "distilled"]
+KEY_COLUMNS = ["system", "method", "modality", "distilled", "decoding"]
 LABELS = {
     "bleu_4": "BLEU-4",
     "meteor": "METEOR",
@@ -44,15 +44,24 @@ def columns(world: bool) -> list[str]:
     return KEY_COLUMNS + CAPTION_COLUMNS + (WORLD_METRICS if world else [])
 
 
-def table_row(system, scores: dict) -> dict:
+def table_row(system, scores: dict, decoding: str = "greedy") -> dict:
+    """One CSV row; ``decoding`` says how its captions were decoded (see decoding_label)."""
     row = {
         "system": system.name,
         "method": system.method,
         "modality": system.modality,
         "distilled": system.distilled,
+        "decoding": decoding,
     }
     row.update({k: scores.get(k) for k in CAPTION_COLUMNS + WORLD_METRICS})
     return row
+
+
+def decoding_label(settings: dict, seed: int) -> str:
+    """How evaluation decodes (config evaluate.decoding), as the table records it per system."""
+    if settings.get("decoding", "greedy") == "sampled":
+        return f"sampled T={float(settings['temperature']):g} top-k 50 seed {seed}"
+    return "greedy"
 
 
 def write_csv(path: str | Path, rows: list[dict], cols: list[str]) -> None:
@@ -123,6 +132,8 @@ def markdown(rows: list[dict], dataset: str, *, world: bool, notes: dict | None 
         vals = [_fmt(zero[m], m) if zero else "" for m in metrics]
         vals += [_fmt(dist[m], m) if dist else "" for m in metrics]
         lines.append("| " + " | ".join([key[0], key[1], *vals]) + " |")
+    decodings = sorted({str(row.get("decoding") or "greedy") for row in rows})
+    lines += ["", f"Decoding: {'; '.join(decodings)}."]
     for name, note in sorted((notes or {}).items()):
         lines.append("")
         lines.append(f"n.c. {LABELS.get(name, name)}: {note}")
