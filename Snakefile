@@ -24,6 +24,7 @@ include: "rules/bootstrap.smk"
 include: "rules/align.smk"
 include: "rules/caption.smk"
 include: "rules/evaluate.smk"
+include: "rules/figures.smk"
 include: "rules/experiments.smk"
 include: "rules/fetch.smk"
 

@@ -83,6 +83,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dalipipe.evaluate.experiments",
         "Appendix A's prefix-pairs sweep (sweep) and the table across seeds (seeds)",
     ),
+    "probe": (
+        "dalipipe.evaluate.probe",
+        "Table 2: ask the captioner what it sees in each encoder's audio tokens",
+    ),
+    "figure": (
+        "dalipipe.evaluate.figures",
+        "Figure 6 (pca-clip: one clip's tokens) or 7 (attention: ot_att's token weights)",
+    ),
     "class-breakdown": (
         "dalipipe.miniature.class_breakdown",
         "per-class recall of every system of a synthetic-world run",

@@ -21,6 +21,7 @@ rule evaluate:
         p=job_params(
             "evaluate",
             "-evaluate.examples",
+            "-evaluate.figures",
             "-evaluate.datasets",
             "evaluate.datasets.{dataset}",
             "extract.fbank",
@@ -71,7 +72,7 @@ rule report_figures:
         ),
         **EVAL_FIGURES,
     params:
-        p=job_params("evaluate", "extract.fbank"),
+        p=job_params("evaluate", "-evaluate.figures", "extract.fbank"),
         curves=lambda wc, input: " ".join(f"{d}/curve.csv" for d in input.curves),
         examples=EVAL.get("examples", 6),
         shards=f"--shards {RUN}/shards/test" if "miniature" in EVAL_DATASETS else "",

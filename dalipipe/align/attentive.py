@@ -3,6 +3,7 @@
     scorer = AttentiveWeights(dim=1024)
     a, b = scorer(audio, image)                  # (B,Na), (B,Nv): each row sums to one
     lam = entropy_weight(epoch, params)          # None while the scorer is frozen (epoch 1)
+    save_scorer(scorer, "align/ot_att"); load_scorer("align/ot_att")   # beside the encoder
 
 As in the authors' code (docs/authors-implementation.md §4.3): each side has an extra Linear for
 query, key and value in front of an 8-head ``nn.MultiheadAttention``; the attention output is
@@ -14,16 +15,22 @@ few tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 DEFAULT_LAMBDAS = (500.0, 400.0, 300.0, 200.0)
 DEFAULT_FINAL_LAMBDA = 100.0
+# the trained scorer, saved beside audio_encoder.* in the align output (Figure 7 reads it)
+SCORER_WEIGHTS = "attentive_scorer.safetensors"
+SCORER_CONFIG = "attentive_scorer.json"
 
 
 class AttentiveWeights(nn.Module):
     def __init__(self, dim: int, heads: int = 8, tau: float = 20.0, uniform_mix: float = 0.5):
         super().__init__()
+        self.dim, self.heads = dim, heads
         self.tau, self.uniform_mix = tau, uniform_mix
         self.a_q, self.a_k, self.a_v = (nn.Linear(dim, dim) for _ in range(3))
         self.i_q, self.i_k, self.i_v = (nn.Linear(dim, dim) for _ in range(3))
@@ -67,3 +74,36 @@ def entropy_weight(
         return None
     index = epoch - frozen_epochs - 1
     return float(lambdas[index]) if index < len(lambdas) else float(final)
+
+
+def save_scorer(scorer: AttentiveWeights, directory: str | Path) -> None:
+    """Write the scorer's weights and sizes into ``directory`` (an align output)."""
+    from dalipipe.models.artifacts import save_state, write_config
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state(directory / SCORER_WEIGHTS, scorer.state_dict())
+    sizes = {"dim": scorer.dim, "heads": scorer.heads, "tau": scorer.tau}
+    write_config(directory / SCORER_CONFIG, {**sizes, "uniform_mix": scorer.uniform_mix})
+
+
+def load_scorer(directory: str | Path, *, device="cpu") -> AttentiveWeights | None:
+    """The scorer saved in an align output, or None where there is none (another method, or a
+    directory written before scorers were saved)."""
+    from dalipipe.models.artifacts import load_state, read_config
+
+    directory = Path(directory)
+    if not (directory / SCORER_WEIGHTS).is_file():
+        return None
+    sizes = read_config(directory / SCORER_CONFIG)
+    try:
+        scorer = AttentiveWeights(
+            int(sizes["dim"]), int(sizes["heads"]), float(sizes["tau"]), float(sizes["uniform_mix"])
+        )
+    except KeyError as err:
+        raise ValueError(f"{directory / SCORER_CONFIG}: missing field {err}") from None
+    try:
+        scorer.load_state_dict(load_state(directory / SCORER_WEIGHTS), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{directory / SCORER_WEIGHTS}: does not fit {sizes} ({err})") from None
+    return scorer.to(device).eval()

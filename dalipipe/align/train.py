@@ -14,7 +14,8 @@ weights), a row of curve.csv and a halving of the LR at the configured milestone
 
 A checkpoint every `checkpoint_every` steps, at each epoch's end and on SIGTERM goes to
 `<out>.ckpt/`; a rerun resumes exactly (weights, optimisers, scheduler, RNG, place in the data).
-The output directory holds audio_encoder.safetensors/.json, curve.csv and summary.json.
+The output directory holds audio_encoder.safetensors/.json, curve.csv and summary.json, and for
+ot_att the trained scorer, attentive_scorer.safetensors/.json (align.attentive.load_scorer).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalipipe.align.attentive import AttentiveWeights, entropy_weight
+from dalipipe.align.attentive import AttentiveWeights, entropy_weight, save_scorer
 from dalipipe.align.objective import METHODS, Objective
 from dalipipe.align.ot import OTSolver
 from dalipipe.common import atomic_path, parse_params, seed_everything, setup_logging, write_json
@@ -468,6 +469,8 @@ class Run:
         if self.accelerator.is_main_process:
             with atomic_path(self.out, directory=True) as tmp:
                 save_encoder(self.encoder, tmp)
+                if self.scorer is not None:  # ot_att: the token weights Figure 7 draws
+                    save_scorer(self.scorer, tmp)
                 columns = sorted({k for row in curve for k in row}, key=lambda k: (k != "epoch", k))
                 write_curve(tmp / "curve.csv", curve, columns)
                 write_json(tmp / "summary.json", summary)

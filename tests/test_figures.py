@@ -1,0 +1,232 @@
+"""Figures 6 and 7 on tiny models, the attentive scorer saved with its encoder, and the targets
+of rules/figures.smk planned in the miniature and at paper scale.
+
+    HF_HUB_OFFLINE=1 pytest tests/test_figures.py -x -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalipipe.align.attentive import (
+    SCORER_CONFIG,
+    SCORER_WEIGHTS,
+    AttentiveWeights,
+    load_scorer,
+    save_scorer,
+)
+from dalipipe.evaluate import figures
+from dalipipe.evaluate.datasets import miniature_set
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_align import run_align, world  # noqa: E402, F401  (world: the align stage's fixture)
+from test_evaluate import FRAMES, MEL, write_test_shard  # noqa: E402
+
+
+def make_run(root: Path) -> Path:
+    """A tiny run: base captioner, test shard, aligned encoders mmd and ot_att (with a scorer)
+    and an ot_att trained before scorers were saved (encoder only)."""
+    from dalipipe.miniature import world as synthetic
+    from dalipipe.miniature.tiny import make_tiny_llava
+    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
+
+    corpus = [
+        c
+        for cls in synthetic.CLASSES
+        for c in (synthetic.audio_caption([cls.name]), synthetic.visual_caption([cls.name]))
+    ]
+    make_tiny_llava(root / "models" / "llava", corpus=corpus, vocab_size=300)
+    config = AudioEncoderConfig(
+        num_mel_bins=MEL,
+        target_length=FRAMES,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        out_dim=32,
+    )
+    for i, method in enumerate(["mmd", "ot_att", "old_ot_att"]):
+        torch.manual_seed(10 + i)
+        save_encoder(CavMaeAudioEncoder(config), root / "align" / method)
+    torch.manual_seed(3)
+    save_scorer(AttentiveWeights(32, heads=2), root / "align" / "ot_att")
+    write_test_shard(root / "shards" / "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("figures"))
+
+
+def params(**figure_settings) -> dict:
+    return {"seed": 0, "device": "cpu", "evaluate": {"figures": figure_settings}}
+
+
+# --- the scorer saved with the encoder --------------------------------------------------------
+
+
+def test_a_reloaded_scorer_gives_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    scorer = AttentiveWeights(16, heads=4, tau=5.0, uniform_mix=0.25)
+    for p in scorer.parameters():  # not the initial values: a trained scorer's
+        p.data += torch.randn_like(p) * 0.1
+    audio, image = torch.randn(2, 6, 16), torch.randn(2, 9, 16)
+    save_scorer(scorer, tmp_path)
+    again = load_scorer(tmp_path)
+    assert (again.heads, again.tau, again.uniform_mix) == (4, 5.0, 0.25)
+    with torch.no_grad():
+        for before, after in zip(scorer(audio, image), again(audio, image)):
+            torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_an_align_folder_without_a_scorer_loads_none_and_a_broken_one_is_named(tmp_path):
+    assert load_scorer(tmp_path) is None  # written before scorers were saved
+    save_scorer(AttentiveWeights(8, heads=2), tmp_path)
+    (tmp_path / SCORER_CONFIG).write_text('{"dim": 16, "heads": 2, "tau": 20, "uniform_mix": 0.5}')
+    with pytest.raises(ValueError, match=SCORER_WEIGHTS):
+        load_scorer(tmp_path)
+
+
+@pytest.mark.slow
+def test_align_ot_att_saves_its_scorer_and_other_methods_none(world, tmp_path):  # noqa: F811
+    run_align(world, "ot_att", tmp_path / "ot_att", epochs=2, lr_milestones=[])
+    scorer = load_scorer(tmp_path / "ot_att")
+    assert scorer is not None and scorer.dim == 32
+    assert (tmp_path / "ot_att" / "audio_encoder.safetensors").is_file()
+    run_align(world, "mmd", tmp_path / "mmd", epochs=1, lr_milestones=[])
+    assert load_scorer(tmp_path / "mmd") is None
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def test_square_grid_reads_patches_row_major_and_drops_a_cls_token():
+    weights = np.arange(16, dtype=float)
+    assert figures.square_grid(weights, "x")[1, 0] == 4
+    with_cls = np.concatenate([[99.0], weights])
+    np.testing.assert_array_equal(figures.square_grid(with_cls, "x"), weights.reshape(4, 4))
+    with pytest.raises(ValueError, match="clip c: 15 image tokens are not a square grid"):
+        figures.square_grid(np.ones(15), "clip c")
+
+
+def test_chosen_clips_by_count_by_id_and_a_missing_id_named(run_dir):
+    ds = miniature_set(run_dir / "shards" / "test")
+    chosen = figures.choose_clips(ds, 2, "evaluate.figures.x", need_frame=True)
+    assert [c.clip_id for c, _, _ in chosen] == ["clip-000", "clip-001"]
+    fbank, frame = chosen[0][1], chosen[0][2]
+    assert fbank.shape == (FRAMES, MEL) and isinstance(frame, Image.Image)
+    by_id = figures.choose_clips(ds, ["clip-004"], "evaluate.figures.x", need_frame=True)
+    assert by_id[0][0].clip_id == "clip-004"
+    assert figures.choose_clips(ds, None, "s", need_frame=True)[0][0].clip_id == "clip-000"
+    with pytest.raises(ValueError, match="evaluate.figures.pca_clip: clip 'nope' is not in"):
+        figures.choose_clips(ds, "nope", "evaluate.figures.pca_clip", need_frame=True)
+
+
+def test_scorer_weights_are_the_scorers_and_sum_to_one():
+    torch.manual_seed(1)
+    scorer = AttentiveWeights(8, heads=2).eval()
+    audio, image = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)
+    a, b = figures.scorer_weights(scorer, audio, image)
+    assert a.shape == (6,) and b.shape == (6,)
+    assert a.sum() == pytest.approx(1, abs=1e-6) and b.sum() == pytest.approx(1, abs=1e-6)
+    with torch.no_grad():
+        expected = scorer(torch.from_numpy(audio)[None], torch.from_numpy(image)[None])[1][0]
+    np.testing.assert_allclose(b, expected.numpy())
+    assert b.min() >= 0.5 / 6 - 1e-7  # half of each token's weight is the uniform share
+    with pytest.raises(ValueError, match="the scorer weighs 8-d tokens"):
+        figures.scorer_weights(scorer, np.ones((3, 4), np.float32), image)
+
+
+# --- the figures on tiny models ------------------------------------------------------------
+
+
+def _png(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_pca_clip_draws_untrained_and_each_method_for_the_chosen_clip(run_dir, tmp_path):
+    out = tmp_path / "pca_clip.png"
+    align = [run_dir / "align" / "mmd", run_dir / "align" / "ot_att"]
+    args = ("miniature", run_dir / "shards" / "test", run_dir / "models" / "llava", align, out)
+    assert figures.pca_clip(params(pca_clip="clip-003"), *args) == "clip-003"
+    width, height = _png(out)
+    assert width > 2.5 * height  # three panels side by side: untrained, mmd, ot_att
+    assert figures.pca_clip(params(), *args[:-1], tmp_path / "first.png") == "clip-000"
+    with pytest.raises(ValueError, match="pca_clip: clip 'clip-999'"):
+        figures.pca_clip(params(pca_clip="clip-999"), *args)
+
+
+def test_plot_pca_clip_puts_every_token_on_shared_axes(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(16, 8))
+    audio = {"untrained": rng.normal(5, 1, size=(4, 8)), "mmd": rng.normal(size=(4, 8))}
+    figures.plot_pca_clip(image, audio, "c", tmp_path / "p.png")
+    assert _png(tmp_path / "p.png")[0] > 0
+    with pytest.raises(ValueError, match="no audio tokens"):
+        figures.plot_pca_clip(image, {}, "c", tmp_path / "q.png")
+
+
+def test_attention_draws_the_scorers_weights_and_says_when_there_is_no_scorer(run_dir, tmp_path):
+    root = run_dir
+    common = ("miniature", root / "shards" / "test", root / "models" / "llava")
+    out = tmp_path / "attention.png"
+    drawn = figures.attention(params(attention_clips=2), *common, root / "align" / "ot_att", out)
+    assert drawn == ["clip-000", "clip-001"]
+    width, height = _png(out)
+    assert height > 0.6 * width  # two rows of panels
+    old = tmp_path / "old.png"
+    assert figures.attention(params(), *common, root / "align" / "old_ot_att", old) == []
+    assert _png(old)[0] > 0
+
+
+def test_the_cli_names_a_bad_clip_and_exits_1(run_dir, tmp_path, capfd):
+    from dalipipe.cli import main
+
+    argv = ["figure", "attention", "--params", '{"device": "cpu", "evaluate": {"figures": '
+            '{"attention_clips": ["nope"]}}}', "--dataset", "miniature",
+            "--shards", str(run_dir / "shards" / "test"),
+            "--captioner", str(run_dir / "models" / "llava"),
+            "--align", str(run_dir / "align" / "ot_att"), "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert main(argv) == 1
+    assert "evaluate.figures.attention_clips: clip 'nope' is not in" in capfd.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
+# --- the workflow's targets -------------------------------------------------------------------
+
+
+def dry_run(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_the_targets_are_planned_in_the_miniature_and_at_paper_scale():
+    targets = ["report/probe.html", "report/pca_clip.png", "report/attention.png"]
+    plan = dry_run(*(f"results/miniature/{t}" for t in targets))
+    for rule in ("probe", "pca_clip", "attention"):
+        assert f"rule {rule}:" in plan
+    assert "--dataset miniature --shards results/miniature/shards/test" in plan
+    paper = dry_run("--configfile", "configs/paper.yaml", *(f"results/paper/{t}" for t in targets))
+    for rule in ("probe", "pca_clip", "attention"):
+        assert f"rule {rule}:" in paper
+    assert "--dataset audiocaps" in paper and "data/audiocaps/test.csv" in paper
