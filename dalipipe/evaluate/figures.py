@@ -251,25 +251,26 @@ def plot_attention(rows: list[dict], out) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.0 * len(rows)), squeeze=False)
-    for (left, right), row in zip(axes, rows):
+    # one colour scale for every panel, from 0 to at least twice the uniform share
+    scaled = [
+        (r["image_weights"] * r["image_weights"].size, r["audio_weights"] * r["audio_weights"].size)
+        for r in rows
+    ]
+    vmax = max([2.0] + [float(w.max()) for pair in scaled for w in pair])
+    shade = dict(alpha=0.55, cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
+    for (left, right), row, (grid, strip) in zip(axes, rows, scaled):
         side = row["picture"].shape[0]
-        grid = row["image_weights"] * row["image_weights"].size
-        left.imshow(row["picture"])
-        shown = left.imshow(
-            grid, extent=(0, side, side, 0), alpha=0.55, cmap="magma", interpolation="nearest"
-        )
+        square = (0, side, side, 0)
+        left.imshow(row["picture"], extent=square)
+        shown = left.imshow(grid, extent=square, **shade)
         left.set_title(f"{row['clip_id']}: image tokens", fontsize=9)
         left.set_xticks([])
         left.set_yticks([])
         fig.colorbar(shown, ax=left, fraction=0.046, label="weight / uniform")
-        fbank = row["fbank"]  # (time frames, mel bins)
-        strip = row["audio_weights"] * row["audio_weights"].size  # (freq patches, time patches)
+        fbank = row["fbank"]  # (time frames, mel bins); strip: (freq patches, time patches)
         extent = (0, fbank.shape[0], 0, fbank.shape[1])
         right.imshow(fbank.T, origin="lower", aspect="auto", cmap="gray", extent=extent)
-        shown = right.imshow(
-            strip, origin="lower", aspect="auto", alpha=0.55, cmap="magma", extent=extent,
-            interpolation="nearest",
-        )  # fmt: skip
+        shown = right.imshow(strip, origin="lower", aspect="auto", extent=extent, **shade)
         right.set_title(f"{row['clip_id']}: audio tokens over the filterbank", fontsize=9)
         right.set_xlabel("frame")
         right.set_ylabel("mel bin")

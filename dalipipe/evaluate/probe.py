@@ -142,7 +142,7 @@ def probe(params: dict, dataset: str, shards, captioner_dir, align_dirs: list, o
 
 
 def _fmt(value) -> str:
-    return "" if value is None else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def rates_markdown(result: dict) -> list[str]:
