@@ -1,22 +1,30 @@
-"""Clips per second of pseudo-label generation (image + audio + prefix tokens) by batch size.
+"""Clips per second of pseudo-label generation (image + audio + prefix tokens): plain vs fast.
 
     python bench/generate.py                                   # miniature shapes, CPU
+    python bench/generate.py --shape positions                 # the paper's positions, small widths
     python bench/generate.py --shape paper --device cuda --batch-sizes 1 16 64
     python bench/generate.py --captioner results/miniature/models/llava \
         --encoder results/miniature/align/ot_att --prefix results/miniature/prefix
 
-It times `AudioCaptioner.generate` exactly as stage pseudolabel calls it. Without --captioner,
-a randomly initialised LLaVA of the chosen shape is built in memory (miniature: the bootstrap's
-64 px / 64 image tokens, Llama width 128; paper: CLIP-L/336 + a 7B Llama, 576 image + 512
-audio + 16 prefix tokens, bf16). A random model seldom emits the end token, so each caption
-runs to about --max-new-tokens; the table reports the decode steps per batch so runs with
-trained models (which stop early) stay comparable.
+It times `AudioCaptioner.generate` exactly as stage pseudolabel calls it, once per variant on the
+same inputs: `plain` (transformers' generate over the whole left-padded batch), `fast` (the shared
+prompt positions computed once, static KV cache: the stage's default), `fast_dynamic` (the same
+with the growing cache) and `fast_compiled` (a compiled decode step; GPU only, and its first batch
+of each shape compiles, so give it --repeats 3 or more). Each row says whether every variant's
+greedy captions were the plain path's. Without --captioner, a randomly initialised LLaVA of the
+chosen shape is built in memory (miniature: the bootstrap's 64 px / 64 image tokens, Llama width
+128; positions: 576 image + 512 audio + 16 prefix tokens like the paper, Llama width 256 and 4
+layers, so a CPU can run it; paper: CLIP-L/336 + a 7B Llama, bf16). A random model seldom emits
+the end token, so each caption runs to about --max-new-tokens; the table reports the decode steps
+per batch so runs with trained models (which stop early) stay comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 
@@ -31,6 +39,22 @@ SHAPES = {
         "encoder": dict(num_mel_bins=64, target_length=256, embed_dim=64, depth=2, num_heads=4),
         "intermediate": None,
         "vocab": None,
+    },
+    "positions": {  # the paper's sequence (~1,150 positions) at widths a CPU can run
+        "llava": dict(
+            image_size=336,
+            patch_size=14,
+            vision_hidden=64,
+            vision_layers=1,
+            vision_heads=2,
+            text_hidden=256,
+            text_layers=4,
+            text_heads=4,
+            max_positions=2048,
+        ),
+        "encoder": dict(embed_dim=64, depth=1, num_heads=4),  # 1024 x 128 fbank -> 512 tokens
+        "intermediate": None,
+        "vocab": 32000,
     },
     "paper": {
         "llava": dict(
@@ -100,13 +124,27 @@ def trained_captioner(args, device, dtype):
     return captioner, (config.target_length, config.num_mel_bins)
 
 
-def time_batch(captioner, batch_size, fbank_shape, image_size, max_new_tokens, seed):
-    """Seconds for one batch, and the decode steps it ran (the longest caption in the batch)."""
+VARIANTS = {
+    "plain": dict(fast=False),
+    "fast": dict(fast=True, static_cache=True),
+    "fast_dynamic": dict(fast=True, static_cache=False),
+    "fast_compiled": dict(fast=True, static_cache=True, compile=True),
+}
+
+
+def batch_inputs(captioner, batch_size, fbank_shape, image_size, seed):
     rng = np.random.default_rng(seed)
     frames = [
         rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(batch_size)
     ]
     fbank = torch.from_numpy(rng.normal(size=(batch_size, *fbank_shape)).astype(np.float32))
+    return captioner.pixel_values(frames), fbank
+
+
+def time_batch(captioner, inputs, max_new_tokens, seed, variant="plain"):
+    """Seconds for one batch, the decode steps it ran (the longest caption in the batch), and
+    its captions."""
+    pixel_values, fbank = inputs
     steps = []
     generate = captioner.llava.generate
 
@@ -120,20 +158,29 @@ def time_batch(captioner, batch_size, fbank_shape, image_size, max_new_tokens, s
         torch.cuda.synchronize()
     began = time.perf_counter()
     try:
-        captioner.generate(
+        captions = captioner.generate(
             modality="audio+image",
-            pixel_values=captioner.pixel_values(frames),
+            pixel_values=pixel_values,
             fbank=fbank,
             use_prefix=True,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             seed=seed,
+            **VARIANTS[variant],
         )
         if captioner.device.type == "cuda":
             torch.cuda.synchronize()
     finally:
         captioner.llava.generate = generate
-    return time.perf_counter() - began, steps[0]
+    return time.perf_counter() - began, steps[0], captions
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -146,6 +193,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["plain", "fast"],
+        help="generation paths to time side by side (the first is the reference for captions)",
+    )
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -160,33 +214,46 @@ def main(argv=None) -> int:
     else:
         captioner, fbank_shape = random_captioner(args.shape, device, dtype)
     image_size = captioner.llava.config.vision_config.image_size
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores"
     print(
-        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+        f"device {device} ({machine}), "
         f"threads {torch.get_num_threads()}, dtype {dtype}, shape {args.captioner or args.shape}, "
         f"fbank {fbank_shape}, max_new_tokens {args.max_new_tokens}"
     )
-    time_batch(captioner, 1, fbank_shape, image_size, 2, seed=0)  # warm-up
+    variants = args.variants
+    warm = batch_inputs(captioner, 1, fbank_shape, image_size, seed=0)
+    for variant in variants:
+        time_batch(captioner, warm, 2, seed=0, variant=variant)  # warm-up
     results = []
-    print(f"{'batch':>6} {'clips/s':>9} {'s/batch':>9} {'steps':>6}")
+    header = "".join(f" {v + ' clips/s':>20}" for v in variants)
+    print(f"{'batch':>6}{header} {'steps':>6} {'same captions':>14}")
     for batch_size in args.batch_sizes:
-        runs = [
-            time_batch(captioner, batch_size, fbank_shape, image_size, args.max_new_tokens, seed=r)
-            for r in range(args.repeats)
-        ]
-        seconds = statistics.median(s for s, _ in runs)
-        tokens = statistics.mean(t for _, t in runs)
-        results.append(
-            {
-                "batch_size": batch_size,
+        runs = {v: [] for v in variants}
+        same = True
+        for r in range(args.repeats):
+            inputs = batch_inputs(captioner, batch_size, fbank_shape, image_size, seed=r)
+            captions = {}
+            for variant in variants:  # interleaved, so drift on a shared machine hits all alike
+                seconds, steps, captions[variant] = time_batch(
+                    captioner, inputs, args.max_new_tokens, seed=r, variant=variant
+                )
+                runs[variant].append((seconds, steps))
+            same &= all(c == captions[variants[0]] for c in captions.values())
+        row = {"batch_size": batch_size, "same_captions": same, "variants": {}}
+        for variant, timings in runs.items():
+            seconds = statistics.median(s for s, _ in timings)
+            row["variants"][variant] = {
                 "clips_per_s": batch_size / seconds,
                 "seconds_per_batch": seconds,
-                "mean_new_tokens": tokens,
+                "mean_new_tokens": statistics.mean(t for _, t in timings),
             }
-        )
-        print(
-            f"{batch_size:>6} {batch_size / seconds:>9.2f} {seconds:>9.3f} {tokens:>6.1f}",
-            flush=True,
-        )
+        results.append(row)
+        cells = "".join(f" {row['variants'][v]['clips_per_s']:>20.2f}" for v in variants)
+        steps = row["variants"][variants[0]]["mean_new_tokens"]
+        print(f"{batch_size:>6}{cells} {steps:>6.1f} {'yes' if same else 'NO':>14}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
@@ -194,6 +261,7 @@ def main(argv=None) -> int:
                     "device": str(device),
                     "shape": args.captioner or args.shape,
                     "max_new_tokens": args.max_new_tokens,
+                    "machine": machine,
                     "results": results,
                 },
                 f,

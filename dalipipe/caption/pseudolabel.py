@@ -155,6 +155,7 @@ def pseudolabel(
                     do_sample=settings["do_sample"],
                     temperature=settings["temperature"],
                     seed=seed + index,
+                    **settings["generate"],
                 )
                 rows += [
                     {"clip_id": c, "caption": t, "settings": row_settings}

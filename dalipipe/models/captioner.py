@@ -28,6 +28,7 @@ from torch import nn
 
 from dalipipe.models.artifacts import load_state, read_config, save_state, write_config
 from dalipipe.models.cavmae import CavMaeAudioEncoder, load_encoder, save_encoder
+from dalipipe.models.fast_generate import generate_fast
 from dalipipe.prompts import IMAGE_SLOT, PROMPTS, TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -354,12 +355,15 @@ class AudioCaptioner(nn.Module):
             labels += caption_ids
         return torch.cat([p.to(self.dtype) for p in pieces]), labels
 
+    def _pad_embed(self) -> torch.Tensor:
+        return self.llava.get_input_embeddings()(
+            torch.tensor([self.tokenizer.pad_token_id], device=self.device)
+        )[0]
+
     def _batch(self, sequences, *, left_pad: bool):
         """Stack variable-length sequences with padding; returns embeds, mask, positions, labels."""
         longest = max(e.shape[0] for e, _ in sequences)
-        pad_embed = self.llava.get_input_embeddings()(
-            torch.tensor([self.tokenizer.pad_token_id], device=self.device)
-        )[0]
+        pad_embed = self._pad_embed()
         embeds, masks, labels = [], [], []
         for e, lab in sequences:
             n_pad = longest - e.shape[0]
@@ -446,14 +450,26 @@ class AudioCaptioner(nn.Module):
         temperature: float = 0.2,
         seed: int | None = None,
         prompt: str | list[str] | None = None,
+        fast: bool = True,
+        static_cache: bool = True,
+        compile: bool = False,
     ) -> list[str]:
-        """Captions for a batch (left padding); greedy, or sampled at `temperature` with a seed."""
+        """Captions for a batch; greedy, or sampled at `temperature` with a seed.
+
+        `fast` (dalipipe/models/fast_generate.py): the positions every sequence shares are
+        computed once and the rest continues from their cache, preallocated with `static_cache`,
+        its decode step compiled with `compile` (GPU only); the same captions as `fast=False`,
+        plain transformers `generate` over left-padded sequences."""
         mm = self.modality_embeds(modality, pixel_values, fbank)
         prompts = self._prompts(prompt, mm.shape[0])
         template = self.options.generate_template or self.options.template
         seqs = [self._sequence(template, p, mm[i], use_prefix) for i, p in enumerate(prompts)]
-        embeds, mask, _, _ = self._batch(seqs, left_pad=True)
-        settings = dict(do_sample=do_sample)
+        settings = dict(
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
         if do_sample:
             # The authors' decoding: temperature 0.2, HF's default top-k 50, no nucleus cut.
             settings.update(temperature=temperature, top_k=50, top_p=1.0)
@@ -461,13 +477,17 @@ class AudioCaptioner(nn.Module):
         with rng if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.llava.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **settings,
-            )
+            if fast:
+                out = generate_fast(
+                    self.llava,
+                    [e for e, _ in seqs],
+                    self._pad_embed(),
+                    static_cache=static_cache,
+                    compile=compile,
+                    **settings,
+                )
+            else:
+                embeds, mask, _, _ = self._batch(seqs, left_pad=True)
+                out = self.llava.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.replace("\n", " ").strip() for t in texts]
