@@ -9,6 +9,11 @@ random-noise frames of ``--size`` pixels, ``--max-new-tokens`` tokens (generatio
 only at the end token, so random weights give full-length captions), after one warm-up batch.
 Compare with docs/performance-anchors.md: BLIP-2 OPT-2.7B shapes, 12 tokens from a 224 px
 frame, 94 / 300 / 524 frames/s at batch 16 / 64 / 256 on one H200.
+
+Then the whole captioning loop (``caption_clips``: JPEG files read, decoded and prepared, then
+captioned and journalled) on ``--frames`` JPEGs of ``--jpeg-size`` pixels (an extracted
+frame's size), for each of ``--decode-workers`` (0: decoding in threads of the captioning
+process; n: n DataLoader worker processes), at the largest batch size.
 """
 
 from __future__ import annotations
@@ -16,12 +21,20 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dalipipe.data.filter import FrameCaptioner, Gpt2Embedder, MiniLmEmbedder
+from dalipipe.data.filter import (
+    FrameCaptioner,
+    Gpt2Embedder,
+    MiniLmEmbedder,
+    _frame_chunks,
+    caption_clips,
+    prepared_batches,
+)
 
 
 def noise_frames(n: int, size: int, seed: int = 0) -> list[Image.Image]:
@@ -54,6 +67,42 @@ def bench_captioner(captioner: FrameCaptioner, batch_sizes, size: int, min_frame
         print(f"{batch:>6} {n:>7} {seconds:>8.2f} {n / seconds:>9.1f}")
 
 
+def bench_loop(captioner, batch: int, n_frames: int, jpeg_size: int, workers_list, tmp) -> None:
+    """Frames/s of the whole loop from JPEG files, per number of decode workers."""
+    folder = Path(tmp) / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    # a small random image enlarged: JPEG sizes like a real frame's, not incompressible noise
+    for k in range(n_frames):
+        small = rng.integers(0, 256, (jpeg_size // 16, jpeg_size * 16 // 9 // 16, 3), np.uint8)
+        image = Image.fromarray(small).resize((jpeg_size * 16 // 9, jpeg_size), Image.BILINEAR)
+        image.save(folder / f"frame_{k:05d}.jpg", quality=95)
+    paths = sorted(folder.iterdir())
+    clips = [
+        {"clip_id": f"clip{i:05d}", "frames": paths[i : i + 10], "labels": ["x"]}
+        for i in range(0, len(paths), 10)
+    ]
+    print(f"{n_frames} JPEGs of {jpeg_size} px (short side), batch {batch}: decoded and prepared"
+          " alone (what can feed the captioner), and the whole caption_clips loop")  # fmt: skip
+    print(f"{'decode workers':>15} {'prepare frames/s':>17} {'loop seconds':>13} {'frames/s':>9}")
+    chunks = list(_frame_chunks(clips, batch))
+    pin = captioner.device.type == "cuda"
+    for workers in workers_list:
+        start = time.perf_counter()
+        for _ in prepared_batches(chunks, captioner.preparer, workers, pin):
+            pass
+        prepare_rate = n_frames / (time.perf_counter() - start)
+        journal = Path(tmp) / f"journal-{workers}.jsonl"
+        caption_clips(clips[:1], lambda: captioner, batch, journal, workers)  # warm-up
+        journal.unlink()
+        sync(captioner.device)
+        start = time.perf_counter()
+        caption_clips(clips, lambda: captioner, batch, journal, workers)
+        sync(captioner.device)
+        seconds = time.perf_counter() - start
+        print(f"{workers:>15} {prepare_rate:>17.1f} {seconds:>13.2f} {n_frames / seconds:>9.1f}")
+
+
 def bench_text(encoder, n_texts: int = 512) -> None:
     texts = [
         f"a photo of a dog number {i} playing with a red ball on the grass" for i in range(n_texts)
@@ -73,6 +122,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32, help="at least this many per batch size")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode-workers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--loop-frames", type=int, default=160, help="JPEGs for caption_clips")
+    parser.add_argument("--jpeg-size", type=int, default=336, help="their short side, pixels")
     parser.add_argument(
         "--prompt", default="USER: <image>\nWhat can you see in this image? ASSISTANT:"
     )
@@ -90,6 +142,8 @@ def main() -> None:
             name, device=args.device, prompt=args.prompt, max_new_tokens=args.max_new_tokens
         )
         bench_captioner(captioner, args.batch_sizes, args.size, args.frames)
+        batch = max(args.batch_sizes)
+        bench_loop(captioner, batch, args.loop_frames, args.jpeg_size, args.decode_workers, tmp)
         if args.text_encoder == "minilm":
             bench_text(MiniLmEmbedder(device=args.device))
         elif args.text_encoder == "gpt2":

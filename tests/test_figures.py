@@ -226,7 +226,38 @@ def test_the_targets_are_planned_in_the_miniature_and_at_paper_scale():
     for rule in ("probe", "pca_clip", "attention"):
         assert f"rule {rule}:" in plan
     assert "--dataset miniature --shards results/miniature/shards/test" in plan
-    paper = dry_run("--configfile", "configs/paper.yaml", *(f"results/paper/{t}" for t in targets))
+    paper = dry_run(*(f"results/paper/{t}" for t in targets), "--configfile", "configs/paper.yaml")
     for rule in ("probe", "pca_clip", "attention"):
         assert f"rule {rule}:" in paper
     assert "--dataset audiocaps" in paper and "data/audiocaps/test.csv" in paper
+
+
+@pytest.mark.slow
+def test_the_ci_preset_builds_the_figures_and_the_report_shows_them(tmp_path, snakemake_in):
+    """From an empty directory: the CI miniature with ot and ot_att, only up to the figures
+    (bootstrap, shards, align; no prefix, distillation or evaluation)."""
+    import json
+    import zipfile
+
+    import yaml
+
+    from dalipipe.config import load_config
+
+    config = load_config(REPO / "configs" / "ci.yaml")
+    config["run"] = "figures"
+    config["align"]["methods"] = config["evaluate"]["methods"] = ["ot", "ot_att"]
+    config["evaluate"]["figures"] = {"probe_clips": 4, "pca_clip": None, "attention_clips": 2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = [
+        f"results/figures/report/{n}" for n in ("probe.html", "pca_clip.png", "attention.png")
+    ]
+    snakemake_in(tmp_path, *targets)
+    record = json.loads((tmp_path / "results/figures/report/probe.json").read_text())
+    assert record["systems"] == ["image", "untrained", "ot", "ot_att"]
+    assert len(record["clips"]) == 4 and set(record["rates"]) == set(record["systems"])
+    assert load_scorer(tmp_path / "results/figures/align/ot_att") is not None
+    assert load_scorer(tmp_path / "results/figures/align/ot") is None
+    snakemake_in(tmp_path, *targets, "--report", "report.zip")
+    names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
+    for name in ("probe.html", "pca_clip.png", "attention.png"):
+        assert any(n.endswith(name) for n in names), name

@@ -223,3 +223,58 @@ def test_merge_keeps_the_closest_clips(tmp_path):
     write_part(tmp_path / "dup", [("c1", 0.1)], excluded=0)
     with pytest.raises(ValueError, match="more than one filter part"):
         merge({"filter": {"keep": 1.0}}, [*parts, tmp_path / "dup"], tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["blip2", "llava"])
+def test_decode_workers_give_the_same_captions_and_resume(tiny, tmp_path, kind):
+    """Frames decoded in 2 DataLoader processes: the same captions as in this process, and an
+    interrupted run's journal is kept and extended, not redone."""
+    extract = write_extract_part(
+        tmp_path / "x", [("aaaaaaaaaaa_0", "ok", 3), ("bbbbbbbbbbb_0", "ok", 4),
+                         ("ccccccccccc_0", "ok", 2)]
+    )  # fmt: skip
+    clips = [
+        {"clip_id": c, "frames": flt.frame_paths(extract / c), "labels": ["Dog"]}
+        for c in ("aaaaaaaaaaa_0", "bbbbbbbbbbb_0", "ccccccccccc_0")
+    ]
+    prompt = flt.llava_prompt({"llava_template": "plain", "llava_prompt": "What is this?"})
+
+    def make():
+        return flt.FrameCaptioner(tiny[kind], prompt=prompt, max_new_tokens=5)
+
+    in_process = flt.caption_clips(clips, make, 4, tmp_path / "j0.jsonl", decode_workers=0)
+    in_workers = flt.caption_clips(clips, make, 4, tmp_path / "j2.jsonl", decode_workers=2)
+    assert in_workers == in_process
+    assert len({c for caps in in_process.values() for c in caps}) > 1
+    assert [len(in_process[c["clip_id"]]) for c in clips] == [3, 4, 2]
+
+    # the first clip journalled, then killed: a rerun with workers captions only the rest
+    journal = tmp_path / "resumed.jsonl"
+    journal.write_text(
+        json.dumps({"clip_id": "aaaaaaaaaaa_0", "captions": in_process["aaaaaaaaaaa_0"]}) + "\n"
+    )
+    seen = []
+
+    class Counting(flt.FrameCaptioner):
+        def generate(self, inputs):
+            seen.append(len(inputs["input_ids"]))
+            return super().generate(inputs)
+
+    def make_counting():
+        return Counting(tiny[kind], prompt=prompt, max_new_tokens=5)
+
+    assert flt.caption_clips(clips, make_counting, 4, journal, decode_workers=2) == in_process
+    assert seen == [4, 2]  # 6 frames of b and c, in batches of 4 across the clip boundary
+    assert len(journal.read_text().splitlines()) == 3
+
+
+def test_frame_preparer_gives_the_processor_output_in_the_model_dtype(tiny):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny["blip2"])
+    images = [noise_image(i) for i in range(2)]
+    got = flt.FramePreparer(processor, "", torch.bfloat16)(images)
+    expected = processor(images=images, text=["", ""], return_tensors="pt", padding=True)
+    assert got["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(got["pixel_values"], expected["pixel_values"].to(torch.bfloat16))
+    assert torch.equal(got["input_ids"], expected["input_ids"])

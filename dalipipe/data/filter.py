@@ -21,6 +21,11 @@ clip distance = the mean over its frames. Clips whose YouTube id is in an evalua
 ``<out>.work/`` as they are made, so a killed job resumes where it stopped; the journal records
 the captioning settings (captioner, its revision and files, prompt, max_new_tokens) and is
 discarded when they change, so a rerun never reuses another captioner's captions.
+
+JPEG decoding and the processor's resize/normalise run in ``filter.decode_workers`` processes
+(a torch DataLoader, pinned memory on a GPU), batches ahead of the captioner's ``generate``;
+the batches and their order are the same whatever the number of workers, and so are the
+captions.
 """
 
 from __future__ import annotations
@@ -58,6 +63,25 @@ EMBEDDINGS = {
 FRAME_NAME = re.compile(r"^frame_(\d+)\.jpg$")
 
 
+class FramePreparer:
+    """Images -> the captioner's inputs (resize, normalise, tokenise, pixels in the model's
+    dtype). Holds no model, so it is cheap to send to DataLoader worker processes."""
+
+    def __init__(self, processor, prompt: str, dtype):
+        self.processor = processor
+        self.prompt = prompt
+        self.dtype = dtype
+
+    def __call__(self, images: list) -> dict:
+        inputs = self.processor(
+            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True
+        )
+        inputs = dict(inputs)
+        # bf16 here rather than on the GPU: the same rounding, half the bytes to copy
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+
 class FrameCaptioner:
     """Greedy, batched captions from BLIP-2 or a LLaVA-class model, loaded by config type."""
 
@@ -87,17 +111,17 @@ class FrameCaptioner:
         self.model.to(self.device).eval()
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
+        self.preparer = FramePreparer(self.processor, self.prompt, dtype)
 
-    def prepare(self, images: list):
-        """CPU work (resize, normalise, tokenise): runs in a thread ahead of ``generate``."""
-        return self.processor(
-            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True
-        )
+    def prepare(self, images: list) -> dict:
+        """CPU work (resize, normalise, tokenise): runs ahead of ``generate``."""
+        return self.preparer(images)
 
-    def generate(self, inputs) -> list[str]:
+    def generate(self, inputs: dict) -> list[str]:
         import torch
 
-        inputs = inputs.to(self.device)
+        # non_blocking: the copy from a DataLoader's pinned memory overlaps the host's work
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -275,6 +299,40 @@ def _load_images(chunk) -> list:
     return images
 
 
+class _PreparedChunks:
+    """Item k: chunk k's frames decoded and prepared; a map-style dataset for a DataLoader."""
+
+    def __init__(self, chunks: list, preparer: FramePreparer):
+        self.chunks = chunks
+        self.preparer = preparer
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.preparer(_load_images(self.chunks[k]))
+
+
+def prepared_batches(chunks: list, preparer: FramePreparer, workers: int, pin_memory: bool):
+    """``(chunk, inputs)`` in chunk order. With ``workers`` > 0, JPEG decoding and the
+    processor run in that many processes, two chunks each ahead; with 0, in threads of this
+    process (the GIL lets decoding overlap generation only in part)."""
+    if workers <= 0:
+        yield from _prefetched(chunks, lambda chunk: preparer(_load_images(chunk)))
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _PreparedChunks(chunks, preparer),
+        batch_size=None,  # an item is already a batch
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2,
+    )
+    yield from zip(chunks, loader)
+
+
 def _read_journal(path: Path) -> dict:
     captions = {}
     if path.exists():
@@ -322,11 +380,14 @@ def open_journal(journal_path: Path, settings: dict) -> None:
     write_json(stamp, settings)
 
 
-def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_path: Path) -> dict:
+def caption_clips(
+    clips: list[dict], make_captioner, batch_size: int, journal_path: Path, decode_workers: int = 0
+) -> dict:
     """clip_id -> frame captions, reusing the journal of an interrupted run.
 
     Frames go to the captioner in full batches across clips; a clip is journalled as soon as
     its last frame is captioned. ``make_captioner()`` is called only when work is left.
+    ``decode_workers`` processes decode and prepare the frames (0: threads of this process).
     """
     captions = _read_journal(journal_path)
     todo = [c for c in clips if c["clip_id"] not in captions]
@@ -339,12 +400,11 @@ def caption_clips(clips: list[dict], make_captioner, batch_size: int, journal_pa
     wanted = {c["clip_id"]: len(c["frames"]) for c in todo}
     partial: dict[str, list[str]] = {c["clip_id"]: [] for c in todo}
     progress = tqdm(total=sum(wanted.values()), desc="caption", unit="frame", mininterval=10)
-
-    def prepare(chunk):
-        return captioner.prepare(_load_images(chunk))
-
+    chunks = list(_frame_chunks(todo, batch_size))
+    pin = captioner.device.type == "cuda"
+    batches = prepared_batches(chunks, captioner.preparer, decode_workers, pin)
     with open(journal_path, "a", encoding="utf-8") as journal:
-        for chunk, inputs in _prefetched(_frame_chunks(todo, batch_size), prepare):
+        for chunk, inputs in batches:
             for (clip_id, _), text in zip(chunk, captioner.generate(inputs)):
                 partial[clip_id].append(text)
                 if len(partial[clip_id]) == wanted[clip_id]:
@@ -405,7 +465,9 @@ def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name
         )
 
     # the captioner is dropped on return, freeing the GPU for the text encoder
-    captions = caption_clips(clips, make_captioner, int(cfg["batch_size"]), journal)
+    captions = caption_clips(
+        clips, make_captioner, int(cfg["batch_size"]), journal, int(cfg["decode_workers"])
+    )
     rows = score_clips(clips, captions, load_text_encoder(cfg, device), int(cfg["batch_size"]))
     summary = {
         "scored": len(rows),
