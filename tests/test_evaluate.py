@@ -17,7 +17,7 @@ import pytest
 from dalipipe.config import section_defaults
 from dalipipe.evaluate import datasets, run, tables
 from dalipipe.miniature import world
-from dalipipe.miniature.world_scores import world_scores
+from dalipipe.miniature.world_scores import WORLD_METRICS, world_scores
 
 SHARED = Path("/work/shared/data")
 AUDIOCAPS_CSV = SHARED / "audiocaps" / "test.csv"
@@ -263,6 +263,7 @@ def test_evaluate_writes_every_system_and_a_table(run_dir):
     assert rows[0]["class_recall"] == pytest.approx(ws["class_recall"])
     assert rows[0]["well_formed"] == pytest.approx(ws["well_formed"])
     assert rows[0]["spider"] is None  # no CoreNLP here; null, never a stand-in
+    assert rows[0]["fense"] is None and rows[0]["vocab"] >= 1  # no FENSE models configured
     distilled = json.loads((out / "mmd_audio_distilled.json").read_text())
     assert distilled["distilled"] is True and distilled["use_prefix"] is False
 
@@ -271,7 +272,8 @@ def test_evaluate_writes_every_system_and_a_table(run_dir):
     mmd_line = next(line for line in md.splitlines() if line.startswith("| DALI-MMD | audio |"))
     ot_line = next(line for line in md.splitlines() if line.startswith("| DALI-OT | audio |"))
     assert mmd_line.count("|") == ot_line.count("|")
-    assert [c.strip() for c in ot_line.split("|")[-9:-1]] == [""] * 8  # no distilled OT: empty
+    n_distilled = len(tables.MD_METRICS) + len(WORLD_METRICS)  # no distilled OT: empty cells
+    assert [c.strip() for c in ot_line.split("|")[-n_distilled - 1 : -1]] == [""] * n_distilled
     assert "n.c. SPIDEr: not computed: Stanford CoreNLP 3.6.0 missing" in md
 
     gap = np.load(out / "gap.npz")

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from dalipipe.evaluate import assets, metrics
+from dalipipe.evaluate import assets, fense, metrics
 
 # Papineni et al. 2002, "BLEU: a Method for Automatic Evaluation of Machine Translation", §2.1:
 # candidate 1 and its three references. The paper gives the unigram precision 17/18; NLTK
@@ -194,7 +194,8 @@ def test_spider_is_the_mean_of_cider_d_and_spice_and_a_spice_failure_is_reported
         refs,
     )
     ok, _, ok_notes = results["ok"]
-    assert ok["spice"] == 0.25 and ok["spider"] == pytest.approx((10.0 + 0.25) / 2) and not ok_notes
+    assert ok["spice"] == 0.25 and ok["spider"] == pytest.approx((10.0 + 0.25) / 2)
+    assert set(ok_notes) == {"fense", "spider_fl"}  # no FENSE models given
     bad, bad_clips, bad_notes = results["bad"]
     assert bad["spider"] is None and bad_clips["a"]["spice"] is None
     assert bad_notes["spice"] == "not computed: SPICE failed (cannot write cache)"
@@ -205,3 +206,134 @@ def test_score_command_names_the_bad_file_and_exits_2(tmp_path, capsys):
     refs.write_text('{"a": ["x"]}')
     rc = metrics.main(["--predictions", str(tmp_path / "absent.json"), "--references", str(refs)])
     assert rc == 2 and "absent.json: file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ Vocab, FENSE, SPIDEr-FL
+
+TINY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+    "a the dog barks loudly heavy rain falls softly on tin roof bird sings car passes engine hums"
+).split()
+
+
+def _tiny_bert(path, seed):
+    """A 2-layer, 32-wide BERT and its word-level WordPiece tokenizer, saved in ``path``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(TINY_WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(TINY_WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fense_models(tmp_path_factory):
+    """A tiny sentence encoder, and two echeckers in the released checkpoint's format whose
+    classifier answers the same error probability for every caption: 0.95 and 0.85, either
+    side of the 0.9 threshold."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    root = tmp_path_factory.mktemp("fense")
+    _tiny_bert(root / "sbert-bert", seed=1)
+    encoder = SentenceTransformer(
+        modules=[Transformer(str(root / "sbert-bert")), Pooling(32, "mean")]
+    )
+    encoder.save(str(root / "sbert"))
+    bert = _tiny_bert(root / "echecker-bert", seed=2)
+    checkpoints = {}
+    for prob in (0.95, 0.85):
+        state = {f"encoder.{k}": v for k, v in bert.state_dict().items()}
+        state["encoder.embeddings.position_ids"] = torch.arange(128)[None]  # as released
+        state["clf.weight"] = torch.zeros(6, 32)
+        # the sixth output is "error"; the other five are the error kinds
+        state["clf.bias"] = torch.tensor([0.0] * 5 + [math.log(prob / (1 - prob))])
+        ckpt = root / f"echecker-{prob}.ckpt"
+        torch.save({"model_type": "bert-base-uncased", "num_classes": 6, "state_dict": state}, ckpt)
+        checkpoints[prob] = fense.FenseModels(
+            str(root / "sbert"), str(ckpt), str(root / "echecker-bert")
+        )
+    return checkpoints
+
+
+def test_vocab_counts_distinct_ptb_words_of_a_system(scored):
+    corpus, _, notes = scored
+    # Papineni's candidate has 16 distinct lower-cased words ("the" three times), "a dog barks
+    # loudly" adds dog, barks, loudly; the empty caption adds nothing.
+    assert corpus["vocab"] == 19 and isinstance(corpus["vocab"], int)
+    assert fense.vocab_size(["a dog barks", "a dog", ""]) == 3
+    # no FENSE models configured: null with the reason, never a value
+    assert corpus["fense"] is None and corpus["spider_fl"] is None
+    assert notes["fense"] == "not computed: evaluate.fense.echecker is not set " + (
+        "(configs/paper.yaml sets and fetches it)"
+    )
+
+
+def test_spider_fl_is_spider_times_one_tenth_where_the_echecker_flags_an_error():
+    assert fense.spider_fl([0.5, 0.4, 0.0], [1.0, 0.0, 1.0]) == pytest.approx([0.05, 0.4, 0.0])
+
+
+def test_fense_penalises_a_caption_only_above_the_error_threshold(fense_models):
+    captions = ["a dog barks loudly", "heavy rain falls on a tin roof"]
+    refs = [["a dog barks loudly"], ["a bird sings", "a car passes"]]
+    flagged = fense.FluencyScorer(fense_models[0.95]).score(captions, refs)
+    passed = fense.FluencyScorer(fense_models[0.85]).score(captions, refs)
+    assert flagged["error_prob"] == pytest.approx([0.95, 0.95], abs=1e-6)
+    assert flagged["fluency_error"] == [1.0, 1.0] and passed["fluency_error"] == [0.0, 0.0]
+    # a caption equal to its only reference has cosine 1 under any encoder
+    assert passed["sbert_sim"][0] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= passed["sbert_sim"][1] < 0.999
+    assert passed["fense"] == pytest.approx(passed["sbert_sim"], abs=1e-6)
+    assert flagged["sbert_sim"] == pytest.approx(passed["sbert_sim"], abs=1e-6)
+    assert flagged["fense"] == pytest.approx([0.1 * s for s in passed["sbert_sim"]], abs=1e-6)
+
+
+def test_spider_fl_and_fense_in_the_scores(fense_models, monkeypatch):
+    monkeypatch.setattr(assets, "spice_missing_reason", lambda lib_dir=None: None)
+    monkeypatch.setattr(metrics, "_spice", lambda gts, res: (0.25, [0.25 for _ in res]))
+    refs = {"a": ["a dog barks loudly"] * 2, "b": ["heavy rain falls softly"] * 2}
+    preds = {"a": "A dog barks loudly.", "b": "heavy rain falls softly"}
+    corpus, per_clip, notes = metrics.score_captions(preds, refs, fense=fense_models[0.95])
+    assert not notes and corpus["vocab"] == 8  # a dog barks loudly heavy rain falls softly
+    # CIDEr-D 10 and SPICE 0.25 (see above) give SPIDEr 5.125; the echecker flags both
+    assert corpus["spider"] == pytest.approx(5.125)
+    assert corpus["spider_fl"] == pytest.approx(0.5125)
+    assert per_clip["a"]["fense"] == pytest.approx(0.1, abs=1e-5)  # cosine 1, penalised
+    assert corpus["fense"] == pytest.approx(0.1, abs=1e-5)
+
+
+def test_a_missing_fense_model_is_null_with_the_path_in_the_reason(fense_models, tmp_path):
+    models = fense.FenseModels(
+        str(tmp_path / "absent"), fense_models[0.95].echecker, fense_models[0.95].echecker_encoder
+    )
+    assert models.missing_reason(sentence_encoder=False) is None
+    reason = models.missing_reason(sentence_encoder=True)
+    assert reason == f"evaluate.fense.sentence_encoder: {tmp_path / 'absent'} not found" + (
+        " (rules/fetch.smk fetches it)"
+    )
+    scores = fense.FluencyScorer(models).score(["a dog barks"], [["a dog barks"]])
+    assert scores["fluency_error"] == [1.0] and "fense" not in scores
+
+
+def test_a_bad_echecker_checkpoint_names_the_file(fense_models, tmp_path):
+    import torch
+
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ValueError, match=r"bad\.ckpt: not an echecker checkpoint \(no model_type"):
+        fense.load_echecker(bad, fense_models[0.95].echecker_encoder)
+    torch.save({"model_type": "bert-base-uncased", "num_classes": 6, "state_dict": {}}, bad)
+    with pytest.raises(ValueError, match=r"bad\.ckpt: does not fit the encoder config"):
+        fense.load_echecker(bad, fense_models[0.95].echecker_encoder)

@@ -1,13 +1,17 @@
-"""Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE and SPIDEr, as in pycocoevalcap.
+"""Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE and SPIDEr, as in pycocoevalcap;
+Vocab, SPIDEr-FL and FENSE, as in aac-metrics (dalipipe/evaluate/fense.py).
 
     dalipipe score --predictions P.json --references R.json [--per-clip FILE] [--out FILE]
                    [--embedding] [--no-spice]
+                   [--sentence-encoder DIR --echecker CKPT --echecker-encoder DIR]
 
 P.json maps clip id -> caption (or holds that map under "captions"); R.json maps clip id -> list
 of reference captions. Captions and references are PTB-tokenised by Stanford's tokenizer (Java),
 as the COCO caption toolkit and the audio-captioning literature do. SPICE (and so SPIDEr =
 (CIDEr-D + SPICE) / 2) needs the Stanford CoreNLP 3.6.0 jars (`dalipipe fetch-metric-assets`);
-without them both are reported as null with the reason, never estimated.
+without them both are reported as null with the reason, never estimated. FENSE needs its
+sentence encoder and fluency-error detector, SPIDEr-FL the detector and SPICE: without them they
+are null with the reason too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from dalipipe.common import setup_logging, write_json
 from dalipipe.evaluate import assets
+from dalipipe.evaluate.fense import FenseModels, FluencyScorer, spider_fl, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,9 @@ METRICS = [
     "cider_d",
     "spice",
     "spider",
+    "spider_fl",
+    "fense",
+    "vocab",
 ]
 EMBEDDING_METRIC = "minilm_cosine"  # sentence-transformers all-MiniLM-L6-v2, mean cosine to refs
 
@@ -112,15 +120,16 @@ def score_captions(
     *,
     spice: bool = True,
     embedding: bool = False,
+    fense: FenseModels | None = None,
 ) -> tuple[dict, dict[str, dict], dict[str, str]]:
     """Corpus scores, per-clip scores and a note for every metric not computed.
 
     Every clip with a prediction must have references; clips with references but no prediction
     are an error too, so a missing caption can never raise a score.
     """
-    return score_many({"captions": predictions}, references, spice=spice, embedding=embedding)[
-        "captions"
-    ]
+    return score_many(
+        {"captions": predictions}, references, spice=spice, embedding=embedding, fense=fense
+    )["captions"]
 
 
 def score_many(
@@ -129,9 +138,11 @@ def score_many(
     *,
     spice: bool = True,
     embedding: bool = False,
+    fense: FenseModels | None = None,
 ) -> dict[str, tuple[dict, dict[str, dict], dict[str, str]]]:
     """``score_captions`` for several systems at once: one tokenizer run and one METEOR process,
-    which is most of the time on small sets (Java start-up)."""
+    which is most of the time on small sets (Java start-up). ``fense``: where FENSE's models
+    are (config ``evaluate.fense``); None, or a model missing, leaves FENSE and SPIDEr-FL null."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -141,6 +152,7 @@ def score_many(
         _check_ids(name, predictions, references)
     reason = assets.spice_missing_reason() if spice else "not requested (--no-spice)"
     tokens, gts_all = ptb_tokenize(systems, references)
+    fluency = FluencyScorer(fense or FenseModels())
     meteor = Meteor()
     results = {}
     try:
@@ -183,6 +195,7 @@ def score_many(
                     notes[metric] = f"not computed: {spice_reason}"
                     for k in ids:
                         per_clip[k][metric] = None
+            _add_fluency_metrics(fluency, res, gts, corpus, per_clip, notes)
             if embedding:
                 from dalipipe.evaluate.embedding import caption_similarity
 
@@ -196,6 +209,35 @@ def score_many(
     finally:
         _close_meteor(meteor)
     return results
+
+
+def _add_fluency_metrics(fluency: FluencyScorer, res, gts, corpus, per_clip, notes) -> None:
+    """Vocab, FENSE and SPIDEr-FL of one system, on the PTB-tokenised captions (as aac-metrics'
+    ``evaluate`` scores them); a metric that cannot be computed is null with its reason."""
+    ids = list(res)
+    corpus["vocab"] = vocab_size([res[k][0] for k in ids])
+    scores = fluency.score([res[k][0] for k in ids], [gts[k] for k in ids])
+    for metric, reason in (
+        ("fense", fluency.fense_missing),
+        ("spider_fl", fluency.fluency_missing),
+    ):
+        if metric == "spider_fl" and reason is None and corpus["spider"] is None:
+            reason = f"SPIDEr is null ({notes['spider'].removeprefix('not computed: ')})"
+        if reason is not None:
+            corpus[metric] = None
+            notes[metric] = f"not computed: {reason}"
+            for k in ids:
+                per_clip[k][metric] = None
+            continue
+        if metric == "spider_fl":
+            values = spider_fl([per_clip[k]["spider"] for k in ids], scores["fluency_error"])
+        else:
+            values = scores["fense"]
+        corpus[metric] = sum(values) / len(values)
+        for k, v in zip(ids, values):
+            per_clip[k][metric] = v
+    for k, p in zip(ids, scores.get("error_prob", [])):
+        per_clip[k]["fluency_error_prob"] = p
 
 
 def _spice(gts, res) -> tuple[float, list[float]]:
@@ -219,9 +261,12 @@ def format_scores(corpus: dict, notes: dict[str, str]) -> str:
     """One line per metric, the reason in place of a value that was not computed."""
     lines = []
     for name, value in corpus.items():
-        lines.append(
-            f"{name:14s} {notes.get(name, 'null')}" if value is None else f"{name:14s} {value:.4f}"
-        )
+        if value is None:
+            lines.append(f"{name:14s} {notes.get(name, 'null')}")
+        else:  # a count (vocab) as it is
+            lines.append(
+                f"{name:14s} {value}" if isinstance(value, int) else f"{name:14s} {value:.4f}"
+            )
     return "\n".join(lines)
 
 
@@ -233,13 +278,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="write corpus scores (and notes) to this JSON file")
     parser.add_argument("--embedding", action="store_true", help="add MiniLM cosine similarity")
     parser.add_argument("--no-spice", action="store_true", help="skip SPICE even if available")
+    parser.add_argument("--sentence-encoder", help="FENSE's Sentence-BERT folder")
+    parser.add_argument("--echecker", help="FENSE's fluency-error detector checkpoint")
+    parser.add_argument("--echecker-encoder", help="folder with the echecker's BERT config")
     args = parser.parse_args(argv)
+    models = FenseModels(args.sentence_encoder, args.echecker, args.echecker_encoder)
     setup_logging()
     try:
         predictions = load_predictions(args.predictions)
         references = load_references(args.references)
         corpus, per_clip, notes = score_captions(
-            predictions, references, spice=not args.no_spice, embedding=args.embedding
+            predictions,
+            references,
+            spice=not args.no_spice,
+            embedding=args.embedding,
+            fense=models,
         )
     except (OSError, ValueError) as err:
         log.error("%s", err)

@@ -367,6 +367,7 @@ def evaluate(
             references,
             spice=bool(settings["spice"]),
             embedding=bool(settings["embedding"]),
+            fense=metrics.FenseModels.from_settings(settings.get("fense")),
         )
         rows, all_notes = [], {}
         metas = {c.clip_id: c.meta for c in clips}

@@ -6,7 +6,8 @@
 In the Markdown table each row is an encoder and modality; the zero-shot scores (before
 audiovisual distillation) come first and the scores after distillation sit beside them, so
 the effect of distillation reads across a row. A value that could not be computed (SPICE and
-SPIDEr without Stanford CoreNLP) shows as "n.c." with the reason under the table.
+SPIDEr without Stanford CoreNLP, FENSE and SPIDEr-FL without their models) shows as "n.c." with
+the reason under the table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 from dalipipe.common import atomic_path
 from dalipipe.miniature.world_scores import WORLD_METRICS
 
-CAPTION_COLUMNS = ["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"]
+CAPTION_COLUMNS = [
+    *["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"],
+    *["spider_fl", "fense", "vocab"],  # DCASE 2023, DCASE 2024, distinct words
+]
 KEY_COLUMNS = ["system", "method", "modality", "distilled", "decoding"]
 LABELS = {
     "bleu_4": "BLEU-4",
@@ -26,12 +30,15 @@ LABELS = {
     "cider_d": "CIDEr-D",
     "spice": "SPICE",
     "spider": "SPIDEr",
+    "spider_fl": "SPIDEr-FL",
+    "fense": "FENSE",
+    "vocab": "Vocab",
     "class_recall": "class R",
     "class_precision": "class P",
     "well_formed": "WF",
     "offscreen_recall": "off-screen R",
 }
-MD_METRICS = ["meteor", "rouge_l", "cider_d", "spider"]
+MD_METRICS = ["meteor", "rouge_l", "cider_d", "spider", "spider_fl", "fense", "vocab"]
 METHOD_LABELS = {
     "mmd": "DALI-MMD",
     "ot": "DALI-OT",
@@ -91,7 +98,7 @@ def _fmt(value, metric: str) -> str:
     with nothing to count."""
     if value is None:
         return "-" if metric in WORLD_METRICS else "n.c."
-    return f"{value:.4f}"
+    return f"{value:.0f}" if metric == "vocab" else f"{value:.4f}"
 
 
 def _label(row: dict) -> tuple[str, str]:
