@@ -220,6 +220,9 @@ def fetch_places():
         "clotho_captions_evaluation": config_value("evaluate.datasets.clotho.csv"),
         "cavmae_checkpoint": (AUDIO_ENCODER_CHECKPOINT or [None])[0],
         "prefix_pairs": _beside(config_value("prefix.pairs"), "prefixDS.json"),
+        "fense_sentence_encoder": config_value("evaluate.fense.sentence_encoder"),
+        "fense_echecker": config_value("evaluate.fense.echecker"),
+        "fense_echecker_encoder": config_value("evaluate.fense.echecker_encoder"),
     }
     found = {}
     for name, entry in (config.get("fetch") or {}).items():

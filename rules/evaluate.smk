@@ -5,12 +5,15 @@
 
 # trained-captioner directories evaluated beside the run's own (e.g. `dalipipe import-authors`)
 EVAL_EXTRA_SYSTEMS = EVAL.get("extra_systems") or {}
+# FENSE's models where configured (rules/fetch.smk fetches them); none: FENSE is null
+EVAL_FENSE_MODELS = [p for p in (EVAL.get("fense") or {}).values() if p]
 
 
 rule evaluate:
     input:
         unpack(evaluate_inputs),
         extra=list(EVAL_EXTRA_SYSTEMS.values()),
+        fense=EVAL_FENSE_MODELS,
     output:
         directory(f"{RUN}/evaluate/{{dataset}}"),
     wildcard_constraints:

@@ -13,9 +13,12 @@
 FETCH_AUDIOCAPS = config_value("evaluate.datasets.audiocaps") or {}
 FETCH_CLOTHO = config_value("evaluate.datasets.clotho") or {}
 FETCH_PREFIX_PAIRS = config_value("prefix.pairs")
+# entries with `files` are folders (a model's files), fetched by fetch_folder
+FETCH_FOLDERS = {p: t for p, t in FETCH_TARGETS.items() if t[1].get("files")}
+FETCH_FILES = {p: t for p, t in FETCH_TARGETS.items() if not t[1].get("files")}
 
 
-if FETCH_TARGETS:
+if FETCH_FILES:
 
     localrules:
         fetch,
@@ -24,7 +27,7 @@ if FETCH_TARGETS:
         output:
             "{fetched}",
         wildcard_constraints:
-            fetched="|".join(re.escape(path) for path in FETCH_TARGETS),
+            fetched="|".join(re.escape(path) for path in FETCH_FILES),
         params:
             url=lambda wildcards: FETCH_TARGETS[wildcards.fetched][1]["url"],
             checksum=fetch_checksum_arg,
@@ -38,6 +41,35 @@ if FETCH_TARGETS:
             runtime=240,  # minutes; the largest files (unbalanced CSV, the .7z) are ~1 GB
         shell:
             "dalipipe fetch {params.url:q} --out {output:q} {params.checksum} > {log} 2>&1"
+
+
+# A model as the files of its folder (FENSE's sentence encoder, the echecker's BERT config and
+# tokenizer): each file checked against data/fetch-record.json like any download.
+if FETCH_FOLDERS:
+
+    localrules:
+        fetch_folder,
+
+    rule fetch_folder:
+        output:
+            directory("{fetched_folder}"),
+        wildcard_constraints:
+            fetched_folder="|".join(re.escape(path) for path in FETCH_FOLDERS),
+        params:
+            url=lambda wildcards: FETCH_FOLDERS[wildcards.fetched_folder][1]["url"],
+            files=lambda wildcards: FETCH_FOLDERS[wildcards.fetched_folder][1]["files"],
+            record=FETCH_RECORD,
+        conda:
+            CONDA_ENV
+        log:
+            f"{LOGS}/fetch/{{fetched_folder}}.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=60,
+        shell:
+            "dalipipe fetch {params.url:q} --files {params.files:q} --out {output:q}"
+            " --record {params.record:q} > {log} 2>&1"
 
 
 if "clotho_audio_evaluation" in FETCH_PATHS and not os.path.exists(FETCH_CLOTHO["media"]):

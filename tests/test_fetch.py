@@ -207,6 +207,28 @@ def test_the_command_line(tmp_path, capsys):
         assert not missing.exists()
 
 
+def test_a_folder_appears_only_when_all_its_files_are_there(tmp_path):
+    # a model as the files of its folder (FENSE's sentence encoder): one file missing on the
+    # server leaves no folder; the next run fetches only what is still missing
+    record, out = tmp_path / "record.json", tmp_path / "models" / "sbert"
+    files = {"/m/resolve/main/config.json": b"{}", "/m/resolve/main/1_Pooling/config.json": b"[]"}
+    names = ["config.json", "1_Pooling/config.json"]
+    with serve(files) as host:
+        base = host.url("/m/resolve/main/")
+        gone = dict(files)
+        del gone["/m/resolve/main/1_Pooling/config.json"]
+        with serve(gone) as broken, pytest.raises(FetchError, match="1_Pooling/config.json"):
+            fetch_mod.fetch_folder(broken.url("/m/resolve/main/"), names, out, record=record)
+        assert not out.exists() and (part_path(out) / "config.json").exists()
+        fetch_mod.fetch_folder(base, names, out, record=record, progress=False)
+        assert [p for p, _ in host.requests] == ["/m/resolve/main/1_Pooling/config.json"]
+    assert (out / "1_Pooling" / "config.json").read_bytes() == b"[]"
+    assert not part_path(out).exists()
+    assert len(json.loads(record.read_text())) == 2  # each file's checksum, by its URL
+    with pytest.raises(ValueError, match="leaves the folder"):
+        fetch_mod.fetch_folder(base, ["../x"], tmp_path / "other", record=record)
+
+
 # ----------------------------------------------------------------------------- paper inputs
 
 
@@ -361,6 +383,8 @@ def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
         "/clotho/clotho_audio_evaluation.7z": seven_zip(audio, tmp_path / "a.7z"),
         "/models/audio_model.21.pth": b"weights",
         "/prefixDS.json": json.dumps(prefix_ds).encode(),
+        "/hf/bert/resolve/main/config.json": b'{"model_type": "bert"}',
+        "/hf/bert/resolve/main/vocab.txt": b"[PAD]\n[UNK]\n",
     }
     names = {
         "audioset_balanced_train": "/as/balanced.csv",
@@ -383,11 +407,16 @@ def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
     workdir.mkdir()
     shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
     targets = ["data/prefix/pairs.csv", "data/clotho/evaluation", "data/audiocaps/clips"]
-    targets += ["data/models/cav-mae-scale++.pth"]
+    targets += ["data/models/cav-mae-scale++.pth", "data/models/fense/bert-base-uncased"]
     with serve(files) as host, serve_videos(video.read_bytes(), {"prefixGone1": "missing"}) as yt:
         fetch_config = {
             name: {"url": host.url(path)} | ({"md5": md5(files[path])} if name in pinned else {})
             for name, path in names.items()
+        }
+        # a model as the files of its folder (fetch_folder)
+        fetch_config["fense_echecker_encoder"] = {
+            "url": host.url("/hf/bert/resolve/main/"),
+            "files": ["config.json", "vocab.txt"],
         }
         overlay = workdir / "local.yaml"
         overlay.write_text(yaml.safe_dump({
@@ -404,9 +433,9 @@ def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
     assert sorted(served) == sorted(set(served))
     assert (data / "models/cav-mae-scale++.pth").read_bytes() == b"weights"
     record = json.loads((data / "fetch-record.json").read_text())
-    assert set(record) == {host.url(names[n]) for n in names if n not in pinned} & {
-        host.url(p) for p in served
-    }
+    assert set(record) == {host.url(p) for p in served} - {host.url(names[n]) for n in pinned}
+    assert (data / "models/fense/bert-base-uncased/vocab.txt").read_bytes() == b"[PAD]\n[UNK]\n"
+    assert host.url("/hf/bert/resolve/main/config.json") in record
     assert not any(host.url(names[n]) in record for n in pinned)
     assert not list(data.rglob("*.part"))
     # Clotho: the archive's evaluation/ folder is the media folder
@@ -434,4 +463,5 @@ def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
         "data/audioset/class_labels_indices.csv",
         "data/audioset/ontology.json",
         "data/clotho/clotho_captions_evaluation.csv",
+        "data/models/fense/echecker_clotho_audiocaps_base.ckpt",
     ]

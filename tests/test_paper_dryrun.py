@@ -44,6 +44,11 @@ FETCHED = [
     "data/clotho/clotho_audio_evaluation.7z",
     "data/models/cav-mae-scale++.pth",
     "data/prefix/prefixDS.json",
+    "data/models/fense/echecker_clotho_audiocaps_base.ckpt",
+]
+FETCHED_FOLDERS = [  # a model as the files of its folder: FENSE's sentence encoder, BERT config
+    "data/models/fense/paraphrase-TinyBERT-L6-v2",
+    "data/models/fense/bert-base-uncased",
 ]
 MADE = {  # the inputs that are not plain downloads, and the rule that makes each
     "data/audiocaps/clips": "audiocaps_download",
@@ -107,6 +112,7 @@ def test_the_paper_graph_of_a_fresh_clone_fetches_every_input(fresh_clone):
     assert counts["audioset_download"] == 100 and counts["align"] == 4
     assert counts["evaluate"] == 2  # AudioCaps and Clotho
     assert outputs_of(plan, "fetch") == set(FETCHED)
+    assert outputs_of(plan, "fetch_folder") == set(FETCHED_FOLDERS)
     for path, rule in MADE.items():
         assert any(path in o for o in outputs_of(plan, rule)), f"{rule} does not make {path}"
     for rule in ("audiocaps_selection", "prefix_selection", "prefix_download"):
@@ -114,7 +120,10 @@ def test_the_paper_graph_of_a_fresh_clone_fetches_every_input(fresh_clone):
     # the published checksums are pinned; the others are recorded at the first download
     assert "--md5 4569624ccadf96223f19cb59fe4f849f" in plan
     assert "--md5 1b16b9e57cf7bdb7f13a13802aeb57e2" in plan
-    assert plan.count("--record data/fetch-record.json") == len(FETCHED) - 2
+    assert "--sha256 1a719f090af70614bbdb9f9437530b7e133c48cfa4a58d964de0d47fc974a2fa" in plan
+    assert "--files modules.json sentence_bert_config.json 1_Pooling/config.json" in plan
+    recorded = len(FETCHED) - 3 + len(FETCHED_FOLDERS)
+    assert plan.count("--record data/fetch-record.json") == recorded
     assert not (fresh_clone / "data").exists()  # a dry run fetches nothing
 
 

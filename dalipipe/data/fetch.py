@@ -1,6 +1,7 @@
 """Download one file over HTTP(S): resumable, verified, and never left looking finished.
 
     dalipipe fetch URL --out PATH [--md5 HEX | --sha256 HEX] [--record FILE] [--retries N]
+    dalipipe fetch FOLDER_URL --files NAME... --out DIR --record FILE     (a model's files)
 
 The body streams into ``PATH.part``; a ``.part`` left by an interrupted download is resumed
 with an HTTP ``Range`` request (a server that ignores the range and sends the whole file again
@@ -16,6 +17,9 @@ is read from the start). The file is renamed to ``PATH`` only when it is complet
 A 404 (or any HTTP error), a truncated body or a mismatching checksum ends in a ``FetchError``
 naming the file, the URL and what to do. A truncated ``.part`` stays, to be resumed by the next
 run; a mismatching one is removed. When ``PATH`` exists already, nothing is fetched.
+
+With ``--files`` the URL is a folder (a Hugging Face repository's ``resolve/<revision>/``) and
+each named file is fetched as above into ``DIR.part/``; ``DIR`` appears only when all are there.
 """
 
 from __future__ import annotations
@@ -265,6 +269,26 @@ def fetch(
     return out
 
 
+def fetch_folder(base_url: str, files: list[str], out: str | os.PathLike, **kwargs) -> Path:
+    """Each of ``files`` from the folder ``base_url`` into the folder ``out``, each file as
+    ``fetch`` does (``kwargs``: its checksum record, timeout, retries); ``out`` is renamed into
+    place when every file is there, so a folder that exists is complete."""
+    out = Path(out)
+    if out.exists():
+        log.info("%s exists: nothing to fetch", out)
+        return out
+    if kwargs.get("md5") or kwargs.get("sha256"):
+        raise ValueError("fetch_folder: a folder has no single checksum; use a record")
+    staging = part_path(out)
+    for name in files:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ValueError(f"fetch {out}: file name {name!r} leaves the folder")
+        fetch(f"{base_url.rstrip('/')}/{name}", staging / name, **kwargs)
+    os.replace(staging, out)
+    log.info("%s: %d files from %s", out, len(files), base_url)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe fetch", description=__doc__)
     parser.add_argument("url")
@@ -277,9 +301,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--retries", type=int, default=2, help="resumed tries after a cut")
     parser.add_argument("--timeout", type=float, default=60.0, help="socket timeout (s)")
+    parser.add_argument("--files", nargs="+", help="URL is a folder: fetch these files of it")
     args = parser.parse_args(argv)
+    if args.files and (args.md5 or args.sha256):
+        parser.error("--files: a folder has no single checksum; give --record")
     setup_logging()
     try:
+        if args.files:
+            fetch_folder(
+                args.url,
+                args.files,
+                args.out,
+                record=args.record,
+                timeout=args.timeout,
+                retries=args.retries,
+            )
+            return 0
         fetch(
             args.url,
             args.out,
