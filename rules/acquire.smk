@@ -21,6 +21,8 @@ if ACQUIRE["source"] == "synthetic":
             CONDA_ENV
         log:
             f"{LOGS}/acquire_synthetic/part-{{i}}.log",
+        benchmark:
+            f"{BENCHMARKS}/acquire_synthetic-{{i}}.tsv",
         threads: 2  # ffmpeg encodes one clip while Python draws the next
         resources:
             mem_mb=2000,
@@ -70,6 +72,8 @@ rule acquire_gather:
         CONDA_ENV
     log:
         f"{LOGS}/acquire_gather.log",
+    benchmark:
+        f"{BENCHMARKS}/acquire_gather.tsv",
     threads: 1
     resources:
         mem_mb=2000,

@@ -27,6 +27,8 @@ rule align:
         CONDA_ENV
     log:
         f"{LOGS}/align/{{method}}.log",
+    benchmark:
+        f"{BENCHMARKS}/align-{{method}}.tsv",
     threads: 2
     resources:
         mem_mb=8000,

@@ -17,6 +17,8 @@ rule bootstrap:
         CONDA_ENV
     log:
         f"{LOGS}/bootstrap.log",
+    benchmark:
+        f"{BENCHMARKS}/bootstrap.tsv",
     threads: 2
     resources:
         mem_mb=6000,

@@ -15,6 +15,8 @@ rule prefix:
         CONDA_ENV
     log:
         f"{LOGS}/prefix.log",
+    benchmark:
+        f"{BENCHMARKS}/prefix.tsv",
     threads: 2
     resources:
         mem_mb=8000,
@@ -42,6 +44,8 @@ rule pseudolabel:
         CONDA_ENV
     log:
         f"{LOGS}/pseudolabel/{{method}}.log",
+    benchmark:
+        f"{BENCHMARKS}/pseudolabel-{{method}}.tsv",
     threads: 2
     resources:
         mem_mb=32000,
@@ -79,6 +83,8 @@ rule distill:
         CONDA_ENV
     log:
         f"{LOGS}/distill/{{method}}.log",
+    benchmark:
+        f"{BENCHMARKS}/distill-{{method}}.tsv",
     threads: 2
     resources:
         mem_mb=64000,

@@ -17,6 +17,8 @@ except ConfigError as error:
 RUN = f"results/{config['run']}"
 # each rule's log, per run, so the miniature and a preset never overwrite each other's
 LOGS = f"logs/{config['run']}"
+# each job's wall and CPU time (Snakemake's benchmark table: s, cpu_time, max_rss), per run
+BENCHMARKS = f"{RUN}/benchmarks"
 # every rule's software under `--sdm conda` (the path is relative to the rule files)
 CONDA_ENV = "../envs/dalipipe.yaml"
 

@@ -36,6 +36,8 @@ rule evaluate:
         CONDA_ENV
     log:
         f"{LOGS}/evaluate/{{dataset}}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate-{{dataset}}.tsv",
     threads: 2
     resources:
         mem_mb=32000,
@@ -85,6 +87,8 @@ rule report_figures:
         CONDA_ENV
     log:
         f"{LOGS}/report_figures.log",
+    benchmark:
+        f"{BENCHMARKS}/report_figures.tsv",
     threads: 1
     resources:
         mem_mb=4000,
@@ -119,6 +123,8 @@ if CLASS_BREAKDOWN:
             CONDA_ENV
         log:
             f"{LOGS}/class_breakdown.log",
+        benchmark:
+            f"{BENCHMARKS}/class_breakdown.tsv",
         threads: 1
         resources:
             mem_mb=1000,

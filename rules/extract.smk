@@ -17,6 +17,8 @@ rule extract_part:
         CONDA_ENV
     log:
         f"{LOGS}/extract/part-{{i}}.log",
+    benchmark:
+        f"{BENCHMARKS}/extract_part-{{i}}.tsv",
     threads: 2  # ffmpeg decodes one clip while Python computes the last one's filterbank
     resources:
         mem_mb=2000,

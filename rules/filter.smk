@@ -25,6 +25,8 @@ rule filter_part:
         CONDA_ENV
     log:
         f"{LOGS}/filter/part-{{i}}.log",
+    benchmark:
+        f"{BENCHMARKS}/filter_part-{{i}}.tsv",
     threads: 2
     resources:
         mem_mb=32000,
@@ -51,6 +53,8 @@ rule filter_merge:
         CONDA_ENV
     log:
         f"{LOGS}/filter/merge.log",
+    benchmark:
+        f"{BENCHMARKS}/filter_merge.tsv",
     threads: 1
     resources:
         mem_mb=8000,

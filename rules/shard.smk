@@ -23,6 +23,8 @@ rule shard:
         CONDA_ENV
     log:
         f"{LOGS}/shard/{{split}}.log",
+    benchmark:
+        f"{BENCHMARKS}/shard-{{split}}.tsv",
     threads: 1
     resources:
         mem_mb=4000,

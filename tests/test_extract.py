@@ -186,3 +186,70 @@ def test_a_failed_clip_leaves_the_callers_other_files_alone(tmp_path):
     with pytest.raises(ExtractError, match="silent audio"):
         extract_clip(silent, tmp_path / "fresh", short_side=16, fbank=FBANK)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_single_threaded_decoding_writes_the_bytes_of_the_default_threads(tmp_path):
+    """extract runs ffmpeg with one thread (less CPU per clip); its JPEGs are byte for byte
+    those of ffmpeg's default frame-threaded decoding of the same filters."""
+    from dalipipe.data.extract import _frame_filter
+
+    src = make(
+        tmp_path / "b-frames.mp4", "-f", "lavfi", "-i", "testsrc2=s=320x240:r=30:d=3.5",
+        "-f", "lavfi", "-i", "sine=f=700:d=3.5", "-c:v", "libx264", "-bf", "3", "-g", "45",
+    )  # fmt: skip
+    extract_clip(src, tmp_path / "clip", short_side=96, fbank=FBANK)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    make(
+        reference / "frame_%02d.jpg", "-i", str(src), "-map", "0:v:0",
+        "-vf", _frame_filter(96, 0.0, 10.0), "-fps_mode", "passthrough", "-frames:v", "10",
+        "-q:v", "2", "-start_number", "0",
+    )  # fmt: skip
+    ours = sorted(p.name for p in (tmp_path / "clip").glob("frame_*.jpg"))
+    assert ours == sorted(p.name for p in reference.iterdir()) and len(ours) == 4
+    for name in ours:
+        assert (tmp_path / "clip" / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_the_benchs_authors_pipeline_does_what_their_scripts_do(tmp_path):
+    """bench/extract_authors.py: 10 frames seeked at int(i * total / 10) - 1, 224 px crops,
+    16 kHz mono WAV (sox remix 1: the left channel), the loader's 1024 x 128 fbank."""
+    import sys
+    import wave as wavfile
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import extract_authors
+
+    if extract_authors.missing_tools():
+        pytest.skip(f"needs {extract_authors.missing_tools()}")
+    n = 50  # 5 s at 10 fps; frame k has grey level 5 k
+    levels = b"".join(bytes([5 * k]) * (64 * 48 * 3) for k in range(n))
+    src = tmp_path / "count.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "64x48",
+         "-r", "10", "-i", "pipe:0", "-f", "lavfi", "-i", "sine=f=440:r=44100:d=5",
+         "-f", "lavfi", "-i", "sine=f=3000:r=44100:d=5",
+         "-filter_complex", "[1][2]amerge=inputs=2[a]", "-map", "0:v", "-map", "[a]",
+         "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p", "-c:a", "pcm_s16le",
+         str(src.with_suffix(".mov"))],
+        input=levels, check=True,
+    )  # fmt: skip
+    src = src.with_suffix(".mov")
+    fbank = {"num_mel_bins": 128, "target_length": 1024, "mean": -5.081, "std": 4.4849}
+    assert extract_authors.preprocess(str(src), tmp_path / "out", fbank) == 10
+    from PIL import Image
+
+    for i in range(10):
+        image = Image.open(tmp_path / "out" / f"frame_{i}.jpg")
+        assert image.size == (224, 224)
+        seeked = max(0, int(i * n / 10) - 1)
+        assert np.asarray(image).mean() == pytest.approx(5 * seeked, abs=3)
+    with wavfile.open(str(tmp_path / "out" / "audio.wav")) as f:
+        assert (f.getframerate(), f.getnchannels()) == (16000, 1)
+        samples = np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float32)
+    spectrum = np.abs(np.fft.rfft(samples))
+    freqs = np.fft.rfftfreq(len(samples), 1 / 16000)
+    assert freqs[spectrum.argmax()] == pytest.approx(440, abs=2)  # the left channel kept
+    assert not (tmp_path / "out" / "intermediate.wav").exists()
+    features = extract_authors.training_loader_fbank(tmp_path / "out" / "audio.wav", fbank)
+    assert features.shape == (1024, 128)
