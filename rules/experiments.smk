@@ -161,7 +161,11 @@ rule seed_run:
         config=lambda wc: json.dumps(config, sort_keys=True),
         configfile=lambda wc: f"{RUN}/experiments/seeds/seed{wc.seed}.config.json",
         run=lambda wc: f"{config['run']}-seed{wc.seed}",
+        # the snakemake running this workflow runs the nested one
         snakemake=f"{sys.executable} -m snakemake",
+        snakefile=workflow.main_snakefile,
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/experiments/seed{{seed}}.log",
     localrule: True
@@ -169,7 +173,7 @@ rule seed_run:
     threads: workflow.cores
     shell:
         "printf '%s' {params.config:q} > {params.configfile:q} && {params.snakemake}"
-        " --snakefile {workflow.main_snakefile:q} --cores {threads} --nolock"
+        " --snakefile {params.snakefile:q} --cores {threads} --nolock"
         " --configfile {params.configfile:q} --config seed={wildcards.seed} run={params.run}"
         " -- results/{params.run}/table.csv > {log} 2>&1"
         " && cp results/{params.run}/table.csv {output:q}"

@@ -81,11 +81,11 @@ def fresh_clone(tmp_path) -> Path:
     return root
 
 
-def dry_run(root: Path) -> tuple[str, dict[str, int]]:
+def dry_run(root: Path, *args: str) -> tuple[str, dict[str, int]]:
     # no site settings from the calling shell: the profile's defaults, as on a new cluster
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DALIPIPE_SLURM"))}
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n"],
+        [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", *args],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -147,3 +147,26 @@ def test_a_file_the_user_already_has_is_used_as_it_is(fresh_clone):
     assert "audiocaps_selection" not in counts and "audiocaps_download" not in counts
     assert counts["evaluate"] == 2
     assert counts["prefix"] == 1 and counts["audioset_select"] == 1
+
+
+def test_paper_figures_plans_every_item_at_paper_scale(fresh_clone):
+    """`paper_figures` at paper scale: Tables 1/3 on AudioCaps and Clotho, the figures of
+    rules/figures.smk, and the prefix-pairs sweep (1 to 16 pairs) on AudioCaps; no seeds."""
+    plan, counts = dry_run(fresh_clone, "paper_figures")
+    assert counts["paper_figures"] == 1 and counts["evaluate"] == 2
+    assert counts["prefix_sweep"] == 5 and counts["prefix_sweep_evaluate"] == 5
+    assert counts["prefix_sweep_report"] == 1
+    assert "seed_run" not in counts and "seeds_report" not in counts
+    for n in (1, 2, 4, 8, 16):
+        assert f"results/paper/experiments/prefix_pairs/{n}/evaluate" in plan
+    assert "--dataset audiocaps" in plan and '"decoding": "sampled"' in plan
+    assert "--pairs data/prefix/pairs.csv" in plan
+
+
+def test_the_rehearsal_plans_paper_figures(fresh_clone):
+    """The rehearsal's configs (tests/test_rehearsal.py) plan the same target, over 4 pairs."""
+    configs = ["configs/paper.yaml", "configs/rehearsal.yaml"]
+    plan, counts = dry_run(fresh_clone, "--configfile", *configs, "--", "paper_figures")
+    assert counts["prefix_sweep"] == 3 and counts["prefix_sweep_evaluate"] == 3
+    assert counts["paper_figures"] == 1 and "seed_run" not in counts
+    assert "results/rehearsal/report/prefix_pairs.png" in plan
