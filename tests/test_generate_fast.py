@@ -50,7 +50,7 @@ def new_tokens(captioner, frames, fbank, *, batch_size, modality, **kwargs):
     captioner.llava.generate = recording
     captions = []
     try:
-        for start in range(0, N_CLIPS, batch_size):
+        for start in range(0, len(fbank), batch_size):
             batch = slice(start, start + batch_size)
             captions += captioner.generate(
                 modality=modality,
@@ -182,3 +182,24 @@ def test_shared_length_leaves_the_last_position(tiny_models):
     other[2, 1] = 0
     assert shared_length([same, other]) == 2
     assert shared_length([same]) == 5
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(tiny_models, frames, fbank):
+    """transformers compiles the decode step on a GPU only; here it is made to on the CPU
+    (minutes). The static cache of the first batch is kept and reused by the next one."""
+    from transformers import CompileConfig
+
+    captioner = make_captioner(tiny_models)
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers' own switch for testing on CPU
+    generate = captioner.llava.generate
+    captioner.llava.generate = lambda *a, **kw: generate(*a, compile_config=compile_config, **kw)
+    kwargs = dict(batch_size=3, modality="audio", use_prefix=True, max_new_tokens=6, compile=True)
+    plain = new_tokens(captioner, frames[:6], fbank[:6], fast=False, **kwargs)
+    kept = []
+    for _ in range(2):
+        fast = new_tokens(captioner, frames[:6], fbank[:6], fast=True, **kwargs)
+        assert fast == plain
+        kept.append(captioner._compiled_cache)
+    assert kept[0] is kept[1] is not None

@@ -98,6 +98,7 @@ class AudioCaptioner(nn.Module):
             audio_encoder.eval().requires_grad_(False)
         self.audio_projector = copy.deepcopy(self.image_projector).requires_grad_(False)
         self.prefix: nn.Parameter | None = None
+        self._compiled_cache = None  # generate(compile=True) keeps its static KV cache here
         config = llava.config
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -478,14 +479,17 @@ class AudioCaptioner(nn.Module):
             if seed is not None:
                 torch.manual_seed(seed)
             if fast:
-                out = generate_fast(
+                out, cache = generate_fast(
                     self.llava,
                     [e for e, _ in seqs],
                     self._pad_embed(),
                     static_cache=static_cache,
                     compile=compile,
+                    reuse=self._compiled_cache,
                     **settings,
                 )
+                # only a compiled decode step gains from keeping the cache's memory between calls
+                self._compiled_cache = cache if compile and static_cache else None
             else:
                 embeds, mask, _, _ = self._batch(seqs, left_pad=True)
                 out = self.llava.generate(inputs_embeds=embeds, attention_mask=mask, **settings)

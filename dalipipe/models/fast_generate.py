@@ -50,10 +50,28 @@ def mid_padded(
     return torch.stack(rows), torch.tensor(masks, device=pad_embed.device)
 
 
-def prefilled_cache(llava, shared: torch.Tensor, batch_size: int, max_cache_len: int | None):
+def reusable(cache, batch_size: int, max_cache_len: int, like: torch.Tensor) -> bool:
+    """Whether a StaticCache of an earlier call has the shape and kind this call needs."""
+    from transformers import StaticCache
+
+    if not isinstance(cache, StaticCache) or not cache.layers[0].is_initialized:
+        return False
+    keys = cache.layers[0].keys
+    return (
+        keys.shape[0] == batch_size
+        and keys.shape[2] == max_cache_len
+        and keys.dtype == like.dtype
+        and keys.device == like.device
+    )
+
+
+def prefilled_cache(
+    llava, shared: torch.Tensor, batch_size: int, max_cache_len: int | None, reuse=None
+):
     """A cache for `batch_size` rows holding the keys and values of the `shared` embeddings
-    (computed once, at batch 1). `max_cache_len`: a StaticCache of that length; None: the
-    growing DynamicCache the plain `generate` uses."""
+    (computed once, at batch 1). `max_cache_len`: a StaticCache of that length (`reuse`, an
+    earlier one, is emptied and taken if it fits); None: the growing DynamicCache the plain
+    `generate` uses."""
     from transformers import DynamicCache, StaticCache
 
     once = DynamicCache(config=llava.config)
@@ -64,6 +82,9 @@ def prefilled_cache(llava, shared: torch.Tensor, batch_size: int, max_cache_len:
         )
     if max_cache_len is None:
         cache = DynamicCache(config=llava.config)
+    elif reusable(reuse, batch_size, max_cache_len, llava.lm_head.weight):
+        cache = reuse
+        cache.reset()
     else:
         cache = StaticCache(config=llava.config, max_cache_len=max_cache_len)
     if shared.shape[0]:
@@ -82,15 +103,18 @@ def generate_fast(
     max_new_tokens: int,
     static_cache: bool = True,
     compile: bool = False,
+    reuse=None,
     **generate_kwargs,
-) -> torch.Tensor:
+):
     """New token ids (batch, steps) for input-embedding sequences, as `llava.generate` from
-    `inputs_embeds` gives them; `generate_kwargs` go to `generate` unchanged."""
+    `inputs_embeds` gives them (`generate_kwargs` go to it unchanged), and the cache used. Pass
+    that cache back as `reuse` on the next call when compiling: a compiled decode step keeps
+    working on the same cache tensors instead of meeting new ones every batch."""
     shared = shared_length(sequences)
     embeds, mask = mid_padded(sequences, shared, pad_embed)
     max_cache_len = embeds.shape[1] + max_new_tokens if static_cache else None
-    cache = prefilled_cache(llava, sequences[0][:shared], len(sequences), max_cache_len)
-    return llava.generate(
+    cache = prefilled_cache(llava, sequences[0][:shared], len(sequences), max_cache_len, reuse)
+    tokens = llava.generate(
         inputs_embeds=embeds,
         attention_mask=mask,
         cache=cache,
@@ -98,3 +122,4 @@ def generate_fast(
         disable_compile=not compile,
         **generate_kwargs,
     )
+    return tokens, cache
