@@ -201,7 +201,9 @@ def encode_mp4s(
     outputs = []
     quality = ["-qp", "0"] if lossless else ["-crf", "18"]
     if audio_codec not in AUDIO_CODECS:
-        raise ValueError(f"world.audio_codec: {audio_codec!r}, expected one of {list(AUDIO_CODECS)}")
+        raise ValueError(
+            f"world.audio_codec: {audio_codec!r}, expected one of {list(AUDIO_CODECS)}"
+        )
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         for k, clip in enumerate(clips):
