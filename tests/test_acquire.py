@@ -125,7 +125,7 @@ def test_clips_are_real_mp4_with_the_drawn_objects_and_their_sounds(tiny_parts):
                 x, y = (int(v) for v in obj["c"])
                 assert np.abs(frame[y, x] - world.BY_NAME[obj["name"]].rgb).max() < 40
         wave = decode_audio(path)
-        assert len(wave) == pytest.approx(1.5 * 16000, abs=1100)  # AAC padding
+        assert len(wave) == pytest.approx(1.5 * 16000, abs=1100)  # exact with PCM; AAC pads
         assert 0.2 < np.abs(wave).max() <= 1.0
 
 
@@ -289,3 +289,28 @@ def test_lossless_video_decodes_to_the_rendered_frames(tmp_path, lossless):
     expected = _roundtrip_yuv420(clip.frames[:1])[0]
     assert np.array_equal(decoded, expected) == lossless
     assert np.abs(decoded.astype(int) - expected).max() < 40
+
+
+@pytest.mark.parametrize("codec", ["pcm_s16le", "aac"])
+def test_audio_codec_pcm_is_the_rendered_sound_and_aac_is_close(tmp_path, codec):
+    # world.audio_codec: PCM (the default, 2 ms of CPU per clip) decodes to the rendered 16-bit
+    # samples exactly; AAC (15.6 ms per clip) to a close, padded copy
+    cfg = synthetic.world_config({**TINY, "audio_codec": codec})
+    clip = synthetic.render_clip(("align-000000", "align", 0), cfg, 7, tmp_path)
+    synthetic.encode_mp4s(
+        [clip], cfg["fps"], cfg["sample_rate"], tmp_path / "raw", True, cfg["audio_codec"]
+    )
+    wave = decode_audio(clip.path)
+    rendered = np.round(clip.audio * 32767) / 32768
+    if codec == "pcm_s16le":
+        np.testing.assert_allclose(wave, rendered, atol=1e-6)
+    else:
+        assert len(wave) == pytest.approx(len(rendered), abs=1100)
+        assert not np.allclose(wave[: len(rendered)], rendered, atol=1e-6)
+
+
+def test_an_unknown_audio_codec_is_named(tmp_path):
+    cfg = synthetic.world_config(TINY)
+    clip = synthetic.render_clip(("align-000000", "align", 0), cfg, 7, tmp_path)
+    with pytest.raises(ValueError, match="world.audio_codec"):
+        synthetic.encode_mp4s([clip], 4, 16000, tmp_path / "raw", True, "mp3")

@@ -192,7 +192,7 @@ def encode_mp4s(
     sr: int,
     scratch: Path,
     lossless: bool = False,
-    audio_codec: str = "aac",
+    audio_codec: str = "pcm_s16le",
 ) -> None:
     """H.264 MP4s (audio: AAC or 16-bit PCM) from raw RGB frames and 16-bit PCM, all with one ffmpeg process
     (its start-up costs as much as encoding a miniature clip). Each output has its own
