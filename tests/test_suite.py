@@ -58,7 +58,7 @@ def test_tiny_suite_measures_every_figure(tiny_run):
         suite.scale_settings("tiny")
     )
     for f in result["figures"]:
-        assert "error" not in f, f
+        assert "error" not in f, f"{f['name']}: {f.get('error')}"
         assert list(f)[:6] == list(common.FIGURE_KEYS)
         assert isinstance(f["shape"], dict) and f["unit"]
         assert math.isfinite(f["value"]) and f["value"] > 0, f
@@ -206,3 +206,18 @@ def test_bill_from_the_tiny_result(tiny_run):
     made_broken = bill.compute_bill(broken, config)
     assert made_broken["missing"] == ["prefix.step"]
     assert made_broken["total_hours"] == pytest.approx(made["total_hours"] - rows["prefix"])
+
+
+def test_sections_past_the_budget_are_recorded_not_run(tmp_path):
+    path = suite.run_suite("tiny", tmp_path, budget_s=-1)  # no section may start
+    result = common.load_result(path)
+    names = suite.figure_names(suite.scale_settings("tiny"))
+    assert [f["name"] for f in result["figures"]] == names
+    for f in result["figures"]:
+        assert f["value"] is None and "budget was spent" in f["error"]
+    made = bill.compute_bill(result, load_config(PAPER))
+    assert made["total_hours"] == 0 and "filter.batch*" in made["missing"]
+    result["machine"].update(scale="paper", gpu="NVIDIA H100")
+    common.write_result(tmp_path / "paper", result["machine"], result["figures"])
+    section = readme_table.render(tmp_path / "paper", load_config(PAPER))
+    assert section.count("**failed**: TimeoutError") == len(names)
