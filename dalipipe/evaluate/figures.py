@@ -251,13 +251,17 @@ def plot_attention(rows: list[dict], out) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.0 * len(rows)), squeeze=False)
-    # one colour scale for every panel, from 0 to at least twice the uniform share
+    # one colour scale for every panel, spanning the weights drawn (a nearly untrained scorer
+    # is nearly uniform: its range is widened to 0.001 so the scale stays readable)
     scaled = [
         (r["image_weights"] * r["image_weights"].size, r["audio_weights"] * r["audio_weights"].size)
         for r in rows
     ]
-    vmax = max([2.0] + [float(w.max()) for pair in scaled for w in pair])
-    shade = dict(alpha=0.55, cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
+    low = min(float(w.min()) for pair in scaled for w in pair)
+    high = max(float(w.max()) for pair in scaled for w in pair)
+    if high - low < 1e-3:
+        low, high = (low + high) / 2 - 5e-4, (low + high) / 2 + 5e-4
+    shade = dict(alpha=0.55, cmap="magma", vmin=low, vmax=high, interpolation="nearest")
     for (left, right), row, (grid, strip) in zip(axes, rows, scaled):
         side = row["picture"].shape[0]
         square = (0, side, side, 0)
@@ -266,7 +270,7 @@ def plot_attention(rows: list[dict], out) -> None:
         left.set_title(f"{row['clip_id']}: image tokens", fontsize=9)
         left.set_xticks([])
         left.set_yticks([])
-        fig.colorbar(shown, ax=left, fraction=0.046, label="weight / uniform")
+        fig.colorbar(shown, ax=left, fraction=0.046, label="weight / uniform", format="%.4f")
         fbank = row["fbank"]  # (time frames, mel bins); strip: (freq patches, time patches)
         extent = (0, fbank.shape[0], 0, fbank.shape[1])
         right.imshow(fbank.T, origin="lower", aspect="auto", cmap="gray", extent=extent)
@@ -274,8 +278,11 @@ def plot_attention(rows: list[dict], out) -> None:
         right.set_title(f"{row['clip_id']}: audio tokens over the filterbank", fontsize=9)
         right.set_xlabel("frame")
         right.set_ylabel("mel bin")
-        fig.colorbar(shown, ax=right, fraction=0.046, label="weight / uniform")
-    fig.suptitle("ot_att: the attentive scorer's token weights", fontsize=10)
+        fig.colorbar(shown, ax=right, fraction=0.046, label="weight / uniform", format="%.4f")
+    fig.suptitle(
+        f"ot_att: the attentive scorer's token weights, {low:.4f} to {high:.4f} times uniform",
+        fontsize=10,
+    )
     fig.tight_layout()
     _save(fig, out)
 
