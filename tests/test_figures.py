@@ -161,7 +161,7 @@ def test_pca_clip_draws_untrained_and_each_method_for_the_chosen_clip(run_dir, t
     args = ("miniature", run_dir / "shards" / "test", run_dir / "models" / "llava", align, out)
     assert figures.pca_clip(params(pca_clip="clip-003"), *args) == "clip-003"
     width, height = _png(out)
-    assert width > 2.5 * height  # three panels side by side: untrained, mmd, ot_att
+    assert width > 3.3 * height  # four panels side by side: frame, untrained, mmd, ot_att
     assert figures.pca_clip(params(), *args[:-1], tmp_path / "first.png") == "clip-000"
     with pytest.raises(ValueError, match="pca_clip: clip 'clip-999'"):
         figures.pca_clip(params(pca_clip="clip-999"), *args)

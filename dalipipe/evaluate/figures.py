@@ -147,9 +147,12 @@ def clip_tokens(captioner, encoder, fbank: np.ndarray, frame=None):
 # --- Figure 6 --------------------------------------------------------------------------------
 
 
-def plot_pca_clip(image: np.ndarray, audio: dict[str, np.ndarray], clip_id: str, out) -> None:
+def plot_pca_clip(
+    image: np.ndarray, audio: dict[str, np.ndarray], clip_id: str, out, frame=None
+) -> None:
     """One panel per encoder: the clip's image tokens and that encoder's audio tokens on the
-    leading two principal components of all of them together (shared axes)."""
+    leading two principal components of all of them together (shared axes); the frame first,
+    where given (HxWx3, as CLIP saw it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,9 +167,14 @@ def plot_pca_clip(image: np.ndarray, audio: dict[str, np.ndarray], clip_id: str,
     n_image = len(image)
     pad = 0.05 * (points.max(0) - points.min(0) + 1e-12)
     low, high = points.min(0) - pad, points.max(0) + pad
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    panels = len(names) + (frame is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), squeeze=False)
+    if frame is not None:
+        axes[0][0].imshow(frame)
+        axes[0][0].set_title("the frame", fontsize=9)
+        axes[0][0].axis("off")
     start = n_image
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0][panels - len(names) :], names):
         tokens = points[start : start + len(audio[name])]
         start += len(audio[name])
         ax.scatter(points[:n_image, 0], points[:n_image, 1], s=7, c="tab:orange", label="image")
@@ -176,7 +184,7 @@ def plot_pca_clip(image: np.ndarray, audio: dict[str, np.ndarray], clip_id: str,
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7)
     fig.suptitle(
         f"clip {clip_id}: {n_image} image tokens against each encoder's "
         f"{len(audio[names[0]])} audio tokens, PCA (shared axes)",
@@ -196,13 +204,16 @@ def pca_clip(params: dict, dataset: str, shards, captioner_dir, align_dirs: list
         raise ValueError(f"figure pca-clip: the {dataset} set has no video frames")
     clip, fbank, frame = choose_clips(ds, spec, "evaluate.figures.pca_clip", need_frame=True)[0]
     captioner = load_base(params, captioner_dir)
-    image, audio = None, {}
+    image = pixels = None
+    audio = {}
     for name, encoder in encoders(align_dirs, eval_seed(params)):
-        tokens, audio[name], _ = clip_tokens(
+        # the frame's tokens once, with the first encoder
+        tokens, audio[name], seen = clip_tokens(
             captioner, encoder, fbank, frame if image is None else None
         )
-        image = tokens if image is None else image
-    plot_pca_clip(image, audio, clip.clip_id, out)
+        image, pixels = (tokens, seen) if image is None else (image, pixels)
+    shown = picture(pixels, captioner.processor.image_processor)
+    plot_pca_clip(image, audio, clip.clip_id, out, frame=shown)
     return clip.clip_id
 
 
