@@ -16,10 +16,13 @@ EXPERIMENTS = config.get("experiments") or {}
 PREFIX_PAIRS = EXPERIMENTS.get("prefix_pairs") or []
 SWEEP_DIR = f"{RUN}/experiments/prefix_pairs"
 SWEEP_DATASET = EVAL_DATASETS[0]
-SWEEP_METHOD = EXPERIMENTS.get("prefix_sweep_method", "ot_att")
+# null: the paper's best method when this run aligns it, else the first evaluated one
+SWEEP_METHOD = EXPERIMENTS.get("prefix_sweep_method") or (
+    "ot_att" if "ot_att" in EVAL_METHODS else (EVAL_METHODS or [None])[0]
+)
 SWEEP_SYSTEMS = EXPERIMENTS.get("prefix_sweep_systems") or ["image", "audio"]
 SWEEP_ALIGN = [f"{RUN}/align/{SWEEP_METHOD}"] if set(SWEEP_SYSTEMS) - {"image"} else []
-if PREFIX_PAIRS and SWEEP_ALIGN and SWEEP_METHOD not in EVAL_METHODS:
+if PREFIX_PAIRS and SWEEP_ALIGN and SWEEP_METHOD not in EVAL_METHODS:  # set, and not evaluated
     raise WorkflowError(
         f"config key experiments.prefix_sweep_method: {SWEEP_METHOD!r} is not one of the "
         f"evaluated methods {EVAL_METHODS} (evaluate.methods)"

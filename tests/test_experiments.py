@@ -436,3 +436,25 @@ def test_a_sweep_beyond_the_prefix_split_stops_the_plan(workdir):
     assert "experiments.prefix_pairs: 32 pairs asked for, and the prefix split has 16" in (
         result.stdout + result.stderr
     )
+
+
+def test_a_sweep_method_that_is_not_evaluated_stops_the_plan(workdir):
+    (workdir / "sweep.yaml").write_text("experiments: {prefix_sweep_method: nope}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+         "--configfile", str(workdir / "sweep.yaml"), "--", "paper_figures"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "experiments.prefix_sweep_method: 'nope' is not one of the evaluated methods" in (
+        result.stdout + result.stderr
+    )
+
+
+def test_without_ot_att_the_sweep_takes_the_first_evaluated_method(snakemake_in, workdir):
+    """configs/ci.yaml aligns mmd and ot only: the sweep scores mmd, and plans over 4 pairs."""
+    plan = snakemake_in(
+        workdir, "-n", "-p", "--configfile", str(REPO / "configs/ci.yaml"), "--", "paper_figures"
+    )
+    assert "--align results/ci/align/mmd" in plan
+    assert jobs(plan)["prefix_sweep"] == 3
