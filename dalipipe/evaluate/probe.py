@@ -114,8 +114,8 @@ def probe(params: dict, dataset: str, shards, captioner_dir, align_dirs: list, o
     answers = {}
     if ds.has_video and all(frame is not None for _, frame in inputs):
         answers[IMAGE] = ask(captioner, "image", inputs, prompt, settings, seed)
-    systems = list(encoders(align_dirs, seed))
-    for name, encoder in tqdm(systems, desc="probe", unit="encoder"):
+    systems = encoders(align_dirs, seed)  # loaded one at a time
+    for name, encoder in tqdm(systems, desc="probe", total=len(align_dirs) + 1, unit="encoder"):
         captioner.audio_encoder = encoder.to(captioner.device, captioner.dtype)
         answers[name] = ask(captioner, "audio", inputs, prompt, settings, seed)
     captions = {name: dict(zip(ids, texts)) for name, texts in answers.items()}
