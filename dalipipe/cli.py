@@ -74,6 +74,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "download the Stanford CoreNLP jars SPICE needs",
     ),
     "fetch": ("dalipipe.data.fetch", "download a file: resumable, checksum-verified"),
+    "fetch-hf": (
+        "dalipipe.data.hf_cache",
+        "fill the Hugging Face cache with a model at its pinned revision",
+    ),
     "paper-inputs": (
         "dalipipe.data.paper_inputs",
         "AudioCaps/prefix clip selections, prefix pairs, archive unpacking (rules/fetch.smk)",
