@@ -89,6 +89,8 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=system)
         ax.set_xscale("log", base=2)
+        ns = sorted({r["n_pairs"] for r in rows})
+        ax.set_xticks(ns, [str(n) for n in ns])  # the numbers of pairs, not powers of 2
         ax.set_xlabel("prefix pairs")
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
     axes[0][0].legend(fontsize=7)
