@@ -207,8 +207,7 @@ class Run:
         self.fbank_shape = (self.encoder.config.target_length, self.encoder.config.num_mel_bins)
         self.solver = self.scorer = None
         if method in ("ot", "ot_att"):
-            ot = s["ot"]
-            self.solver = OTSolver(ot["solver"], ot["eps"], ot["iters"], ot["workers"], ot["pool"])
+            self.solver = OTSolver.from_settings(s["ot"])
         params_main = list(self.encoder.parameters())
         adam = dict(betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
         self.optimizer = torch.optim.Adam(params_main, lr=s["lr"], **adam)
