@@ -21,7 +21,15 @@ get the positions the plain path's left padding gives them.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_keyword(module) -> str:
+    """The name under which `module.forward` takes the KV cache: `cache` in the transformers
+    this project pins, `past_key_values` in the earlier 5.x releases."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def shared_length(sequences: list[torch.Tensor]) -> int:
@@ -77,8 +85,12 @@ def prefilled_cache(
     once = DynamicCache(config=llava.config)
     if shared.shape[0]:
         positions = torch.arange(shared.shape[0], device=shared.device)[None]
-        llava.model.language_model(
-            inputs_embeds=shared[None], position_ids=positions, cache=once, use_cache=True
+        decoder = llava.model.language_model
+        decoder(
+            inputs_embeds=shared[None],
+            position_ids=positions,
+            use_cache=True,
+            **{cache_keyword(decoder): once},
         )
     if max_cache_len is None:
         cache = DynamicCache(config=llava.config)
@@ -117,8 +129,8 @@ def generate_fast(
     tokens = llava.generate(
         inputs_embeds=embeds,
         attention_mask=mask,
-        cache=cache,
         max_new_tokens=max_new_tokens,
+        **{cache_keyword(llava): cache},
         disable_compile=not compile,
         **generate_kwargs,
     )
