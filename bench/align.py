@@ -9,8 +9,9 @@ CLIP-L/336 tokens of 1024. Token values are random normals (the frozen CLIP forw
 for every method and is left out). Part 1 times one training step of each loss: forward, backward
 into the audio tokens (and the scorer for ot_att); with --encoder, the full CAV-MAE audio encoder
 forward and backward is included. Part 2 solves one batch of exact OT problems with POT one after
-another, in a thread pool and in a process pool, then with the batched log-domain Sinkhorn, and
-prints Sinkhorn's transport cost beside exact EMD's on the same batch.
+another, in a thread pool and in a process pool, then with the batched log-domain Sinkhorn, plain
+(fixed eps and iterations) and scaled (eps scaling, marginal stopping rule, rounding: solver
+`scaled`), and prints each one's transport cost beside exact EMD's on the same batch.
 Compare with docs/performance-anchors.md (58 ms per 512x576 EMD on one core).
 """
 
@@ -26,6 +27,7 @@ import torch
 from dalipipe.align.attentive import AttentiveWeights
 from dalipipe.align.objective import METHODS, Objective
 from dalipipe.align.ot import OTSolver, emd_batch, sinkhorn_batch, squared_distances
+from dalipipe.align.sinkhorn import scaled_sinkhorn
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -68,6 +70,7 @@ def loss_steps(args, device) -> None:
         variants = [
             ("exact", {"solver": "exact", "workers": args.workers}),
             ("sinkhorn", {"solver": "sinkhorn", "eps": 0.05, "iters": 50}),
+            ("scaled", {"solver": "scaled", "target_eps": args.scaled_eps[-1]}),
         ]
         for name, ot in variants if method in ("ot", "ot_att") else [("", {})]:
             solver = OTSolver(**ot) if ot else None
@@ -143,6 +146,27 @@ def ot_solvers(args, device) -> None:
         values = (plan * cost).sum((1, 2)).numpy()
         rel = np.abs(values - exact_values) / exact_values
         print(f"{eps:<20}{iters:>6}{seconds:>10.3f}{rel.mean():>22.2e} / {rel.max():.2e}")
+    print(
+        f"\n## scaled Sinkhorn on {device} (float32; eps 1 -> target by x0.5, tol 1e-3 L1, "
+        "rounded) vs exact EMD, same batch"
+    )
+    print(
+        f"{'target eps (of range)':<22}{'iters':>6}{'marg. err':>11}{'batch s':>10}"
+        f"{'rel. diff of cost (mean / max)':>34}"
+    )
+    for eps in args.scaled_eps:
+        seconds = timed(
+            lambda eps=eps: scaled_sinkhorn(cost_dev, a_dev, b_dev, eps=eps),
+            args.repeats,
+            device,
+        )
+        result = scaled_sinkhorn(cost_dev, a_dev, b_dev, eps=eps)
+        values = (result.plan.double().cpu() * cost).sum((1, 2)).numpy()
+        rel = (values - exact_values) / exact_values
+        print(
+            f"{eps:<22}{result.iterations:>6}{result.marginal_error:>11.1e}{seconds:>10.3f}"
+            f"{rel.mean():>22.2e} / {rel.max():.2e}"
+        )
 
 
 def main() -> None:
@@ -156,8 +180,14 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--encoder", action="store_true", help="include the CAV-MAE encoder")
     parser.add_argument("--skip-losses", action="store_true")
+    parser.add_argument(
+        "--scaled-eps",
+        default="0.01,0.003,0.001",
+        help="target eps values of the scaled Sinkhorn (the last one is timed in the loss steps)",
+    )
     args = parser.parse_args()
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.tokens.split(",")]
+    args.scaled_eps = [float(x) for x in args.scaled_eps.split(",")]
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     if not args.skip_losses:
