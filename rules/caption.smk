@@ -6,6 +6,7 @@ rule prefix:
     input:
         pairs=(config.get("prefix") or {}).get("pairs") or f"{RUN}/shards/prefix",
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
     output:
         directory(f"{RUN}/prefix"),
     params:
@@ -33,6 +34,7 @@ rule pseudolabel:
         encoder=f"{RUN}/align/{{method}}",
         prefix=f"{RUN}/prefix",
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
     output:
         f"{RUN}/pseudolabel/{{method}}.jsonl",
     wildcard_constraints:
@@ -64,6 +66,7 @@ rule distill:
         encoder=f"{RUN}/align/{{method}}",
         prefix=f"{RUN}/prefix",
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
     output:
         directory(f"{RUN}/distill/{{method}}"),
     wildcard_constraints:

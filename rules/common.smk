@@ -144,12 +144,18 @@ def shard_kept_arg(wildcards, input):
 
 def align_inputs(wildcards):
     shards = {"shards": f"{RUN}/shards/align", "val": f"{RUN}/shards/test"}
-    return {**shards, "captioner": CAPTIONER_INPUT, "checkpoint": AUDIO_ENCODER_CHECKPOINT}
+    return {
+        **shards,
+        "captioner": CAPTIONER_INPUT,
+        "hub": HUB_CAPTIONER,
+        "checkpoint": AUDIO_ENCODER_CHECKPOINT,
+    }
 
 
 def evaluate_inputs(wildcards):
     inputs = {
         "captioner": CAPTIONER_INPUT,
+        "hub": HUB_CAPTIONER,
         "prefix": f"{RUN}/prefix",
         "align": expand(f"{RUN}/align/{{m}}", m=EVAL_METHODS),
         "distill": expand(f"{RUN}/distill/{{m}}", m=EVAL_DISTILLED),
@@ -233,6 +239,9 @@ def fetch_places():
         path = places.get(name)
         if name == "clotho_audio_evaluation" and clotho_media:
             path = _beside(os.path.normpath(clotho_media), _url_file_name(entry["url"]))
+        if name == "corenlp" and config_value("evaluate.corenlp"):  # the zip beside the jars
+            folder = os.path.normpath(config_value("evaluate.corenlp"))
+            path = _beside(folder, _url_file_name(entry["url"]))
         if path:
             found[name] = (os.path.normpath(path), entry)
     return found
@@ -256,6 +265,35 @@ def fetch_checksum_arg(wildcards):
         if entry.get(kind):
             return f"--{kind} {entry[kind]}"
     return f"--record {shlex.quote(FETCH_RECORD)}"
+
+
+# The hub models the config loads (dalipipe/data/hf_cache.py), fetched into the Hugging Face
+# cache (HF_HUB_CACHE or HF_HOME, as the jobs see it) where config `fetch.hf_models` is set. A
+# model the cache holds already, or a folder given in place of a hub id, gets no job and no
+# input; for one fetched, the marker its job writes in the cache is an input of every stage
+# that loads it, so they wait for it (rules/fetch.smk: fetch_hf_model).
+HF_CACHE = None
+HF_MARKERS = {}  # config key (models.captioner, filter.gpt2, ...) -> marker path
+HF_FETCH = {}  # the marker's name part (the rule's wildcard) -> the model to fetch
+if (config.get("fetch") or {}).get("hf_models"):
+    from dalipipe.data import hf_cache
+
+    HF_CACHE = str(hf_cache.default_cache())
+    for _key, _model in hf_cache.hub_models_by_key(config).items():
+        _marker = str(_model.marker(HF_CACHE))
+        if not os.path.exists(_marker):
+            if hf_cache.snapshot_complete(HF_CACHE, _model.repo_id, _model.revision):
+                continue
+            HF_FETCH[_model.name] = _model
+        HF_MARKERS[_key] = _marker
+
+
+def hub_markers(*keys):
+    """The cache markers of the hub models at these config keys: a stage's input."""
+    return sorted({HF_MARKERS[k] for k in keys if k in HF_MARKERS})
+
+
+HUB_CAPTIONER = hub_markers("models.captioner")
 
 
 # acquire.audioset's yt-dlp settings only: the clip downloads of rules/fetch.smk

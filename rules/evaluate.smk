@@ -7,6 +7,8 @@
 EVAL_EXTRA_SYSTEMS = EVAL.get("extra_systems") or {}
 # FENSE's models where configured (rules/fetch.smk fetches them); none: FENSE is null
 EVAL_FENSE_MODELS = [p for p in (EVAL.get("fense") or {}).values() if p]
+# the folder of Stanford CoreNLP's jars SPICE runs with, where configured (rules/fetch.smk)
+EVAL_CORENLP = [EVAL["corenlp"]] if EVAL.get("spice", True) and EVAL.get("corenlp") else []
 
 
 rule evaluate:
@@ -14,6 +16,7 @@ rule evaluate:
         unpack(evaluate_inputs),
         extra=list(EVAL_EXTRA_SYSTEMS.values()),
         fense=EVAL_FENSE_MODELS,
+        corenlp=EVAL_CORENLP,
     output:
         directory(f"{RUN}/evaluate/{{dataset}}"),
     wildcard_constraints:

@@ -55,6 +55,7 @@ rule prefix_sweep:
     input:
         pairs=(config.get("prefix") or {}).get("pairs") or f"{RUN}/shards/prefix",
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
     output:
         directory(f"{SWEEP_DIR}/{{n}}/prefix"),
     wildcard_constraints:
@@ -81,6 +82,7 @@ rule prefix_sweep:
 rule prefix_sweep_evaluate:
     input:
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
         prefix=f"{SWEEP_DIR}/{{n}}/prefix",
         align=SWEEP_ALIGN,
         data=(
@@ -88,6 +90,7 @@ rule prefix_sweep_evaluate:
             if SWEEP_DATASET == "miniature"
             else [EVAL["datasets"][SWEEP_DATASET][k] for k in ("csv", "media")]
         ),
+        corenlp=EVAL_CORENLP,  # SPICE's jars, where configured (the ordering metric is SPIDEr)
     output:
         directory(f"{SWEEP_DIR}/{{n}}/evaluate"),
     wildcard_constraints:

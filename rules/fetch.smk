@@ -72,6 +72,65 @@ if FETCH_FOLDERS:
             " --record {params.record:q} > {log} 2>&1"
 
 
+# The hub models the config loads, into the Hugging Face cache at their pinned revisions
+# (rules/common.smk: HF_FETCH), from config `fetch.hf_models.url` (the Hub or a mirror); the
+# marker each job writes in the cache lists the files, and the stages that load the model wait
+# for it. Compute nodes then read the cache with HF_HUB_OFFLINE=1.
+if HF_FETCH:
+
+    localrules:
+        fetch_hf_model,
+
+    rule fetch_hf_model:
+        output:
+            f"{HF_CACHE}/dalipipe-{{hf_model}}.done",
+        wildcard_constraints:
+            hf_model="|".join(re.escape(name) for name in HF_FETCH),
+        params:
+            repo=lambda wildcards: HF_FETCH[wildcards.hf_model].repo_id,
+            revision=lambda wildcards: HF_FETCH[wildcards.hf_model].revision,
+            key=lambda wildcards: HF_FETCH[wildcards.hf_model].key,
+            endpoint=config["fetch"]["hf_models"]["url"],
+            cache=parent_of(0),
+        conda:
+            CONDA_ENV
+        log:
+            f"{LOGS}/fetch/hf/{{hf_model}}.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=600,  # LLaVA-1.5-7B is ~14 GB, BLIP-2 OPT-2.7B ~15 GB
+        shell:
+            "dalipipe fetch-hf {params.repo:q} --revision {params.revision:q} --key {params.key:q}"
+            " --endpoint {params.endpoint:q} --cache {params.cache:q} --marker {output:q}"
+            " > {log} 2>&1"
+
+
+# Stanford CoreNLP 3.6.0 for SPICE: its release zip (fetched by `fetch`, checksum recorded)
+# gives two jars to the folder evaluate.corenlp, which the evaluate stage puts on SPICE's class
+# path (nothing is written into the installed pycocoevalcap).
+if "corenlp" in FETCH_PATHS and not os.path.exists(config_value("evaluate.corenlp")):
+
+    localrules:
+        corenlp_jars,
+
+    rule corenlp_jars:
+        input:
+            FETCH_PATHS["corenlp"],
+        output:
+            directory(os.path.normpath(config_value("evaluate.corenlp"))),
+        conda:
+            CONDA_ENV
+        log:
+            f"{LOGS}/fetch/corenlp_jars.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "dalipipe fetch-metric-assets --archive {input:q} --dest {output:q} > {log} 2>&1"
+
+
 if "clotho_audio_evaluation" in FETCH_PATHS and not os.path.exists(FETCH_CLOTHO["media"]):
 
     localrules:

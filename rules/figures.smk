@@ -32,6 +32,7 @@ if FIGURE_DATASET:
 rule probe:
     input:
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
         align=expand(f"{RUN}/align/{{m}}", m=EVAL_METHODS),
         data=FIGURE_DATA,
     output:
@@ -71,6 +72,7 @@ rule probe:
 rule pca_clip:
     input:
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
         align=expand(f"{RUN}/align/{{m}}", m=EVAL_METHODS),
         data=FIGURE_DATA,
     output:
@@ -99,6 +101,7 @@ rule pca_clip:
 rule attention:
     input:
         captioner=CAPTIONER_INPUT,
+        hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
         align=f"{RUN}/align/ot_att",
         data=FIGURE_DATA,
     output:

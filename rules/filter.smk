@@ -12,6 +12,7 @@ rule filter_part:
         extract=f"{RUN}/extract/part-{{i}}",
         metadata=f"{RUN}/acquire/metadata.jsonl",
         captioner=[FILTER_CAPTIONER] if FILTER_CAPTIONER.startswith("results/") else [],
+        hub=hub_markers("filter.captioner", "filter.gpt2"),  # cache markers, where fetched
         exclude=EXCLUDE_ID_LISTS,
     output:
         directory(f"{RUN}/filter/part-{{i}}"),

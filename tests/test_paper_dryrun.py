@@ -45,7 +45,14 @@ FETCHED = [
     "data/models/cav-mae-scale++.pth",
     "data/prefix/prefixDS.json",
     "data/models/fense/echecker_clotho_audiocaps_base.ckpt",
+    "data/models/stanford-corenlp-full-2015-12-09.zip",
 ]
+# the hub models of configs/paper.yaml, into the Hugging Face cache at their pinned revisions
+HUB_MODELS = {
+    "llava-hf/llava-1.5-7b-hf": "b234b804b114d9e37bb655e11cbbb5f5e971b7a9",
+    "Salesforce/blip2-opt-2.7b": "51572668da0eb669e01a189dc22abe6088589a24",
+    "gpt2": "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+}
 FETCHED_FOLDERS = [  # a model as the files of its folder: FENSE's sentence encoder, BERT config
     "data/models/fense/paraphrase-TinyBERT-L6-v2",
     "data/models/fense/bert-base-uncased",
@@ -54,6 +61,7 @@ MADE = {  # the inputs that are not plain downloads, and the rule that makes eac
     "data/audiocaps/clips": "audiocaps_download",
     "data/clotho/evaluation": "unpack_clotho_audio",
     "data/prefix/pairs.csv": "prefix_pairs",
+    "data/models/corenlp": "corenlp_jars",
 }
 
 
@@ -81,9 +89,18 @@ def fresh_clone(tmp_path) -> Path:
     return root
 
 
+def hub_cache(root: Path) -> Path:
+    return root.parent / "hf-cache"
+
+
+def marker(root: Path, repo_id: str) -> str:
+    return f"{hub_cache(root)}/dalipipe-{repo_id.replace('/', '--')}-{HUB_MODELS[repo_id]}.done"
+
+
 def dry_run(root: Path, *args: str) -> tuple[str, dict[str, int]]:
     # no site settings from the calling shell: the profile's defaults, as on a new cluster
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DALIPIPE_SLURM"))}
+    env["HF_HUB_CACHE"] = str(hub_cache(root))  # an empty cache of the clone's own
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", *args],
         cwd=root,
@@ -104,6 +121,13 @@ def outputs_of(plan: str, rule: str) -> set[str]:
     return {m for b in blocks for m in re.findall(r"^\s+output: (.+)$", b, re.M)}
 
 
+def inputs_of(plan: str, rule: str) -> set[str]:
+    """Every input file of the jobs of ``rule``."""
+    blocks = re.findall(rf"^(?:local)?rule {rule}:\n(.*?)(?:\n\n|\Z)", plan, re.M | re.S)
+    lines = [m for b in blocks for m in re.findall(r"^\s+input: (.+)$", b, re.M)]
+    return {path for line in lines for path in line.split(", ")}
+
+
 def test_the_paper_graph_of_a_fresh_clone_fetches_every_input(fresh_clone):
     plan, counts = dry_run(fresh_clone)
     for stage, rule in PAPER_STAGES.items():
@@ -113,6 +137,7 @@ def test_the_paper_graph_of_a_fresh_clone_fetches_every_input(fresh_clone):
     assert counts["evaluate"] == 2  # AudioCaps and Clotho
     assert outputs_of(plan, "fetch") == set(FETCHED)
     assert outputs_of(plan, "fetch_folder") == set(FETCHED_FOLDERS)
+    assert outputs_of(plan, "fetch_hf_model") == {marker(fresh_clone, m) for m in HUB_MODELS}
     for path, rule in MADE.items():
         assert any(path in o for o in outputs_of(plan, rule)), f"{rule} does not make {path}"
     for rule in ("audiocaps_selection", "prefix_selection", "prefix_download"):
@@ -122,6 +147,13 @@ def test_the_paper_graph_of_a_fresh_clone_fetches_every_input(fresh_clone):
     assert "--md5 1b16b9e57cf7bdb7f13a13802aeb57e2" in plan
     assert "--sha256 1a719f090af70614bbdb9f9437530b7e133c48cfa4a58d964de0d47fc974a2fa" in plan
     assert "--files modules.json sentence_bert_config.json 1_Pooling/config.json" in plan
+    # every stage that loads a hub model waits for it to be in the cache; SPICE for its jars
+    for rule in ("prefix", "align", "pseudolabel", "distill", "evaluate"):
+        assert marker(fresh_clone, "llava-hf/llava-1.5-7b-hf") in inputs_of(plan, rule), rule
+    filter_inputs = inputs_of(plan, "filter_part")
+    assert {marker(fresh_clone, m) for m in ("Salesforce/blip2-opt-2.7b", "gpt2")} <= filter_inputs
+    assert "data/models/corenlp" in inputs_of(plan, "evaluate")
+    assert counts["fetch_hf_model"] == 3 and counts["corenlp_jars"] == 1
     recorded = len(FETCHED) - 3 + len(FETCHED_FOLDERS)
     assert plan.count("--record data/fetch-record.json") == recorded
     assert not (fresh_clone / "data").exists()  # a dry run fetches nothing
@@ -147,6 +179,25 @@ def test_a_file_the_user_already_has_is_used_as_it_is(fresh_clone):
     assert "audiocaps_selection" not in counts and "audiocaps_download" not in counts
     assert counts["evaluate"] == 2
     assert counts["prefix"] == 1 and counts["audioset_select"] == 1
+
+
+def test_hub_models_and_jars_the_user_already_has_are_used_as_they_are(fresh_clone):
+    """A cache holding GPT-2 at its revision (filled by `hf download`: no marker) and CoreNLP's
+    jars in place: no job fetches them, and no stage waits for a marker."""
+    snapshot = hub_cache(fresh_clone) / "models--gpt2" / "snapshots" / HUB_MODELS["gpt2"]
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    (fresh_clone / "data" / "models" / "corenlp").mkdir(parents=True)
+    plan, counts = dry_run(fresh_clone)
+    wanted = {
+        marker(fresh_clone, m) for m in ("llava-hf/llava-1.5-7b-hf", "Salesforce/blip2-opt-2.7b")
+    }
+    assert outputs_of(plan, "fetch_hf_model") == wanted
+    assert marker(fresh_clone, "gpt2") not in plan
+    assert "corenlp_jars" not in counts
+    assert "data/models/stanford-corenlp-full-2015-12-09.zip" not in outputs_of(plan, "fetch")
+    assert "data/models/corenlp" in inputs_of(plan, "evaluate")
 
 
 def test_paper_figures_plans_every_item_at_paper_scale(fresh_clone):

@@ -93,11 +93,21 @@ def is_hub_id(name: str) -> bool:
 
 
 def hub_models(config: dict) -> list[HubModel]:
-    """Every model ``config`` loads from the hub with from_pretrained, once per (id, revision):
+    """Every model ``config`` loads from the hub, once per (id, revision)."""
+    models, seen = [], set()
+    for model in hub_models_by_key(config).values():
+        if (model.repo_id, model.revision) not in seen:
+            seen.add((model.repo_id, model.revision))
+            models.append(model)
+    return models
+
+
+def hub_models_by_key(config: dict) -> dict[str, HubModel]:
+    """{config key: model} for every model ``config`` loads from the hub with from_pretrained:
     the captioner of every DALI stage, and the caption filter's captioner and GPT-2 when the
     filter runs (GPT-2 only as its text encoder). A revision left null is ``main``."""
     filtering = (_value(config, "filter.enabled") is not False) and config.get("filter")
-    models, seen = [], set()
+    models = {}
     for key, revision_key in HUB_MODEL_KEYS:
         if key.startswith("filter.") and not filtering:
             continue
@@ -109,10 +119,7 @@ def hub_models(config: dict) -> list[HubModel]:
         name = name.format(run=config.get("run", ""))
         if not is_hub_id(name):
             continue
-        model = HubModel(key, name, str(_value(config, revision_key) or "main"))
-        if (model.repo_id, model.revision) not in seen:
-            seen.add((model.repo_id, model.revision))
-            models.append(model)
+        models[key] = HubModel(key, name, str(_value(config, revision_key) or "main"))
     return models
 
 

@@ -139,6 +139,7 @@ def score_many(
     spice: bool = True,
     embedding: bool = False,
     fense: FenseModels | None = None,
+    corenlp: str | None = None,
 ) -> dict[str, tuple[dict, dict[str, dict], dict[str, str]]]:
     """``score_captions`` for several systems at once: one tokenizer run and one METEOR process,
     which is most of the time on small sets (Java start-up). ``fense``: where FENSE's models
@@ -150,7 +151,8 @@ def score_many(
 
     for name, predictions in systems.items():
         _check_ids(name, predictions, references)
-    reason = assets.spice_missing_reason() if spice else "not requested (--no-spice)"
+    # corenlp: the folder of CoreNLP's jars (config evaluate.corenlp); None: pycocoevalcap's lib
+    reason = assets.spice_missing_reason(corenlp) if spice else "not requested (--no-spice)"
     tokens, gts_all = ptb_tokenize(systems, references)
     fluency = FluencyScorer(fense or FenseModels())
     meteor = Meteor()
@@ -178,7 +180,7 @@ def score_many(
             spice_reason = reason
             if spice_reason is None:
                 try:
-                    score, scores = _spice(gts, res)
+                    score, scores = _spice(gts, res, corenlp)
                 except (OSError, subprocess.CalledProcessError, ValueError) as err:
                     # SPICE writes a cache beside its jar and needs memory; a failure there
                     # leaves the other metrics standing and says why SPICE is missing.
@@ -240,8 +242,10 @@ def _add_fluency_metrics(fluency: FluencyScorer, res, gts, corpus, per_clip, not
         per_clip[k]["fluency_error_prob"] = p
 
 
-def _spice(gts, res) -> tuple[float, list[float]]:
+def _spice(gts, res, corenlp: str | None = None) -> tuple[float, list[float]]:
     """SPICE F-score, corpus and per clip (Java; parses with Stanford CoreNLP 3.6.0)."""
+    if corenlp is not None:
+        return assets.run_spice(gts, res, corenlp)
     from pycocoevalcap.spice.spice import Spice
 
     score, scores = Spice().compute_score(gts, res)

@@ -368,6 +368,7 @@ def evaluate(
             spice=bool(settings["spice"]),
             embedding=bool(settings["embedding"]),
             fense=metrics.FenseModels.from_settings(settings.get("fense")),
+            corenlp=settings.get("corenlp"),
         )
         rows, all_notes = [], {}
         metas = {c.clip_id: c.meta for c in clips}
