@@ -9,8 +9,9 @@
 It times `AudioCaptioner.generate` exactly as stage pseudolabel calls it, once per variant on the
 same inputs: `plain` (transformers' generate over the whole left-padded batch), `fast` (the shared
 prompt positions computed once, static KV cache: the stage's default), `fast_dynamic` (the same
-with the growing cache) and `fast_compiled` (a compiled decode step; GPU only, and its first batch
-of each shape compiles, so give it --repeats 3 or more). Each row says whether every variant's
+with the growing cache), `static_only` (the static cache, no shared positions) and
+`fast_compiled` (a compiled decode step; GPU only, and its first batch of each shape compiles, so
+give it --repeats 3 or more). Each row says whether every variant's
 greedy captions were the plain path's. Without --captioner, a randomly initialised LLaVA of the
 chosen shape is built in memory (miniature: the bootstrap's 64 px / 64 image tokens, Llama width
 128; positions: 576 image + 512 audio + 16 prefix tokens like the paper, Llama width 256 and 4
@@ -128,6 +129,7 @@ VARIANTS = {
     "plain": dict(fast=False),
     "fast": dict(fast=True, static_cache=True),
     "fast_dynamic": dict(fast=True, static_cache=False),
+    "static_only": dict(fast=True, share_prefix=False, static_cache=True),
     "fast_compiled": dict(fast=True, static_cache=True, compile=True),
 }
 

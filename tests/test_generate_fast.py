@@ -96,6 +96,29 @@ def test_fast_greedy_tokens_equal_plain(
     )
 
 
+def test_static_cache_alone(tiny_models, frames, fbank):
+    """share_prefix=False: no batch-1 pass; the whole batch starts from an empty static cache."""
+    captioner = make_captioner(tiny_models)
+    seen = []
+    hook = captioner.language_model.register_forward_pre_hook(
+        lambda _, args, kw: seen.append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    try:
+        assert_same(
+            captioner,
+            frames,
+            fbank,
+            batch_size=4,
+            modality="audio+image",
+            use_prefix=True,
+            share_prefix=False,
+            max_new_tokens=6,
+        )
+    finally:
+        hook.remove()
+    assert set(seen) == {4, 3}  # 7 clips: batches of 4 and 3, no pass at batch 1
+
+
 @pytest.mark.parametrize("position", ["start", "before_modality"])
 def test_prefix_in_the_shared_part(tiny_models, frames, fbank, position):
     """With the prefix before the modality tokens, it is part of what is computed once."""

@@ -454,13 +454,14 @@ class AudioCaptioner(nn.Module):
         fast: bool = True,
         static_cache: bool = True,
         compile: bool = False,
+        share_prefix: bool = True,
     ) -> list[str]:
         """Captions for a batch; greedy, or sampled at `temperature` with a seed.
 
         `fast` (dalipipe/models/fast_generate.py): the positions every sequence shares are
-        computed once and the rest continues from their cache, preallocated with `static_cache`,
-        its decode step compiled with `compile` (GPU only); the same captions as `fast=False`,
-        plain transformers `generate` over left-padded sequences."""
+        computed once (`share_prefix`) and the rest continues from their cache, preallocated with
+        `static_cache`, its decode step compiled with `compile` (GPU only); the same captions as
+        `fast=False`, plain transformers `generate` over left-padded sequences."""
         mm = self.modality_embeds(modality, pixel_values, fbank)
         prompts = self._prompts(prompt, mm.shape[0])
         template = self.options.generate_template or self.options.template
@@ -483,6 +484,7 @@ class AudioCaptioner(nn.Module):
                     self.llava,
                     [e for e, _ in seqs],
                     self._pad_embed(),
+                    share_prefix=share_prefix,
                     static_cache=static_cache,
                     compile=compile,
                     reuse=self._compiled_cache,

@@ -113,6 +113,7 @@ def generate_fast(
     pad_embed: torch.Tensor,
     *,
     max_new_tokens: int,
+    share_prefix: bool = True,
     static_cache: bool = True,
     compile: bool = False,
     reuse=None,
@@ -121,8 +122,12 @@ def generate_fast(
     """New token ids (batch, steps) for input-embedding sequences, as `llava.generate` from
     `inputs_embeds` gives them (`generate_kwargs` go to it unchanged), and the cache used. Pass
     that cache back as `reuse` on the next call when compiling: a compiled decode step keeps
-    working on the same cache tensors instead of meeting new ones every batch."""
-    shared = shared_length(sequences)
+    working on the same cache tensors instead of meeting new ones every batch. `share_prefix`
+    False: every row computes its own first positions (only the cache differs from the plain
+    path), which isolates the two levers when measuring them: a prefilled cache makes the batch's
+    prefill attend with an explicit mask, where the plain path's unpadded batch is plainly causal
+    (flash attention on a GPU)."""
+    shared = shared_length(sequences) if share_prefix else 0
     embeds, mask = mid_padded(sequences, shared, pad_embed)
     max_cache_len = embeds.shape[1] + max_new_tokens if static_cache else None
     cache = prefilled_cache(llava, sequences[0][:shared], len(sequences), max_cache_len, reuse)
