@@ -19,7 +19,12 @@ Three solvers give the same kind of answer, a transport plan and centred dual po
   (tests/test_sinkhorn.py, bench/align.py).
 
 ``plans_async`` starts a batch's plans and returns a future: the exact solver then runs on the
-CPU pool while the caller's thread goes on queueing GPU work that does not need the plans.
+CPU pool while the caller's thread goes on queueing GPU work that does not need the plans. The
+alignment step (train.py) does not use it yet: within a step everything after the encoder's
+forward needs the plans, and the next step's forward needs this step's update, so the only GPU
+work to overlap is the next batch's frozen CLIP forward, which means prefetching that batch
+across steps (a change to the loop, not the step). Even then it hides ~0.1 s of the ~15 s of
+CPU that 256 exact problems take per step (~58 ms each, docs/performance-anchors.md).
 
 The loss is then built from those detached quantities (``transport_cost``) so that its value is
 <P, M> and its gradients are the plan for M and the centred duals for the weights, the envelope
