@@ -11,10 +11,12 @@ import contextlib
 import csv
 import hashlib
 import http.server
+import io
 import json
 import re
 import shutil
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from video_host import serving
 from dalipipe.data import fetch as fetch_mod
 from dalipipe.data import paper_inputs
 from dalipipe.data.fetch import FetchError, fetch, part_path
+from dalipipe.evaluate import assets
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next(
@@ -464,4 +467,128 @@ def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
         "data/audioset/ontology.json",
         "data/clotho/clotho_captions_evaluation.csv",
         "data/models/fense/echecker_clotho_audiocaps_base.ckpt",
+        "data/models/stanford-corenlp-full-2015-12-09.zip",
     ]
+
+
+# ----------------------------------------------------------------------------- CoreNLP for SPICE
+
+
+def corenlp_zip(jars: dict[str, bytes], release: str = assets.CORENLP_RELEASE) -> bytes:
+    """A release zip as Stanford's is laid out: everything under one folder, the jars in it
+    (here fake ones: the extraction and the checksum are tested, not Java)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(f"{release}/README.txt", "Stanford CoreNLP\n")
+        for name, data in jars.items():
+            zf.writestr(f"{release}/{name}", data)
+    return buffer.getvalue()
+
+
+FAKE_JARS = {name: f"jar {name}".encode() for name in assets.CORENLP_JARS}
+
+
+def test_the_jars_are_extracted_into_a_folder_that_appears_complete(tmp_path):
+    archive = tmp_path / "corenlp.zip"
+    archive.write_bytes(corenlp_zip(FAKE_JARS))
+    dest = tmp_path / "models" / "corenlp"
+    assert assets.main(["--archive", str(archive), "--dest", str(dest)]) == 0
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == FAKE_JARS
+    assert assets.spice_missing_reason(dest) in (
+        None,
+        "java not found on PATH (SPICE needs Java 8+)",
+    )
+    # a zip without the models jar: an error naming the archive and the jar, and no folder
+    archive.write_bytes(corenlp_zip({assets.CORENLP_JARS[0]: b"jar"}))
+    other = tmp_path / "other"
+    assert assets.main(["--archive", str(archive), "--dest", str(other)]) == 1
+    assert not other.exists() and not list(tmp_path.glob(".other*"))
+    with pytest.raises(FileNotFoundError, match=assets.CORENLP_JARS[1]):
+        assets.extract_to_folder(archive, other)
+    archive.write_bytes(b"<html>not a zip</html>")
+    with pytest.raises(ValueError, match="not a zip"):
+        assets.extract_to_folder(archive, other)
+
+
+def test_spice_runs_with_the_jars_of_the_configured_folder(tmp_path):
+    """SPICE's class path names the configured folder's jars and the installed SPICE jar;
+    missing jars are named with the config key that points at them."""
+    command = assets.spice_command(tmp_path, tmp_path / "in.json", tmp_path / "out.json")
+    classpath = command[command.index("-cp") + 1].split(":")
+    assert classpath[0].endswith("spice-1.0.jar")
+    assert classpath[1:] == [str(tmp_path.resolve() / name) for name in assets.CORENLP_JARS]
+    assert "-cache" not in command  # nothing written beside the installed jar
+    if shutil.which("java"):
+        reason = assets.spice_missing_reason(tmp_path)
+        assert "evaluate.corenlp" in reason and assets.CORENLP_JARS[0] in reason
+
+
+@pytest.fixture
+def tiny_hub_repo(tmp_path):
+    from test_hf_cache import tiny_gpt2_files
+
+    return tiny_gpt2_files(tmp_path / "tiny-gpt2")
+
+
+def test_the_workflow_fetches_corenlp_and_a_hub_model(tmp_path, tiny_hub_repo):
+    """configs/paper.yaml with fetch.corenlp and fetch.hf_models pointed at 127.0.0.1: the
+    `fetch` and `corenlp_jars` rules make evaluate.corenlp (the zip's checksum recorded), and
+    `fetch_hf_model` puts filter.gpt2 into the cache at its pinned revision."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_hf_cache import HubServer
+
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    gpt2_revision = paper["filter"]["gpt2_revision"]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
+    cache = tmp_path / "hf-cache"
+    marker = cache / f"dalipipe-gpt2-{gpt2_revision}.done"
+    zip_bytes = corenlp_zip(FAKE_JARS)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",  # as exported for the jobs: the fetch rule goes online anyway
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    snakemake = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile")]
+    snakemake += ["-d", str(workdir)]
+    configs = ["--configfile", str(REPO / "configs/paper.yaml"), "local.yaml"]
+    with (
+        serve({"/corenlp.zip": zip_bytes}) as host,
+        serving(HubServer({"gpt2": (gpt2_revision, tiny_hub_repo)})) as hub,
+    ):
+        fetch_config = {
+            "corenlp": {"url": host.url("/corenlp.zip")},
+            "hf_models": {"url": hub.endpoint},
+        }
+        (workdir / "local.yaml").write_text(yaml.safe_dump({"fetch": fetch_config}))
+        done = subprocess.run(
+            [*snakemake, "data/models/corenlp", str(marker), *configs],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        served = [path for path, _ in host.requests]
+        # the paper graph now: no job fetches them again, the stages read what is there
+        plan = subprocess.run(
+            [*snakemake, "-n", *configs],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):$", plan.stdout, re.M))
+    assert "filter_part" in jobs and "evaluate" in jobs and "corenlp_jars" not in jobs
+    assert f"output: {marker}" not in plan.stdout and f", {marker}" in plan.stdout  # an input
+    assert "fetch_hf_model" in jobs  # LLaVA and BLIP-2, not in this cache
+    assert served == ["/corenlp.zip"]  # once
+    jars = workdir / "data" / "models" / "corenlp"
+    assert {p.name: p.read_bytes() for p in jars.glob("*.jar")} == FAKE_JARS
+    record = json.loads((workdir / "data" / "fetch-record.json").read_text())
+    assert record[host.url("/corenlp.zip")]["sha256"] == hashlib.sha256(zip_bytes).hexdigest()
+    assert json.loads(marker.read_text())["revision"] == gpt2_revision
+    from dalipipe.data.hf_cache import snapshot_complete
+
+    assert snapshot_complete(cache, "gpt2", gpt2_revision)

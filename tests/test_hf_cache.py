@@ -126,19 +126,23 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(data)
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> dict[str, bytes]:
+def tiny_gpt2_files(out: Path) -> dict[str, bytes]:
     """A tiny GPT-2 (dalipipe/miniature/tiny.py) as a hub repository's files, plus the kinds
     of files the fetch leaves out: Flax weights, and .bin weights beside the safetensors."""
     from dalipipe.miniature.tiny import make_tiny_gpt2
 
-    folder = make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", corpus=["a dog barks"] * 8)
+    folder = make_tiny_gpt2(out, corpus=["a dog barks"] * 8)
     files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert "model.safetensors" in files and "config.json" in files
     files["flax_model.msgpack"] = b"not read by any stage"
     files["pytorch_model.bin"] = b"the same weights, another format"
     files["README.md"] = b"# tiny\n"
     return files
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> dict[str, bytes]:
+    return tiny_gpt2_files(tmp_path_factory.mktemp("tiny") / "gpt2")
 
 
 def lay_out(files: dict[str, bytes], cache: Path, repo_id: str, commit: str) -> Path:
