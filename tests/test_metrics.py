@@ -178,7 +178,7 @@ def test_minilm_similarity_ranks_a_paraphrase_above_an_unrelated_caption():
 
 
 def test_spider_is_the_mean_of_cider_d_and_spice_and_a_spice_failure_is_reported(monkeypatch):
-    def fake_spice(gts, res):  # stands in for the Java scorer; SPIDEr arithmetic is ours
+    def fake_spice(gts, res, corenlp=None):  # stands in for Java; SPIDEr arithmetic is ours
         if any("fails" in caps[0] for caps in res.values()):
             raise OSError("cannot write cache")
         return 0.25, [0.25 for _ in res]
