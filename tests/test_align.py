@@ -105,7 +105,7 @@ def test_settings_merge_defaults_config_and_per_method():
         "iters": 50,
         "workers": 2,
         "pool": "thread",
-        "target_eps": 0.001,
+        "target_eps": 0.003,
         "eps_start": 1.0,
         "eps_decay": 0.5,
         "tol": 0.001,

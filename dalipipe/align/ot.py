@@ -162,7 +162,7 @@ class OTSolver:
         pool: str = "thread",
         max_iter: int = 100_000,
         *,
-        target_eps: float = 1e-3,
+        target_eps: float = 3e-3,
         eps_start: float = 1.0,
         eps_decay: float = 0.5,
         tol: float = 1e-3,

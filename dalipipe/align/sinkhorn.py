@@ -1,6 +1,6 @@
 """Batched log-domain Sinkhorn with epsilon scaling, a marginal-error stopping rule and rounding.
 
-    result = scaled_sinkhorn(cost, a, b, eps=1e-3)   # cost (B,N,M), a (B,N), b (B,M)
+    result = scaled_sinkhorn(cost, a, b, eps=3e-3)   # cost (B,N,M), a (B,N), b (B,M)
     result.plan, result.u, result.v                  # a feasible plan and dual potentials
     result.iterations, result.marginal_error         # what the stopping rule saw
 
@@ -90,7 +90,7 @@ def scaled_sinkhorn(
     cost: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
-    eps: float = 1e-3,
+    eps: float = 3e-3,
     eps_start: float = 1.0,
     eps_decay: float = 0.5,
     tol: float = 1e-3,
