@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--encoder", action="store_true", help="include the CAV-MAE encoder")
     parser.add_argument("--skip-losses", action="store_true")
+    parser.add_argument("--skip-ot", action="store_true", help="only the loss steps")
     parser.add_argument(
         "--scaled-eps",
         default="0.01,0.003,0.001",
@@ -192,7 +193,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     if not args.skip_losses:
         loss_steps(args, device)
-    ot_solvers(args, device)
+    if not args.skip_ot:
+        ot_solvers(args, device)
 
 
 if __name__ == "__main__":
