@@ -302,7 +302,9 @@ def test_fense_penalises_a_caption_only_above_the_error_threshold(fense_models):
 
 def test_spider_fl_and_fense_in_the_scores(fense_models, monkeypatch):
     monkeypatch.setattr(assets, "spice_missing_reason", lambda lib_dir=None: None)
-    monkeypatch.setattr(metrics, "_spice", lambda gts, res: (0.25, [0.25 for _ in res]))
+    monkeypatch.setattr(
+        metrics, "_spice", lambda gts, res, corenlp=None: (0.25, [0.25 for _ in res])
+    )
     refs = {"a": ["a dog barks loudly"] * 2, "b": ["heavy rain falls softly"] * 2}
     preds = {"a": "A dog barks loudly.", "b": "heavy rain falls softly"}
     corpus, per_clip, notes = metrics.score_captions(preds, refs, fense=fense_models[0.95])
