@@ -180,7 +180,7 @@ def fetch_model(
 ) -> Path:
     """Download ``model`` into ``cache`` and write ``marker``; returns the snapshot folder."""
     import httpx2  # huggingface_hub's HTTP client: its connection errors
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, RepoFile, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -209,7 +209,7 @@ def fetch_model(
             for entry in HfApi(endpoint=endpoint).list_repo_tree(
                 model.repo_id, revision=model.revision, recursive=True
             )
-            if hasattr(entry, "size") and hasattr(entry, "blob_id")
+            if isinstance(entry, RepoFile)
         ]
         skip = [f for f in listed if any(fnmatch.fnmatch(f, p) for p in ignore_patterns(listed))]
         log.info(
