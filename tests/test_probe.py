@@ -34,6 +34,11 @@ def test_naming_rates_count_seen_only_heard_and_absent_objects():
     # the world here: dog, bell, siren, frog; neither seen nor heard: a {siren, frog},
     # b {dog, bell, frog} (dog named), c {dog, siren} -> 1 of 7
     assert rates["absent"] == pytest.approx(1 / 7) and rates["absent_count"] == 7
+    # one answer describes a photo (a), one is a sound caption (b), one neither (c)
+    assert rates["photo_form"] == pytest.approx(1 / 3)
+    assert rates["sound_form"] == pytest.approx(1 / 3)
+    sounds = probe.naming_rates({"b": "a siren wails and a dog barks"}, METAS)
+    assert sounds["sound_form"] == 1 and sounds["photo_form"] == 0
 
 
 def test_naming_rates_need_world_metadata_and_none_where_nothing_counts():
@@ -59,6 +64,7 @@ def test_outputs_hold_the_captions_side_by_side(tmp_path):
                        "mmd": "a | bell"}  # fmt: skip
     md = (tmp_path / "probe.md").read_text()
     assert "| a | a dog | a / bell |" in md and "| mmd | 0.00 (of 1) | 0.50 (of 2) |" in md
+    assert "| answers as a photo | answers as sounds |" in md
     page = (tmp_path / "probe.html").read_text()
     assert "What can you see? Answer concisely" in page and "a | bell" in page
     assert json.loads((tmp_path / "probe.json").read_text()) == result

@@ -18,7 +18,10 @@ captions are also scored by which objects they name, pooled over clips:
 - seen_only: named / present among objects on screen that make no sound (image bias: audio
   cannot tell them);
 - heard: named / present among sounding objects (what audio can tell);
-- absent: named / present among the world's objects neither seen nor heard (the chance level).
+- absent: named / present among the world's objects neither seen nor heard (the chance level);
+- photo_form: share of answers phrased as the world's picture descriptions ("a photo of ..."),
+  the register the captioner learned for frames; sound_form: share phrased as its audio captions
+  ("a dog barks and a bell chimes"). The most direct sign of image bias the world gives.
 Writes ``<out>.csv`` (captions side by side), ``<out>.json`` (everything), ``<out>.md`` and
 ``<out>.html`` (the report's page).
 """
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 
 IMAGE = "image"  # the frame itself, asked the same question
 RATES = ("seen_only", "heard", "absent")
+PHOTO_FORM = "a photo of"  # how the synthetic world's visual captions begin
 
 
 def naming_rates(captions: dict[str, str], metas: dict[str, dict]) -> dict:
@@ -68,7 +72,12 @@ def naming_rates(captions: dict[str, str], metas: dict[str, dict]) -> dict:
             present[rate] += len(group)
             hits[rate] += len(named & group)
     rates = {rate: hits[rate] / present[rate] if present[rate] else None for rate in RATES}
-    return {**rates, **{f"{rate}_count": present[rate] for rate in RATES}}
+    texts = [caption.strip().lower() for caption in captions.values()]
+    forms = {
+        "photo_form": sum(t.startswith(PHOTO_FORM) for t in texts) / max(len(texts), 1),
+        "sound_form": sum(world.is_well_formed(t) for t in texts) / max(len(texts), 1),
+    }
+    return {**rates, **{f"{rate}_count": present[rate] for rate in RATES}, **forms}
 
 
 def ask(captioner, modality: str, inputs: list, prompt: str, settings: dict, seed: int) -> list:
@@ -149,11 +158,13 @@ def rates_markdown(result: dict) -> list[str]:
     if not result["rates"]:
         return []
     lines = [
-        "| system | seen, not heard: named | heard: named | neither: named (chance) |",
-        "|---|---|---|---|",
+        "| system | seen, not heard: named | heard: named | neither: named (chance) "
+        "| answers as a photo | answers as sounds |",
+        "|---|---|---|---|---|---|",
     ]
     for name, rate in result["rates"].items():
         cells = [f"{_fmt(rate[r])} (of {rate[f'{r}_count']})" for r in RATES]
+        cells += [_fmt(rate["photo_form"]), _fmt(rate["sound_form"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
