@@ -175,8 +175,9 @@ rule seed_run:
     log:
         f"{LOGS}/experiments/seed{{seed}}.log",
     localrule: True
-    # the nested run schedules its own jobs on every core this one was given
-    threads: workflow.cores
+    # the nested run schedules its own jobs on every core this one was given; a cluster profile
+    # gives --jobs, not --cores (workflow.cores would raise), and then it runs on one
+    threads: workflow.global_resources["_cores"].value or 1
     shell:
         "printf '%s' {params.config:q} > {params.configfile:q} && {params.snakemake}"
         " --snakefile {params.snakefile:q} --cores {threads} --nolock"
