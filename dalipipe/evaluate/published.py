@@ -16,19 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from dalipipe.evaluate.tables import LABELS, METHOD_LABELS
+
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 METRICS = ["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"]
-LABELS = {
-    "bleu_4": "BLEU-4",
-    "meteor": "METEOR",
-    "rouge_l": "ROUGE-L",
-    "cider_d": "CIDEr-D",
-    "spice": "SPICE",
-    "spider": "SPIDEr",
-}
 # the paper's three headline metrics (Tables 1 and 3)
 SHOWN = ["meteor", "rouge_l", "spider"]
-METHOD_LABELS = {"mmd": "DALI-MMD", "ot": "DALI-OT", "ot_att": "DALI-OT-Att"}
 
 
 def _check(entry: dict, where: str, keys: tuple[str, ...]) -> None:
