@@ -35,6 +35,22 @@ FIGURE_KEYS = ("name", "shape", "value", "unit", "baseline", "baseline_value")
 MACHINE_KEYS = ("gpu", "cpu", "cpu_cores", "torch", "transformers", "python", "scale", "date")
 TIMESTAMP = "%Y%m%dT%H%M%SZ"  # file names start with it, so they sort by date
 
+# LLaVA-1.5-7B's shapes for dalipipe.miniature.tiny.llava_config: CLIP ViT-L/14-336 and LLaMA-7B
+# (dalipipe.memory.architectures.PINNED gives each number's source), randomly initialised
+PAPER_LLAVA = dict(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    text_hidden=4096,
+    text_layers=32,
+    text_heads=32,
+    max_positions=4096,
+    vocab_size=32064,
+    text_intermediate=11008,
+)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+from common import PAPER_LLAVA  # bench/, on the path when a script here runs
 
 from dalipipe.config import llava_sizes, section_defaults
 
@@ -58,20 +59,10 @@ SHAPES = {
         "vocab": 32000,
     },
     "paper": {
-        "llava": dict(
-            image_size=336,
-            patch_size=14,
-            vision_hidden=1024,
-            vision_layers=24,
-            vision_heads=16,
-            text_hidden=4096,
-            text_layers=32,
-            text_heads=32,
-            max_positions=4096,
-        ),
+        "llava": PAPER_LLAVA,  # LLaVA-1.5-7B's widths (bench/common.py)
         "encoder": dict(),  # AudioEncoderConfig defaults: 1024 x 128 fbank -> 512 tokens
-        "intermediate": 11008,
-        "vocab": 32000,
+        "intermediate": None,
+        "vocab": None,
     },
 }
 

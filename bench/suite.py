@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PAPER_LLAVA,
     attempt,
     cpu_seconds,
     failed,
@@ -103,20 +104,7 @@ def scale_settings(scale: str) -> dict:
     return {
         "device": "cuda",
         "config": config,
-        # LLaVA-1.5-7B: CLIP ViT-L/14-336 and LLaMA-7B (dalipipe.memory.architectures.PINNED)
-        "llava": dict(
-            image_size=336,
-            patch_size=14,
-            vision_hidden=1024,
-            vision_layers=24,
-            vision_heads=16,
-            text_hidden=4096,
-            text_layers=32,
-            text_heads=32,
-            max_positions=4096,
-            vocab_size=32064,
-            text_intermediate=11008,
-        ),  # fmt: skip
+        "llava": PAPER_LLAVA,
         "encoder": encoder,
         "align_batch": 256,  # the authors' global batch (4 GPUs x 64) on one GPU
         "prefix_batch": config["prefix"]["batch_size"],
