@@ -301,3 +301,20 @@ youtube_params = job_params(
     *(f"acquire.audioset.{key}" for key in ("url_template", "format", "height", "retries",
       "backoff_s", "rate_limit", "socket_timeout", "cookies", "ytdlp_options"))
 )  # fmt: skip
+
+
+# rules/experiments.smk: the prefix pairs of one point of the prefix-pair sweep
+def sweep_pairs(wildcards):
+    """The pairs a sweep point trains on. A point beyond the miniature's prefix split stops the
+    plan, but only a plan that asks for the sweep: a smaller world still runs everything else."""
+    given = (config.get("prefix") or {}).get("pairs")
+    # the miniature's prefix split is known before any job
+    prefix_clips = ((config.get("world") or {}).get("splits") or {}).get("prefix")
+    synthetic = ACQUIRE.get("source", "synthetic") == "synthetic"
+    if not given and synthetic and prefix_clips is not None:
+        if int(wildcards.n) > prefix_clips:
+            raise WorkflowError(
+                f"config key experiments.prefix_pairs: {wildcards.n} pairs asked for, and the "
+                f"prefix split has {prefix_clips} clips (world.splits.prefix)"
+            )
+    return given or f"{RUN}/shards/prefix"

@@ -27,19 +27,6 @@ if PREFIX_PAIRS and SWEEP_ALIGN and SWEEP_METHOD not in EVAL_METHODS:  # set, an
         f"config key experiments.prefix_sweep_method: {SWEEP_METHOD!r} is not one of the "
         f"evaluated methods {EVAL_METHODS} (evaluate.methods)"
     )
-# the miniature's prefix split is known before any job: a sweep point beyond it stops the plan
-WORLD_PREFIX_CLIPS = ((config.get("world") or {}).get("splits") or {}).get("prefix")
-if (
-    PREFIX_PAIRS
-    and not (config.get("prefix") or {}).get("pairs")
-    and ACQUIRE.get("source", "synthetic") == "synthetic"
-    and WORLD_PREFIX_CLIPS is not None
-    and max(PREFIX_PAIRS) > WORLD_PREFIX_CLIPS
-):
-    raise WorkflowError(
-        f"config key experiments.prefix_pairs: {max(PREFIX_PAIRS)} pairs asked for, and the "
-        f"prefix split has {WORLD_PREFIX_CLIPS} clips (world.splits.prefix)"
-    )
 
 # Seeds: the whole run once per seed, each in its own run directory results/<run>-seed<k>/ by
 # a nested snakemake on this run's config with `seed` and `run` replaced. This run's own seed
@@ -53,7 +40,7 @@ SEED_TABLES = [
 
 rule prefix_sweep:
     input:
-        pairs=(config.get("prefix") or {}).get("pairs") or f"{RUN}/shards/prefix",
+        pairs=sweep_pairs,
         captioner=CAPTIONER_INPUT,
         hub=HUB_CAPTIONER,  # the hub model's cache marker, where fetched
     output:
