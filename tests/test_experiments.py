@@ -425,13 +425,18 @@ def test_a_seed_run_is_the_whole_run_at_that_seed(snakemake_in, workdir):
     assert outputs and all(o.startswith("results/miniature-seed1/") for o in outputs), outputs
 
 
-def test_a_sweep_beyond_the_prefix_split_stops_the_plan(workdir):
-    (workdir / "sweep.yaml").write_text("experiments: {prefix_pairs: [4, 32]}\n")
-    result = subprocess.run(
+def dry_run_with(workdir, settings: str, *targets: str) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the miniature with `settings` (YAML) laid over its config."""
+    (workdir / "sweep.yaml").write_text(settings)
+    return subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "--configfile", str(workdir / "sweep.yaml"), "--", "paper_figures"],
+         "--configfile", str(workdir / "sweep.yaml"), "--", *targets],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def test_a_sweep_beyond_the_prefix_split_stops_the_plan(workdir):
+    result = dry_run_with(workdir, "experiments: {prefix_pairs: [4, 32]}\n", "paper_figures")
     assert result.returncode != 0
     assert "experiments.prefix_pairs: 32 pairs asked for, and the prefix split has 16" in (
         result.stdout + result.stderr
@@ -440,23 +445,13 @@ def test_a_sweep_beyond_the_prefix_split_stops_the_plan(workdir):
 
 def test_a_sweep_beyond_the_prefix_split_leaves_the_main_run_alone(workdir):
     """The check is the sweep's: a world with fewer prefix clips still plans its table."""
-    (workdir / "sweep.yaml").write_text("experiments: {prefix_pairs: [4, 32]}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "--configfile", str(workdir / "sweep.yaml")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = dry_run_with(workdir, "experiments: {prefix_pairs: [4, 32]}\n", "all")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "prefix_sweep" not in result.stdout
 
 
 def test_a_sweep_method_that_is_not_evaluated_stops_the_plan(workdir):
-    (workdir / "sweep.yaml").write_text("experiments: {prefix_sweep_method: nope}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "--configfile", str(workdir / "sweep.yaml"), "--", "paper_figures"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = dry_run_with(workdir, "experiments: {prefix_sweep_method: nope}\n", "paper_figures")
     assert result.returncode != 0
     assert "experiments.prefix_sweep_method: 'nope' is not one of the evaluated methods" in (
         result.stdout + result.stderr
