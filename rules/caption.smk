@@ -18,7 +18,7 @@ rule prefix:
         f"{LOGS}/prefix.log",
     benchmark:
         f"{BENCHMARKS}/prefix.tsv",
-    threads: 2
+    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
     resources:
         mem_mb=8000,
         runtime=120,
@@ -48,7 +48,7 @@ rule pseudolabel:
         f"{LOGS}/pseudolabel/{{method}}.log",
     benchmark:
         f"{BENCHMARKS}/pseudolabel-{{method}}.tsv",
-    threads: 2
+    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
     resources:
         mem_mb=32000,
         runtime=600,
@@ -88,7 +88,7 @@ rule distill:
         f"{LOGS}/distill/{{method}}.log",
     benchmark:
         f"{BENCHMARKS}/distill-{{method}}.tsv",
-    threads: 2
+    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
     resources:
         mem_mb=64000,
         runtime=480,

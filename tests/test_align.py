@@ -162,6 +162,18 @@ def test_mmd_run_writes_encoder_curve_and_summary(world, tmp_path):
     assert encoder.config.out_dim == 32 and encoder.config.target_length == 64
 
 
+def test_decoded_clips_cached_between_epochs_give_the_same_weights(world, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for cache_gb in (0, 1.0):
+        out = tmp_path / f"cache{cache_gb}"
+        run_align(world, "mmd", out, clip_cache_gb=cache_gb)
+        runs[cache_gb] = load_file(out / "audio_encoder.safetensors")
+    assert runs[0].keys() == runs[1.0].keys()
+    assert all(torch.equal(runs[0][k], runs[1.0][k]) for k in runs[0])
+
+
 def test_ot_in_bf16_skips_broken_clips_and_records_the_solver(world, tmp_path, caplog):
     train = tmp_path / "train"
     train.mkdir()

@@ -298,6 +298,54 @@ def test_shuffling_is_seeded_and_changes_with_epoch(tmp_path):
     assert order(0, 0) != [f"clip{i:02d}" for i in range(12)]
 
 
+def test_the_decoded_cache_keeps_the_stream_and_its_budget(tmp_path):
+    parts, metadata = align_world(tmp_path, n=12)
+    shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=3)
+
+    def epochs(cache, frame_indices=None):
+        for epoch in (0, 1):
+            reader = shard_reader.ShardReader(
+                tmp_path / "s",
+                shuffle=True,
+                seed=2,
+                rank=0,
+                world_size=1,
+                buffer_size=4,
+                frame_indices=frame_indices,
+                cache=cache,
+            )
+            reader.set_epoch(epoch)
+            yield list(reader)
+
+    def same(a, b):
+        assert [x["clip_id"] for x in a] == [x["clip_id"] for x in b]
+        for x, y in zip(a, b):
+            assert np.array_equal(x["fbank"], y["fbank"]) and x["meta"] == y["meta"]
+            assert len(x["frames"]) == len(y["frames"])
+            assert all(np.array_equal(f, g) for f, g in zip(x["frames"], y["frames"]))
+
+    plain = list(epochs(None))
+    cache = shard_reader.DecodedCache(budget_bytes=10**9)
+    cached = list(epochs(cache))
+    for a, b in zip(plain, cached):
+        same(a, b)
+    assert len(cache.samples) == 12
+    # the second epoch hands out the very objects the first one decoded
+    first = {x["clip_id"]: x for x in cached[0]}
+    assert all(x is first[x["clip_id"]] for x in cached[1])
+    one = shard_reader.sample_bytes(cached[0][0])
+    assert cache.bytes == sum(shard_reader.sample_bytes(x) for x in cached[0])
+
+    # a budget of about five clips keeps some; the rest are decoded again, the same
+    small = shard_reader.DecodedCache(budget_bytes=5 * one)
+    for a, b in zip(plain, epochs(small)):
+        same(a, b)
+    assert 3 <= len(small.samples) <= 6 and small.bytes <= 5 * one
+    # the frames asked for are part of what is cached
+    middle = shard_reader.DecodedCache(budget_bytes=10**9)
+    assert all(len(x["frames"]) == 1 for x in list(epochs(middle, [1]))[1])
+
+
 def test_rank_and_world_come_from_the_launcher_environment(tmp_path, monkeypatch):
     parts, metadata = align_world(tmp_path, n=3)
     shard.write_split(parts, metadata, "align", tmp_path / "s", samples_per_shard=1)

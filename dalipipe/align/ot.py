@@ -38,7 +38,6 @@ import os
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
-import ot
 import torch
 
 from dalipipe.align.sinkhorn import check_settings, scaled_sinkhorn
@@ -92,6 +91,8 @@ def _emd_one(cost: np.ndarray, a: np.ndarray, b: np.ndarray, max_iter: int):
     """One exact problem in float64; a non-finite cost gives a zero plan (that clip adds no loss)."""
     if not np.isfinite(cost).all():
         return np.zeros_like(cost), np.zeros_like(a), np.zeros_like(b), "non-finite cost"
+    import ot  # POT imports scikit-learn (~2 s): only the exact solver's jobs pay for it
+
     a = a / a.sum()
     b = b / b.sum()
     plan, info = ot.emd(a, b, cost, numItermax=max_iter, log=True)

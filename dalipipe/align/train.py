@@ -60,7 +60,7 @@ def method_settings(align: dict | None, method: str) -> dict:
 
 
 # Settings that may change between a run and its resumption without discarding the checkpoint.
-RESUMABLE_CHANGES = ("methods", "checkpoint_every")
+RESUMABLE_CHANGES = ("methods", "checkpoint_every", "clip_cache_gb")
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -125,13 +125,21 @@ def batched(reader, batch_size: int, drop_last: bool = True):
         yield batch
 
 
-def open_reader(shards, *, shuffle: bool, seed: int, rank: int, world_size: int, frame=None):
+def open_reader(
+    shards, *, shuffle: bool, seed: int, rank: int, world_size: int, frame=None, cache=None
+):
     """Only the needed frame is decoded when the frame index is fixed (JPEG decoding is costly)."""
     from dalipipe.data.shard_reader import ShardReader
 
     indices = None if frame in (None, "random") else [int(frame)]
     return ShardReader(
-        shards, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, frame_indices=indices
+        shards,
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        frame_indices=indices,
+        cache=cache,
     )
 
 
@@ -238,6 +246,12 @@ class Run:
         ).hexdigest()[:16]
         self.token_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.token_cache_bytes = 0
+        # Decoded training clips, reused by every later epoch (in-process reading only)
+        self.clip_cache = None
+        if s["clip_cache_gb"] > 0 and s["loader_workers"] == 0:
+            from dalipipe.data.shard_reader import DecodedCache
+
+            self.clip_cache = DecodedCache(s["clip_cache_gb"] * 2**30)
         # the place in the data; the loop counts the steps and holds the per-epoch curve
         self.progress = {"epoch": 1, "batch": 0, "sums": {}, "count": 0, "seconds": 0.0, "clips": 0}
         state = {"progress": self.progress, "encoder": self.encoder}
@@ -385,9 +399,9 @@ class Run:
             return None
         return float(total[0] / total[1])
 
-    def reader(self, shards, *, shuffle: bool, frame):
+    def reader(self, shards, *, shuffle: bool, frame, cache=None):
         share = {"seed": self.seed, "rank": self.rank, "world_size": self.world}
-        return open_reader(shards, shuffle=shuffle, frame=frame, **share)
+        return open_reader(shards, shuffle=shuffle, frame=frame, cache=cache, **share)
 
     def train(self) -> dict:
         s, p, loop = self.settings, self.progress, self.loop
@@ -403,7 +417,7 @@ class Run:
             )
         began = time.time() - p["seconds"]
         for epoch in range(p["epoch"], s["epochs"] + 1):
-            reader = self.reader(self.shards, shuffle=True, frame=s["frame"])
+            reader = self.reader(self.shards, shuffle=True, frame=s["frame"], cache=self.clip_cache)
             reader.set_epoch(epoch)
             clips = usable(
                 in_workers(reader, s["loader_workers"]), str(self.shards), self.fbank_shape

@@ -132,6 +132,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         buffer_size: int = 1000,
         split_by: str = "auto",
         frame_indices: Sequence[int] | None = None,
+        cache: DecodedCache | None = None,
     ):
         super().__init__()
         self.shards = resolve_shards(shards)
@@ -144,6 +145,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.split_by, self.frame_indices = split_by, frame_indices
+        self.cache = cache
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -180,7 +182,43 @@ class ShardReader(torch.utils.data.IterableDataset):
                 stream, self.buffer_size, np.random.default_rng([self.seed, self.epoch, consumer])
             )
         for key, fields in stream:
-            yield decode_sample(key, fields, self.frame_indices)
+            if self.cache is None:
+                yield decode_sample(key, fields, self.frame_indices)
+            else:
+                yield self.cache.decoded(key, fields, self.frame_indices)
+
+
+class DecodedCache:
+    """Decoded samples of one set of shards kept in memory between passes, up to a byte budget.
+
+    Decoding (JPEG frames, the filterbank) is about a third of a miniature alignment step; a
+    training run reads the same clips every epoch. Decoding is a pure function of a sample's
+    bytes, so a cached sample is the one decoding would give, and the stream is unchanged.
+    The cache lives in one process: with DataLoader workers each worker would fill its own
+    copy and lose it at the epoch's end, so it is meant for in-process reading. Consumers
+    must not modify the samples it returns (they are shared between epochs).
+    """
+
+    def __init__(self, budget_bytes: float):
+        self.budget = budget_bytes
+        self.samples: dict[tuple, dict] = {}
+        self.bytes = 0
+
+    def decoded(self, key: str, fields: dict[str, bytes], frame_indices) -> dict:
+        name = (key, None if frame_indices is None else tuple(frame_indices))
+        sample = self.samples.get(name)
+        if sample is None:
+            sample = decode_sample(key, fields, frame_indices)
+            size = sample_bytes(sample)
+            if self.bytes + size <= self.budget:
+                self.samples[name] = sample
+                self.bytes += size
+        return sample
+
+
+def sample_bytes(sample: dict) -> int:
+    arrays = [*sample["frames"], sample["fbank"], sample.get("audio")]
+    return sum(a.nbytes for a in arrays if a is not None)
 
 
 def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Iterator:
