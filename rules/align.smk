@@ -29,6 +29,7 @@ rule align:
         f"{LOGS}/align/{{method}}.log",
     benchmark:
         f"{BENCHMARKS}/align-{{method}}.tsv",
+    priority: align_epochs
     threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
     resources:
         mem_mb=8000,

@@ -18,6 +18,7 @@ rule prefix:
         f"{LOGS}/prefix.log",
     benchmark:
         f"{BENCHMARKS}/prefix.tsv",
+    priority: 100  # beside the longest alignment: every pseudo-label job waits for it
     threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
     resources:
         mem_mb=8000,

@@ -152,6 +152,13 @@ def align_inputs(wildcards):
     }
 
 
+def align_epochs(wildcards):
+    """A method's epochs, its priority: where jobs wait for cores, the longest alignment starts
+    first (two one-thread jobs share 2 cores; the longest last would finish alone)."""
+    per_method = config["align"]["per_method"].get(wildcards.method) or {}
+    return per_method.get("epochs", config["align"]["epochs"])
+
+
 def evaluate_inputs(wildcards):
     inputs = {
         "captioner": CAPTIONER_INPUT,

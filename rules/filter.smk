@@ -28,7 +28,7 @@ rule filter_part:
         f"{LOGS}/filter/part-{{i}}.log",
     benchmark:
         f"{BENCHMARKS}/filter_part-{{i}}.tsv",
-    threads: 2
+    threads: 1  # parts side by side on 2 cores, each with its decode worker
     resources:
         mem_mb=32000,
         runtime=720,  # paper scale: ~20M frames at ~500 frames/s on one H200, split in parts
