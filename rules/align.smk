@@ -30,7 +30,7 @@ rule align:
     benchmark:
         f"{BENCHMARKS}/align-{{method}}.tsv",
     priority: align_epochs
-    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
+    threads: 1  # two at a time on 2 cores (README, Time); slurm/config.yaml sets cluster CPUs
     resources:
         mem_mb=8000,
         runtime=60,

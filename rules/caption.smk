@@ -19,7 +19,7 @@ rule prefix:
     benchmark:
         f"{BENCHMARKS}/prefix.tsv",
     priority: 100  # beside the longest alignment: every pseudo-label job waits for it
-    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
+    threads: 1  # two at a time on 2 cores (README, Time); slurm/config.yaml sets cluster CPUs
     resources:
         mem_mb=8000,
         runtime=120,
@@ -49,7 +49,7 @@ rule pseudolabel:
         f"{LOGS}/pseudolabel/{{method}}.log",
     benchmark:
         f"{BENCHMARKS}/pseudolabel-{{method}}.tsv",
-    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
+    threads: 1  # two at a time on 2 cores (README, Time); slurm/config.yaml sets cluster CPUs
     resources:
         mem_mb=32000,
         runtime=600,
@@ -89,7 +89,7 @@ rule distill:
         f"{LOGS}/distill/{{method}}.log",
     benchmark:
         f"{BENCHMARKS}/distill-{{method}}.tsv",
-    threads: 1  # two side by side on 2 cores (README, Time); slurm/config.yaml sets a cluster job's
+    threads: 1  # two at a time on 2 cores (README, Time); slurm/config.yaml sets cluster CPUs
     resources:
         mem_mb=64000,
         runtime=480,
