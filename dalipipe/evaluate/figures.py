@@ -360,22 +360,25 @@ def _save(fig, out) -> None:
     plt.close(fig)
 
 
+def add_encoder_inputs(parser: argparse.ArgumentParser, datasets: str) -> None:
+    """The inputs of the commands that look at aligned encoders on a test set (figure, probe)."""
+    parser.add_argument(
+        "--params", default="{}", help="JSON (or @file): seed, device, evaluate, extract, models"
+    )
+    parser.add_argument("--dataset", required=True, help=datasets)
+    parser.add_argument("--shards", help="test shard folder (miniature)")
+    parser.add_argument("--captioner", required=True, help="the base LLaVA-class captioner")
+    parser.add_argument(
+        "--align", nargs="+", required=True, help="aligned encoder folders (name = method)"
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe figure", description=__doc__.split("\n\n")[0])
     figures = parser.add_subparsers(dest="figure", required=True)
     for name, text in (("pca-clip", "Figure 6"), ("attention", "Figure 7")):
         sub = figures.add_parser(name, help=text)
-        sub.add_argument(
-            "--params",
-            default="{}",
-            help="JSON (or @file): seed, device, evaluate, extract, models",
-        )
-        sub.add_argument("--dataset", required=True, help="miniature | audiocaps")
-        sub.add_argument("--shards", help="test shard folder (miniature)")
-        sub.add_argument("--captioner", required=True, help="the base LLaVA-class captioner")
-        sub.add_argument(
-            "--align", nargs="+", required=True, help="aligned encoder folders (name = method)"
-        )
+        add_encoder_inputs(sub, datasets="miniature | audiocaps")
         sub.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     setup_logging()

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
 from dalipipe.evaluate.figures import (
+    add_encoder_inputs,
     choose_clips,
     encoders,
     eval_seed,
@@ -241,15 +242,7 @@ def write_outputs(result: dict, out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--params", default="{}", help="JSON (or @file): seed, device, evaluate, extract, models"
-    )
-    parser.add_argument("--dataset", required=True, help="miniature | audiocaps | clotho")
-    parser.add_argument("--shards", help="test shard folder (miniature)")
-    parser.add_argument("--captioner", required=True, help="the base LLaVA-class captioner")
-    parser.add_argument(
-        "--align", nargs="+", required=True, help="aligned encoder folders (name = method)"
-    )
+    add_encoder_inputs(parser, datasets="miniature | audiocaps | clotho")
     parser.add_argument("--out", required=True, help="output stem: <out>.csv/.json/.md/.html")
     args = parser.parse_args(argv)
     setup_logging()
