@@ -166,9 +166,9 @@ def test_decoded_clips_cached_between_epochs_give_the_same_weights(world, tmp_pa
     from safetensors.torch import load_file
 
     runs = {}
-    for cache_gb in (0, 1.0):
+    for cache_gb, cached in ((0, 0), (1.0, 24)):  # the world's 24 training clips
         out = tmp_path / f"cache{cache_gb}"
-        run_align(world, "mmd", out, clip_cache_gb=cache_gb)
+        assert run_align(world, "mmd", out, clip_cache_gb=cache_gb)["clips_cached"] == cached
         runs[cache_gb] = load_file(out / "audio_encoder.safetensors")
     assert runs[0].keys() == runs[1.0].keys()
     assert all(torch.equal(runs[0][k], runs[1.0][k]) for k in runs[0])

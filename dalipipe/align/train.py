@@ -469,6 +469,8 @@ class Run:
             "epochs": self.settings["epochs"],
             "steps": self.loop.step,
             "clips_seen": p["clips"],
+            # decoded clips kept between epochs (align.clip_cache_gb); 0 when off
+            "clips_cached": len(self.clip_cache.samples) if self.clip_cache else 0,
             "final_train_loss": last.get("train_loss"),
             "final_val_loss": last.get("val_loss"),
             "encoder_parameters": count_parameters(self.encoder),

@@ -192,8 +192,9 @@ class DecodedCache:
     """Decoded samples of one set of shards kept in memory between passes, up to a byte budget.
 
     Reading and decoding (JPEG frames, the filterbank) were ~40% of a miniature alignment
-    epoch, profiled; a training run reads the same clips every epoch. Decoding is a pure function of a sample's
-    bytes, so a cached sample is the one decoding would give, and the stream is unchanged.
+    epoch, profiled; a training run reads the same clips every epoch. Decoding is a pure
+    function of a sample's bytes, so a cached sample is the one decoding would give, and the
+    stream is unchanged.
     The cache lives in one process: with DataLoader workers each worker would fill its own
     copy and lose it at the epoch's end, so it is meant for in-process reading. Consumers
     must not modify the samples it returns (they are shared between epochs).
