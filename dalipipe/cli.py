@@ -68,6 +68,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),
     "score": ("dalipipe.evaluate.metrics", "caption metrics for predictions against references"),
+    "check-config": ("dalipipe.config", "check presets as the workflow does, before any job"),
     "plan-memory": ("dalipipe.memory.plan", "estimated peak GPU memory of every GPU stage"),
     "fetch-metric-assets": (
         "dalipipe.evaluate.assets",

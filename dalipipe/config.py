@@ -96,9 +96,14 @@ def merge(base: dict, over: dict) -> dict:
 def load_config(*presets: str | Path, base: str | Path | None = REPO / "config.yaml") -> dict:
     """The config a run sees: `base` (the Snakefile's config.yaml), the presets laid over it in
     order, then the schema's defaults for whatever none of them sets."""
+    from dalipipe.config_checks import PresetError, read_preset
+
     config: dict = {}
     for path in ([base] if base else []) + list(presets):
-        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+        try:
+            config = merge(config, read_preset(path))
+        except PresetError as error:
+            raise ConfigError(str(error)) from None
     return fill_defaults(config)
 
 
@@ -110,7 +115,12 @@ def _where(error: jsonschema.ValidationError) -> str:
 def config_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]:
     validator = jsonschema.Draft202012Validator(_schema(Path(schema_path)))
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    return [f"{_where(e)}: {e.message}" for e in errors]
+    if errors:
+        return [f"{_where(e)}: {e.message}" for e in errors]
+    # the rules between keys assume each key is well formed: checked once the schema passes
+    from dalipipe.config_checks import cross_key_problems
+
+    return cross_key_problems(config)
 
 
 def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> None:
@@ -122,7 +132,11 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     presets = argv or ["config.yaml"]
-    config = load_config(*presets, base=None)
+    try:
+        config = load_config(*presets, base=None)
+    except ConfigError as error:
+        print(error)
+        return 1
     problems = config_problems(config)
     print("\n".join(f"{' + '.join(presets)}: {p}" for p in problems) or "ok")
     return 1 if problems else 0
