@@ -282,3 +282,41 @@ def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
         ]
 
     assert losses(out) == losses(reference)
+
+
+def test_a_batch_above_the_pool_is_capped_at_it_and_logged(world, tmp_path, caplog):
+    """The shards' index counts 24 clips: align.batch_size 100 trains in batches of 24."""
+    train = tmp_path / "train"
+    train.mkdir()
+    entries = []
+    for tar, count in (("align-000000.tar", 12), ("align-000001.tar", 12)):
+        (train / tar).symlink_to(world["root"] / "train" / tar)
+        entries.append({"file": tar, "count": count})
+    (train / "index.json").write_text(json.dumps({"total": 24, "shards": entries}))
+    out = tmp_path / "mmd"
+    with caplog.at_level("WARNING", logger="dalipipe.align.train"):
+        summary = align(
+            params_for(batch_size=100, epochs=2), "mmd", train, world["root"] / "val",
+            world["llava"], out,
+        )  # fmt: skip
+    assert summary["batch_size"] == 24 and summary["steps"] == 2 and summary["clips_seen"] == 48
+    assert summary["final_train_loss"] is not None
+    assert (
+        "align.batch_size 100 is above the 24 clips per process of "
+        f"{train} (24 clips, 1 process(es)): batches of 24"
+    ) in caplog.text
+
+
+def test_an_epoch_without_a_full_batch_stops_the_stage_leaving_no_encoder(world, tmp_path):
+    """The test world's index does not count its clips, so nothing caps the batch: 24 clips
+    and batches of 100 would make no step, and the stage says so instead of saving an
+    untrained encoder."""
+    out = tmp_path / "align" / "mmd"
+    with pytest.raises(ValueError) as error:
+        run_align(world, "mmd", out, batch_size=100, epochs=2)
+    assert str(error.value) == (
+        f"align.batch_size 100: epoch 1 made no step: 24 usable clip(s) of "
+        f"{world['root'] / 'train'} reached this process (one of 1), fewer than one batch; "
+        "lower align.batch_size or add clips"
+    )
+    assert not out.exists() and not out.with_name("mmd.ckpt").exists()

@@ -172,6 +172,44 @@ def usable(samples, where: str, fbank_shape: tuple[int, int] | None = None):
             )
 
 
+def pool_size(shards) -> int | None:
+    """Clips in a shard directory, as its index.json counts them; None where it does not."""
+    if not isinstance(shards, (str, os.PathLike)) or not (Path(shards) / "index.json").is_file():
+        return None
+    entries = json.loads((Path(shards) / "index.json").read_text()).get("shards") or []
+    counts = [entry.get("count") for entry in entries]
+    return sum(counts) if counts and all(isinstance(c, int) for c in counts) else None
+
+
+def batch_for_pool(batch_size: int, pool: int | None, processes: int, where) -> int:
+    """The batch size, capped at each process's share of the pool: training drops a partial
+    batch, so a batch larger than the share would train nothing (as prefix and distill do)."""
+    share = None if pool is None else pool // processes
+    if not share or batch_size <= share:
+        return batch_size
+    log.warning(
+        "align.batch_size %d is above the %d clips per process of %s (%d clips, %d process(es)):"
+        " batches of %d",
+        batch_size, share, where, pool, processes, share,
+    )  # fmt: skip
+    return share
+
+
+class Counted:
+    """An iterator that counts what passed through it (the clips an epoch offered)."""
+
+    def __init__(self, items):
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.count += 1
+        return item
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -213,6 +251,7 @@ class Run:
         width = self.image_tokens([probe["frames"][0]]).shape[-1]
         self.encoder = self._build_encoder(params.get("models") or {}, probe["fbank"].shape, width)
         self.fbank_shape = (self.encoder.config.target_length, self.encoder.config.num_mel_bins)
+        self.batch_size = batch_for_pool(s["batch_size"], pool_size(shards), self.world, shards)
         self.solver = self.scorer = None
         if method in ("ot", "ot_att"):
             self.solver = OTSolver.from_settings(s["ot"])
@@ -419,10 +458,11 @@ class Run:
         for epoch in range(p["epoch"], s["epochs"] + 1):
             reader = self.reader(self.shards, shuffle=True, frame=s["frame"], cache=self.clip_cache)
             reader.set_epoch(epoch)
-            clips = usable(
-                in_workers(reader, s["loader_workers"]), str(self.shards), self.fbank_shape
+            clips = Counted(
+                usable(in_workers(reader, s["loader_workers"]), str(self.shards), self.fbank_shape)
             )
-            stream = self.in_step(batched(clips, s["batch_size"]))
+            stream = self.in_step(batched(clips, self.batch_size))
+            began_at_batch = p["batch"]
             batches = itertools.islice(stream, p["batch"], s["max_steps_per_epoch"])
             lam = self.entropy_lambda(epoch)
             bar = tqdm(
@@ -441,6 +481,12 @@ class Run:
                 bar.set_postfix(loss=f"{logged['loss']:.4f}")
                 p["seconds"] = time.time() - began
                 loop.end_step()  # a checkpoint every checkpoint_every steps, and on SIGTERM
+            if began_at_batch == 0 and p["batch"] == 0:  # a whole epoch without one step
+                raise ValueError(
+                    f"align.batch_size {self.batch_size}: epoch {epoch} made no step: "
+                    f"{clips.count} usable clip(s) of {self.shards} reached this process (one of "
+                    f"{self.world}), fewer than one batch; lower align.batch_size or add clips"
+                )
             val = self.validate()
             row = {
                 "epoch": epoch,
@@ -467,6 +513,7 @@ class Run:
             "method": self.method,
             "solver": self.solver.describe() if self.solver else None,
             "epochs": self.settings["epochs"],
+            "batch_size": self.batch_size,  # align.batch_size, capped at the pool
             "steps": self.loop.step,
             "clips_seen": p["clips"],
             # decoded clips kept between epochs (align.clip_cache_gb); 0 when off
