@@ -310,6 +310,8 @@ class TrainLoop:
         ``recompute``: a transformers model whose decoder layers recompute their activations in
         the backward pass (`activation_checkpointing`); None: everything is kept.
         """
+        if total_steps < 1:  # no data: a stage would save its untrained weights as trained
+            raise ValueError(f"{desc}: {total_steps} optimizer steps to run, nothing to train on")
         if self.step:
             log.info("%s: resuming at step %d of %d", desc, self.step, total_steps)
         average = list(average)

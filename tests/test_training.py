@@ -146,3 +146,13 @@ def test_a_loop_killed_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path, mon
     write_curve(tmp_path / "curve.csv", curve)
     lines = (tmp_path / "curve.csv").read_text().splitlines()
     assert lines[0] == "step,epoch,loss,lr" and lines[3].startswith("3,2,")
+
+
+def test_a_loop_with_no_step_to_run_stops_before_any_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    loop = TrainLoop(tmp_path / "ckpt", {"model": model}, settings={}, checkpoint_every=1)
+    with pytest.raises(ValueError) as error:
+        loop.fit(lambda index: {"loss": torch.zeros(())}, 0, optimizer=optimizer, desc="prefix")
+    assert str(error.value) == "prefix: 0 optimizer steps to run, nothing to train on"
+    assert loop.curve == [] and not (tmp_path / "ckpt").exists()
