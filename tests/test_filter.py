@@ -10,6 +10,7 @@ from PIL import Image
 
 from dalipipe.data import filter as flt
 from dalipipe.data.filter_merge import keep_count, merge
+from dalipipe.data.filter_merge import main as filter_merge_main
 
 CORPUS = ["a dog on the grass", "a red car in the street", "Dog, Bark", "Car, Vehicle"]
 
@@ -278,3 +279,26 @@ def test_frame_preparer_gives_the_processor_output_in_the_model_dtype(tiny):
     assert got["pixel_values"].dtype == torch.bfloat16
     assert torch.equal(got["pixel_values"], expected["pixel_values"].to(torch.bfloat16))
     assert torch.equal(got["input_ids"], expected["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "keep, scored, reason",
+    [
+        (0.1, [("c1", 0.3), ("c2", 0.1)], "filter.keep 0.1 keeps none of the 2 scored clips"),
+        (0.9, [], "filter.keep 0.9 keeps none of the 0 scored clips"),
+    ],
+)
+def test_a_filter_that_keeps_nothing_stops_leaving_no_kept_list(tmp_path, keep, scored, reason):
+    write_part(tmp_path / "part-0", scored, excluded=4)
+    out = tmp_path / "filter"
+    assert filter_merge_main([
+        "--params", json.dumps({"filter": {"keep": keep}}),
+        "--parts", str(tmp_path / "part-0"), "--out", str(out),
+    ]) == 1  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        merge({"filter": {"keep": keep}}, [tmp_path / "part-0"], out)
+    assert str(error.value) == (
+        f"{reason} of 1 part(s) (1 skipped, 4 evaluation ids excluded); filter.splits and "
+        "filter.keep decide what is scored and kept"
+    )
+    assert not out.exists()

@@ -83,7 +83,18 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
     if len(set(ids)) != len(ids):
         raise ValueError("a clip appears in more than one filter part")
     rows.sort(key=lambda r: (r["distance"], r["clip_id"]))
+
+    def total(key):
+        return sum(int(s.get(key, 0)) for s in part_summaries)
+
     n_keep = keep_count(float(cfg.get("keep", 1.0)), len(rows))
+    if n_keep == 0:  # an empty kept list would leave the align split with nothing to train on
+        raise ValueError(
+            f"filter.keep {cfg.get('keep', 1.0)} keeps none of the {len(rows)} scored clips of "
+            f"{len(part_summaries)} part(s) ({total('skipped')} skipped, "
+            f"{total('excluded_eval_ids')} evaluation ids excluded); filter.splits and "
+            "filter.keep decide what is scored and kept"
+        )
     for rank, row in enumerate(rows):
         row["rank"], row["kept"] = rank, int(rank < n_keep)
     threshold = rows[n_keep - 1]["distance"] if n_keep else None
@@ -94,9 +105,6 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
         tmp.write_text("".join(f"{r['clip_id']}\n" for r in rows[:n_keep]))
     write_distances(out_dir / "distances.csv", rows, fields=[*DISTANCE_FIELDS, "rank", "kept"])
     plot_histogram(out_dir / "histogram.png", [r["distance"] for r in rows], threshold, encoder)
-
-    def total(key):
-        return sum(int(s.get(key, 0)) for s in part_summaries)
 
     summary = {
         "parts": len(part_summaries),
@@ -126,5 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the filter directory")
     args = parser.parse_args(argv)
     setup_logging()
-    merge(parse_params(args.params), args.parts, args.out)
+    try:
+        merge(parse_params(args.params), args.parts, args.out)
+    except (OSError, ValueError) as err:  # bad input or nothing kept: one clear line
+        log.error("filter-merge: %s", err)
+        return 1
     return 0
