@@ -409,3 +409,22 @@ def test_extra_systems_are_evaluated_as_distilled_captioners(run_dir, tmp_path):
         run.plan_systems(settings, ["mmd"], ["mmd"], ["mmd"])
     with pytest.raises(ValueError, match="needs audio_distilled or audio_image_distilled"):
         run.plan_systems({**settings, "systems": ["audio"]}, ["mmd"], [], ["authors"])
+
+
+def test_an_evaluation_of_no_clip_stops_naming_the_set_and_leaves_no_table(tmp_path):
+    """A Clotho CSV whose audio is in none of the media folder's files: nothing to caption."""
+    table = tmp_path / "captions.csv"
+    table.write_text(
+        "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
+        "rain on a roof.wav,a,b,c,d,e\nwind.wav,a,b,c,d,e\n"
+    )
+    (tmp_path / "media").mkdir()
+    settings = {"datasets": {"clotho": {"csv": str(table), "media": str(tmp_path / "media")}}}
+    out = tmp_path / "evaluate" / "clotho"
+    with pytest.raises(ValueError) as error:
+        run.evaluate({"evaluate": settings}, "clotho", out, captioner_dir=tmp_path / "none")
+    assert str(error.value) == (
+        "evaluate.datasets.clotho: no readable clip to evaluate, 2 clip(s) failed; the first: "
+        f"{tmp_path / 'media'}: no media for rain_on_a_roof"
+    )
+    assert not out.exists()

@@ -319,7 +319,11 @@ def evaluate(
     ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"])
     clips, inputs = load_inputs(ds)
     if not clips:
-        raise ValueError(f"{dataset}: no readable clip to evaluate ({len(ds.failed)} failed)")
+        first = f"; the first: {ds.failed[0]['reason']}" if ds.failed else ""
+        raise ValueError(
+            f"evaluate.datasets.{dataset}: no readable clip to evaluate, {len(ds.failed)} "
+            f"clip(s) failed{first}"
+        )
     align = {Path(d).name: Path(d) for d in align_dirs if str(d)}
     distill = {Path(d).name: Path(d) for d in distill_dirs if str(d)}
     extra = {str(k): Path(v) for k, v in (settings.get("extra_systems") or {}).items()}
