@@ -208,6 +208,30 @@ def test_score_command_names_the_bad_file_and_exits_2(tmp_path, capsys):
     assert rc == 2 and "absent.json: file not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "predictions, references, error",
+    [
+        ('{"a": "x", "b": "y", "a": "z"}', '{"a": ["x"], "b": ["y"]}',
+         "preds.json: clip id 'a' appears more than once"),
+        ('{"captions": {"a": "x"}}', '{"a": ["x"], "a": ["y"]}',
+         "refs.json: clip id 'a' appears more than once"),
+        ('{"a": "x"}', '{"a": ["x", "  "]}', "refs.json: reference 2 of clip 'a' is blank"),
+    ],
+)  # fmt: skip
+def test_score_refuses_duplicate_ids_and_blank_references(
+    tmp_path, capsys, predictions, references, error
+):
+    (tmp_path / "preds.json").write_text(predictions)
+    (tmp_path / "refs.json").write_text(references)
+    out = tmp_path / "scores.json"
+    rc = metrics.main([
+        "--predictions", str(tmp_path / "preds.json"), "--references", str(tmp_path / "refs.json"),
+        "--out", str(out), "--no-spice",
+    ])  # fmt: skip
+    assert rc == 2 and capsys.readouterr().err.strip().endswith(f"{tmp_path}/{error}")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ Vocab, FENSE, SPIDEr-FL
 
 TINY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (

@@ -69,12 +69,31 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
             raise ValueError(
                 f"{path}: references of clip {clip_id!r} must be a non-empty list of str"
             )
+        for number, ref in enumerate(refs, 1):
+            if not ref.strip():  # a blank reference would count as a caption no one can match
+                raise ValueError(f"{path}: reference {number} of clip {clip_id!r} is blank")
     return data
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is an error (json keeps the last)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def _read_json(path: str | Path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ValueError(f"{path}: clip id {err.args[0]!r} appears more than once") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
