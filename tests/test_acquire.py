@@ -207,6 +207,21 @@ def test_local_csv_labels_splits_and_bad_rows(tmp_path):
         local.list_source(bad)
 
 
+def test_a_csv_split_that_no_shard_takes_is_a_failed_row_naming_it(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    table = tmp_path / "list.csv"
+    table.write_text("path,clip_id,split\na.mp4,kept,pseudolabel\na.mp4,lost,train\n")
+    rows = local.write_part(local.list_source(table), tmp_path / "out")
+    assert [(r["clip_id"], r["status"], r["split"]) for r in rows] == [
+        ("kept", "ok", "pseudolabel"),
+        ("lost", "failed", "train"),
+    ]
+    assert rows[1]["reason"] == (
+        f"{table}, line 3: split 'train' is none of the splits the shards take "
+        "(align, pseudolabel, prefix, test)"
+    )
+
+
 def test_gather_merges_parts_and_counts_statuses(tiny_parts, tmp_path):
     root, one, halves = tiny_parts
     (root / "part-1" / "manifest.csv").read_text()

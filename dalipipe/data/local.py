@@ -13,7 +13,8 @@ parts, so a clip keeps its id whatever the number of parts.
 
 Files are not copied: the part directory gets `clips/<clip_id><ext>` as a symbolic link to the
 source file (so odd names never reach later stages), and manifest paths point at the links.
-A listed file that does not exist becomes a `failed` row; a row with a bad `start_s` too.
+A listed file that does not exist becomes a `failed` row; so does a row with a bad `start_s`,
+or with a `split` that no shard takes (anything but align, pseudolabel, prefix and test).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import unicodedata
 from pathlib import Path
 
 from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.config_checks import PIPELINE_SPLITS
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,11 @@ def list_csv(table: Path, split: str) -> list[dict]:
         except ValueError:
             entry["reason"] = (
                 f"{table}, line {line}: start_s {row.get('start_s')!r} is not a number >= 0"
+            )
+        if entry["split"] not in PIPELINE_SPLITS:  # no shard would take it: say so, here
+            entry["reason"] = (
+                f"{table}, line {line}: split {entry['split']!r} is none of the splits the "
+                f"shards take ({', '.join(PIPELINE_SPLITS)})"
             )
         if not CLIP_ID.match(entry["clip_id"]):
             bad = entry["clip_id"]
