@@ -54,13 +54,13 @@ def _listed(values) -> str:
 
 
 def _run_name(config: dict) -> list[str]:
-    # the schema's pattern allows dots (run names such as paper-1.5); a name of dots alone
-    # makes results/<run> the results folder itself or the repository root
+    # the schema's pattern allows dots (run names such as paper-1.5); "." makes results/<run>
+    # the results folder itself, ".." the repository root
     run = config.get("run")
-    if isinstance(run, str) and set(run) <= {"."}:
+    if run in (".", ".."):
         return [
-            f"run: {run!r} would write outside results/ (results/{run}); allowed: a name of "
-            "letters, digits, _, - and . that is not made of dots alone"
+            f"run: {run!r} would write outside results/<run>/ (results/{run}); allowed: a name "
+            "of letters, digits, _, - and . other than . and .."
         ]
     return []
 

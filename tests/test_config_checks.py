@@ -71,8 +71,8 @@ CASES = {
     "run climbing out of results": (
         {"run": ".."},
         [
-            "run: '..' would write outside results/ (results/..); allowed: a name of letters, "
-            "digits, _, - and . that is not made of dots alone"
+            "run: '..' would write outside results/<run>/ (results/..); allowed: a name of "
+            "letters, digits, _, - and . other than . and .."
         ],
     ),
     "split that no shard takes": (
