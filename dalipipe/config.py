@@ -130,8 +130,15 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    presets = argv or ["config.yaml"]
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="dalipipe check-config",
+        description="Check presets, laid over one another in order, as the workflow does before "
+        "any job: prints ok, or each problem naming the key (exit 1).",
+    )
+    parser.add_argument("presets", nargs="*", default=["config.yaml"], help="YAML presets")
+    presets = parser.parse_args(sys.argv[1:] if argv is None else argv).presets
     try:
         config = load_config(*presets, base=None)
     except ConfigError as error:
