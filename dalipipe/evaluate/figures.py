@@ -302,8 +302,8 @@ ATTENTION_PANELS = (
 def plot_attention(rows: list[dict], out) -> list[dict[str, np.ndarray]]:
     """One row per clip: the image tokens' softmax and mixed weights over the picture, then the
     audio tokens' over the filterbank; each weight drawn as a multiple of the uniform share, on
-    one logarithmic colour scale for every panel. Returns, per clip, the arrays drawn (multiples of uniform:
-    image (side, side), audio (frequency patches, time patches))."""
+    one logarithmic colour scale for every panel. Returns, per clip, the arrays drawn, in
+    multiples of uniform: image (side, side), audio (frequency patches, time patches)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -25,11 +25,11 @@ the norms a block keeps for the other modalities.
 with every parameter whose name holds `mm_projector` or `prefix`; the distillation run's copy is
 LLaVA's `mlp2x_gelu` projector (`nn.Sequential(Linear, GELU, Linear)`) under
 `model.mm_projector.{0,2}.{weight,bias}`, which LLaVA in transformers' format calls
-`multi_modal_projector.linear_{1,2}`. It becomes the audio projector. The prefix-tuning run
-writes a file of the same name whose `mm_projector` is LLaVA-1.5's, undistilled; its
-`model.audio_tower.prefix` gives it away, and the import refuses it as `--mlp`. The evaluation loads it into
+`multi_modal_projector.linear_{1,2}`. It becomes the audio projector. The evaluation loads it into
 LLaVA's single projector (`--use_mlp`), so image tokens pass through it too:
-`share_projector: true` below.
+`share_projector: true` below. The prefix-tuning run writes a file of the same name whose
+`mm_projector` is LLaVA-1.5's, undistilled; its `model.audio_tower.prefix` gives it away, and
+the import refuses it as `--mlp`.
 
 `prefix.bin` (optional; the prefix-tuning run's `prefixMLP.bin`, renamed as their scripts expect):
 the learned prefix under `model.audio_tower.prefix` (16 x 4096).
@@ -97,8 +97,8 @@ AUDIOSET_FBANK = {"mean": -5.081, "std": 4.4849}
 
 
 def torch_file_format(path: Path, what: str) -> str:
-    """ "zip" (torch.save's format since 1.6) or "legacy" (the pickle stream before it), read from
-    the first bytes; an empty file or any other file stops the import with its own message."""
+    """The file's format, read from its first bytes: "zip" (torch.save's since torch 1.6) or
+    "legacy" (the pickle stream before it); an empty or any other file stops the import."""
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_MAGIC))
     if not head:
