@@ -413,6 +413,21 @@ def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, ti
     assert torch.equal(captioner.prefix.data, drawn("prefix", (4, 64), torch.bfloat16).float())
 
     fbank = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 64, 32), np.float32))
+    # the loaded captioner's audio tokens in the LM's space are the authors' chain's (float32 here)
+    with torch.no_grad():
+        ours = captioner.modality_embeds("audio", fbank=fbank)
+        theirs = authors_audio_tokens(
+            torch.load(small_files / "audio_backbone.pth", weights_only=True),
+            torch.load(small_files / "prefixMLP.bin", weights_only=True),
+            fbank,
+            heads=SMALL_CONFIG["num_heads"],
+        )
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape == (
+        2,
+        (32 // 16) * (64 // 16),
+        64,
+    )
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
     frames = [np.full((40, 60, 3), c, np.uint8) for c in (40, 200)]
     for modality in ("audio", "audio+image"):
         captions = captioner.generate(
