@@ -131,19 +131,81 @@ def test_chosen_clips_by_count_by_id_and_a_missing_id_named(run_dir):
         figures.choose_clips(ds, "nope", "evaluate.figures.pca_clip", need_frame=True)
 
 
-def test_scorer_weights_are_the_scorers_and_sum_to_one():
+def peaked_scorer(dim: int = 8) -> AttentiveWeights:
+    """A scorer whose softmax is far from uniform, as a trained one's (low temperature)."""
     torch.manual_seed(1)
-    scorer = AttentiveWeights(8, heads=2).eval()
+    scorer = AttentiveWeights(dim, heads=2, tau=0.05).eval()
+    for p in scorer.parameters():
+        p.data += torch.randn_like(p) * 0.5
+    return scorer
+
+
+def test_scorer_weights_are_the_softmax_and_the_mixed_weights():
+    scorer = peaked_scorer()
     audio, image = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)
-    a, b = figures.scorer_weights(scorer, audio, image)
-    assert a.shape == (6,) and b.shape == (6,)
-    assert a.sum() == pytest.approx(1, abs=1e-6) and b.sum() == pytest.approx(1, abs=1e-6)
+    w = figures.scorer_weights(scorer, audio, image)
+    # the softmax of eq. 7, computed here from the scorer's parts
     with torch.no_grad():
-        expected = scorer(torch.from_numpy(audio)[None], torch.from_numpy(image)[None])[1][0]
-    np.testing.assert_allclose(b, expected.numpy())
-    assert b.min() >= 0.5 / 6 - 1e-7  # half of each token's weight is the uniform share
+        a, i = torch.from_numpy(audio)[None], torch.from_numpy(image)[None]
+        on_image, _ = scorer.audio_scorer(scorer.i_q(i), scorer.a_k(a), scorer.a_v(a))
+        expected = torch.softmax(on_image.mean(-1) / scorer.tau, dim=-1)[0].numpy()
+        mixed = scorer(a, i)
+    np.testing.assert_allclose(w["image_scores"], expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(w["audio_weights"], mixed[0][0].numpy())  # what OT receives
+    np.testing.assert_array_equal(w["image_weights"], mixed[1][0].numpy())
+    for side in ("audio", "image"):
+        scores, weights = w[f"{side}_scores"], w[f"{side}_weights"]
+        assert scores.shape == weights.shape == (6,)
+        assert scores.sum() == pytest.approx(1, abs=1e-6) == weights.sum()
+        np.testing.assert_allclose(weights, 0.5 * scores + 0.5 / 6, rtol=1e-6)
+        assert weights.min() >= 0.5 / 6 - 1e-7  # half of each token's weight is the uniform share
+    # softmax weights near zero, which the mixed ones cannot show
+    assert min(w["audio_scores"].min(), w["image_scores"].min()) < 0.01 / 6
     with pytest.raises(ValueError, match="the scorer weighs 8-d tokens"):
         figures.scorer_weights(scorer, np.ones((3, 4), np.float32), image)
+
+
+def test_plot_attention_draws_softmax_and_mixed_weights_as_multiples_of_uniform(tmp_path):
+    scorer = peaked_scorer()
+    rng = np.random.default_rng(0)
+    audio, image = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(9, 8))
+    w = figures.scorer_weights(scorer, audio, image.astype(np.float32))
+    row = {
+        "clip_id": "c",
+        "picture": np.zeros((12, 12, 3)),
+        "fbank": rng.normal(size=(12, 8)).astype(np.float32),
+        **{k: figures.square_grid(v, "c") for k, v in w.items() if k.startswith("image")},
+        **{k: v.reshape(2, 3) for k, v in w.items() if k.startswith("audio")},
+    }
+    (drawn,) = figures.plot_attention([row], tmp_path / "a.png")
+    assert [k for k, _, _ in figures.ATTENTION_PANELS] == list(drawn)
+    np.testing.assert_array_equal(drawn["image_scores"], w["image_scores"].reshape(3, 3) * 9)
+    np.testing.assert_array_equal(drawn["audio_weights"], w["audio_weights"].reshape(2, 3) * 6)
+    assert drawn["image_weights"].min() >= 0.5 - 1e-6 and drawn["audio_weights"].min() >= 0.5 - 1e-6
+    assert min(drawn["image_scores"].min(), drawn["audio_scores"].min()) < 0.5
+    width, height = _png(tmp_path / "a.png")
+    assert width > 3 * height  # four panels side by side
+
+
+def test_pca_clip_axes_are_the_image_tokens_whatever_encoders_are_drawn(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(16, 8)) * np.array([5, 3, 1, 1, 1, 1, 1, 1.0])
+    audio = {"untrained": rng.normal(5, 1, size=(4, 8)), "mmd": rng.normal(size=(4, 8))}
+    both = figures.plot_pca_clip(image, audio, "c", tmp_path / "p.png")
+    alone = figures.plot_pca_clip(image, {"mmd": audio["mmd"]}, "c", tmp_path / "q.png")
+    assert set(both) == {"image", "untrained", "mmd"} and set(alone) == {"image", "mmd"}
+    np.testing.assert_array_equal(both["image"], alone["image"])
+    np.testing.assert_array_equal(both["mmd"], alone["mmd"])
+    # the plane: the two leading eigenvectors of the image tokens' covariance (up to sign)
+    values, vectors = np.linalg.eigh(np.cov(image.T))
+    top = vectors[:, ::-1][:, :2]
+    np.testing.assert_allclose(np.cov(both["image"].T), np.diag(values[::-1][:2]), atol=1e-9)
+    for name in ("image", "untrained", "mmd"):
+        tokens = image if name == "image" else audio[name]
+        expected = (tokens - image.mean(0)) @ top
+        np.testing.assert_allclose(np.abs(both[name]), np.abs(expected), atol=1e-9)
+    with pytest.raises(ValueError, match="no audio tokens"):
+        figures.plot_pca_clip(image, {}, "c", tmp_path / "r.png")
 
 
 # --- the figures on tiny models ------------------------------------------------------------
@@ -167,16 +229,6 @@ def test_pca_clip_draws_untrained_and_each_method_for_the_chosen_clip(run_dir, t
         figures.pca_clip(params(pca_clip="clip-999"), *args)
 
 
-def test_plot_pca_clip_puts_every_token_on_shared_axes(tmp_path):
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(16, 8))
-    audio = {"untrained": rng.normal(5, 1, size=(4, 8)), "mmd": rng.normal(size=(4, 8))}
-    figures.plot_pca_clip(image, audio, "c", tmp_path / "p.png")
-    assert _png(tmp_path / "p.png")[0] > 0
-    with pytest.raises(ValueError, match="no audio tokens"):
-        figures.plot_pca_clip(image, {}, "c", tmp_path / "q.png")
-
-
 def test_attention_draws_the_scorers_weights_and_says_when_there_is_no_scorer(run_dir, tmp_path):
     root = run_dir
     common = ("miniature", root / "shards" / "test", root / "models" / "llava")
@@ -184,7 +236,19 @@ def test_attention_draws_the_scorers_weights_and_says_when_there_is_no_scorer(ru
     drawn = figures.attention(params(attention_clips=2), *common, root / "align" / "ot_att", out)
     assert drawn == ["clip-000", "clip-001"]
     width, height = _png(out)
-    assert height > 0.6 * width  # two rows of panels
+    assert height > 0.3 * width  # two rows of four panels
+    scorer = load_scorer(root / "align" / "ot_att")
+    rows = figures.attention_rows(
+        params(attention_clips=2), *common, root / "align" / "ot_att", scorer
+    )
+    assert [r["clip_id"] for r in rows] == drawn
+    for row in rows:  # the grids: the patch grid of the picture, the encoder's token grid
+        side = int(round(row["image_scores"].size ** 0.5))
+        assert row["image_scores"].shape == row["image_weights"].shape == (side, side)
+        assert row["audio_scores"].shape == row["audio_weights"].shape == (MEL // 8, FRAMES // 8)
+        for side in ("image", "audio"):
+            scores, weights = row[f"{side}_scores"], row[f"{side}_weights"]
+            np.testing.assert_allclose(weights, 0.5 * scores + 0.5 / scores.size, rtol=1e-6)
     old = tmp_path / "old.png"
     assert figures.attention(params(), *common, root / "align" / "old_ot_att", old) == []
     assert _png(old)[0] > 0

@@ -12,12 +12,14 @@ compare, one tensor at a time, instead of holding two copies of a 87M-parameter 
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dalipipe import cli
 from dalipipe.models.artifacts import load_state, read_config
@@ -40,8 +42,13 @@ AUDIO_BRANCH = re.compile(
 
 
 def drawn(key: str, shape, dtype=torch.float32) -> torch.Tensor:
+    """Normal values; a matrix or a convolution kernel scaled by 1/sqrt(fan-in), as trained
+    weights roughly are, so the activations of a forward pass stay in a readable range."""
     generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-    return torch.randn(shape, generator=generator).to(dtype)
+    values = torch.randn(shape, generator=generator)
+    if len(shape) in (2, 4):
+        values /= math.prod(shape[1:]) ** 0.5
+    return values.to(dtype)
 
 
 def backbone_shapes(mel, frames, patch, width, depth, out) -> dict[str, tuple]:
@@ -138,14 +145,113 @@ def small_files(tmp_path_factory) -> Path:
     return write_authors_files(tmp_path_factory.mktemp("authors-small"), SMALL, 64, n_prefix=4)
 
 
-def test_real_shapes_import_to_the_same_tensors(tmp_path, paper_base):
+@pytest.fixture(scope="module")
+def paper_import(tmp_path_factory, paper_base) -> tuple[Path, Path]:
+    """(the authors' files at the paper's sizes, the directory import-authors made of them)."""
+    root = tmp_path_factory.mktemp("authors-paper")
+    files = write_authors_files(root / "zenodo", PAPER, LM_WIDTH)
+    out = root / "authors"
+    assert cli.main(import_argv(files, paper_base, out)) == 0
+    return files, out
+
+
+# --- the authors' chain, transcribed from their code -------------------------------------------
+# Written from hugomalard/AnEyeForAnEar (cav-mae/src/models/cav_mae.py: `Block`, timm's
+# `Attention` and `Mlp` it imports, `CAVMAE.forward_audio_feat`, `proj`; LLaVA/llava/model:
+# `llava_arch.encode_audios`, `multimodal_projector/builder.py` `mlp2x_gelu`), on the tensors of
+# their files under their own key names, without dalipipe's modules, in float64.
+
+
+def _linear(x, state, name):
+    return F.linear(x, state[name + ".weight"].double(), state[name + ".bias"].double())
+
+
+def _layer_norm(x, state, name):
+    weight, bias = state[name + ".weight"].double(), state[name + ".bias"].double()
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=1e-5)  # nn.LayerNorm's default
+
+
+def _timm_attention(x, state, name, heads):
+    """qkv in one Linear, heads split from it, softmax(q k^T / sqrt(head width)) v, then proj."""
+    batch, tokens, width = x.shape
+    qkv = _linear(x, state, name + ".qkv").reshape(batch, tokens, 3, heads, width // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    attention = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1)
+    return _linear(
+        (attention @ v).transpose(1, 2).reshape(batch, tokens, width), state, name + ".proj"
+    )
+
+
+def _cavmae_block(x, state, name, heads, norms):
+    """`Block.forward(x, modality)`: pre-norm attention and MLP; `norms` picks the LayerNorms
+    ("" for modality None, "_a" for audio)."""
+    x = x + _timm_attention(
+        _layer_norm(x, state, f"{name}.norm1{norms}"), state, name + ".attn", heads
+    )
+    hidden = F.gelu(
+        _linear(_layer_norm(x, state, f"{name}.norm2{norms}"), state, name + ".mlp.fc1")
+    )
+    return x + _linear(hidden, state, name + ".mlp.fc2")
+
+
+def authors_audio_tokens(backbone: dict, mlp: dict, fbank: torch.Tensor, heads: int):
+    """`encode_audios`: forward_audio_feat, then proj (768 -> 1024), then mm_projector."""
+    state = {k.removeprefix("module."): v for k, v in backbone.items()}
+    patch = state["patch_embed_a.proj.weight"]
+    image = fbank.double().unsqueeze(1).transpose(2, 3)  # (B, 1, mel, frames)
+    x = F.conv2d(
+        image, patch.double(), state["patch_embed_a.proj.bias"].double(), stride=patch.shape[-1]
+    )
+    x = x.flatten(2).transpose(1, 2) + state["pos_embed_a"].double() + state["modality_a"].double()
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks_a.")})
+    for i in range(depth):
+        x = _cavmae_block(x, state, f"blocks_a.{i}", heads, norms="")
+    x = _cavmae_block(x, state, "blocks_u.0", heads, norms="_a")  # 12 - 11 shared blocks: one
+    x = _linear(_layer_norm(x, state, "norm_a"), state, "proj")
+    hidden = F.gelu(_linear(x, mlp, "model.mm_projector.0"))  # nn.Sequential(Linear, GELU, Linear)
+    return _linear(hidden, mlp, "model.mm_projector.2")
+
+
+def test_the_imported_models_audio_tokens_are_the_authors(tmp_path, paper_base):
+    """Forward parity at the paper's widths: a random 10-s filterbank (1024 x 128) through the
+    imported encoder and projector (LLaVA-hf's own projector class) gives the tokens the authors'
+    chain gives on their files, 512 tokens of 4096. Two audio blocks instead of eleven (then the
+    shared one), to keep the test short on a CPU; test_real_shapes_import_to_the_same_tensors
+    checks that all eleven are imported."""
+    from transformers import LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from dalipipe.models.cavmae import load_encoder
+
+    files = write_authors_files(tmp_path / "zenodo", dict(PAPER, depth=2), LM_WIDTH)
+    out = tmp_path / "authors"
+    assert cli.main(import_argv(files, paper_base, out, sizes={"depth": 2})) == 0
+    fbank = torch.randn(
+        1, PAPER["frames"], PAPER["mel"], generator=torch.Generator().manual_seed(7)
+    )
+    encoder = load_encoder(out, dtype=torch.float64).eval()
+    assert encoder.config.embed_dim == 768 and encoder.config.num_tokens == 512
+    projector = LlavaMultiModalProjector(LlavaConfig.from_pretrained(paper_base))
+    projector.load_state_dict(load_state(out / "audio_projector.safetensors"), strict=True)
+    with torch.no_grad():
+        ours = projector.double()(encoder(fbank.double()))
+        theirs = authors_audio_tokens(
+            torch.load(files / "audio_backbone.pth", weights_only=True),
+            torch.load(files / "prefixMLP.bin", weights_only=True),
+            fbank,
+            heads=12,
+        )
+    assert ours.shape == theirs.shape == (1, 512, LM_WIDTH)
+    assert theirs.std() > 0.1  # tokens that differ from one another, not a collapsed output
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
+def test_real_shapes_import_to_the_same_tensors(paper_import):
     from safetensors import safe_open
 
     from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder
 
-    files = write_authors_files(tmp_path / "zenodo", PAPER, LM_WIDTH)
-    out = tmp_path / "authors"
-    assert cli.main(import_argv(files, paper_base, out)) == 0
+    files, out = paper_import
 
     # the paper's encoder, whose every parameter (a strict load) is the file's tensor
     config = AudioEncoderConfig.from_dict(read_config(out / "audio_encoder.json"))
@@ -234,11 +340,55 @@ def test_a_missing_tensor_or_a_wrong_shape_is_named(tmp_path, small_files, tiny_
     # an encoder for another base: the paper's sizes against the tiny LLaVA
     assert cli.main(import_argv(small_files, tiny_models.llava, out)) == 2
     assert "out_dim 1024 does not fit" in capsys.readouterr().err
-    # a file that is not a state dict of tensors
-    (tmp_path / "notes.bin").write_text("not a checkpoint")
-    argv = import_argv(small_files, tiny_models.llava, out, sizes=sizes)
-    argv[argv.index("--mlp") + 1] = str(tmp_path / "notes.bin")
-    assert cli.main(argv) == 2 and "not a readable PyTorch state dict" in capsys.readouterr().err
+    # the prefix-tuning run's prefixMLP.bin (prefix and undistilled projector) given as --mlp
+    files = rewrite(
+        "prefixMLP.bin", lambda s: s.update({"model.audio_tower.prefix": torch.zeros(4, 64)})
+    )
+    msg = error(files)
+    assert f"--mlp {files / 'prefixMLP.bin'}: holds model.audio_tower.prefix" in msg
+    assert "prefix-tuning run's prefixMLP.bin" in msg and "undistilled" in msg
+    assert "Give --mlp the distillation run's prefixMLP.bin" in msg
+
+
+def test_a_file_torch_cannot_read_is_named_in_the_imports_words(
+    tmp_path, small_files, tiny_models, capsys
+):
+    """Empty, not PyTorch, damaged, or holding pickled objects: one line each, and never torch's
+    advice to load with weights_only=False (which would run the file's code)."""
+    import argparse
+
+    out = tmp_path / "out"
+    empty, text, damaged, objects = (tmp_path / n for n in ("e.bin", "t.bin", "d.bin", "o.bin"))
+    empty.write_bytes(b"")
+    text.write_text("not a checkpoint")
+    whole = (small_files / "prefixMLP.bin").read_bytes()
+    damaged.write_bytes(whole[: len(whole) // 2])
+    torch.save({"model.mm_projector.0.bias": torch.ones(2), "args": argparse.Namespace()}, objects)
+    legacy = tmp_path / "legacy" / "prefixMLP.bin"  # torch's format before 1.6: read, not mapped
+    legacy.parent.mkdir()
+    state = torch.load(small_files / "prefixMLP.bin", weights_only=True)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+
+    def error(mlp: Path) -> str:
+        argv = import_argv(small_files, tiny_models.llava, out, sizes=SMALL_CONFIG)
+        argv[argv.index("--mlp") + 1] = str(mlp)
+        assert cli.main(argv) == 2 and not out.exists()
+        err = capsys.readouterr().err
+        assert "weights_only" not in err
+        (line,) = [x for x in err.splitlines() if x.startswith("dalipipe import-authors: error")]
+        return line
+
+    assert f"--mlp {empty}: empty file (0 bytes)" in error(empty)
+    assert f"--mlp {text}: not a PyTorch file" in error(text)
+    assert f"--mlp {damaged}: a damaged PyTorch file (zip format" in error(damaged)
+    assert f"--mlp {objects}: holds Python objects other than tensors" in error(objects)
+
+    argv = import_argv(small_files, tiny_models.llava, out, sizes=SMALL_CONFIG)
+    argv[argv.index("--mlp") + 1] = str(legacy)
+    assert cli.main(argv) == 0
+    for name, tensor in load_state(out / "audio_projector.safetensors").items():
+        index = {"linear_1": "0", "linear_2": "2"}[name.split(".")[0]]
+        assert torch.equal(tensor, state[f"model.mm_projector.{index}.{name.split('.')[1]}"])
 
 
 def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, tiny_models, capsys):
@@ -263,6 +413,18 @@ def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, ti
     assert torch.equal(captioner.prefix.data, drawn("prefix", (4, 64), torch.bfloat16).float())
 
     fbank = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 64, 32), np.float32))
+    # the loaded captioner's audio tokens in the LM's space are the authors' chain's (float32 here)
+    with torch.no_grad():
+        ours = captioner.modality_embeds("audio", fbank=fbank)
+        theirs = authors_audio_tokens(
+            torch.load(small_files / "audio_backbone.pth", weights_only=True),
+            torch.load(small_files / "prefixMLP.bin", weights_only=True),
+            fbank,
+            heads=SMALL_CONFIG["num_heads"],
+        )
+    n_tokens = (SMALL["mel"] // SMALL["patch"]) * (SMALL["frames"] // SMALL["patch"])
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape == (2, n_tokens, 64)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
     frames = [np.full((40, 60, 3), c, np.uint8) for c in (40, 200)]
     for modality in ("audio", "audio+image"):
         captions = captioner.generate(

@@ -2,6 +2,7 @@
 
     scorer = AttentiveWeights(dim=1024)
     a, b = scorer(audio, image)                  # (B,Na), (B,Nv): each row sums to one
+    a, b = scorer.scores(audio, image)           # the softmax before the uniform mix (Fig. 7)
     lam = entropy_weight(epoch, params)          # None while the scorer is frozen (epoch 1)
     save_scorer(scorer, "align/ot_att"); load_scorer("align/ot_att")   # beside the encoder
 
@@ -38,21 +39,30 @@ class AttentiveWeights(nn.Module):
         self.image_scorer = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.audio_scorer = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def _weights(self, attended: torch.Tensor) -> torch.Tensor:
-        scores = torch.softmax(attended.float().mean(-1) / self.tau, dim=-1)
-        uniform = 1.0 / scores.shape[-1]
-        return (1 - self.uniform_mix) * scores + self.uniform_mix * uniform
+    def _softmax(self, attended: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(attended.float().mean(-1) / self.tau, dim=-1)
 
-    def forward(
-        self, audio: torch.Tensor, image: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, audio: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax weights of audio and image tokens before the mix with uniform weights
+        (the paper's eqs. 6-7; Figure 7 shows them)."""
         on_audio, _ = self.image_scorer(
             self.a_q(audio), self.i_k(image), self.i_v(image), need_weights=False
         )
         on_image, _ = self.audio_scorer(
             self.i_q(image), self.a_k(audio), self.a_v(audio), need_weights=False
         )
-        return self._weights(on_audio), self._weights(on_image)
+        return self._softmax(on_audio), self._softmax(on_image)
+
+    def mix(self, scores: torch.Tensor) -> torch.Tensor:
+        """The transport weights: the scores mixed with uniform weights (the authors' code)."""
+        uniform = 1.0 / scores.shape[-1]
+        return (1 - self.uniform_mix) * scores + self.uniform_mix * uniform
+
+    def forward(
+        self, audio: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.scores(audio, image)
+        return self.mix(a), self.mix(b)
 
 
 def entropy(weights: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,20 @@ scorer's token weights (Figure 7).
         --out results/miniature/report/attention.png
 
 Figure 6 takes one clip (``evaluate.figures.pca_clip``, else the first test clip), its frame's
-CLIP tokens and every encoder's audio tokens (the untrained one too), and projects them all
-onto one PCA plane, one panel per encoder on shared axes: distribution alignment puts the audio
-tokens among the image tokens, where Figure 4's mean tokens only show the gap closing.
+CLIP tokens and every encoder's audio tokens (the untrained one too), and projects them onto
+the plane of the image tokens' two leading principal components, one panel per encoder on the
+same axes: distribution alignment puts the audio tokens among the image tokens, where Figure 4's
+mean tokens only show the gap closing. The plane is fit on the image tokens alone, so it does
+not depend on which encoders are drawn, and a reader compares encoders on one set of axes.
 Figure 7 runs ot_att's trained scorer (saved beside its encoder, align.attentive.save_scorer)
 on chosen clips (``evaluate.figures.attention_clips``): the weight of each image token as a
 heatmap over the frame CLIP saw, and of each audio token over the filterbank (time along x,
-mel bins up). Weights are drawn as multiples of the uniform share 1/N. An align directory written
-before scorers were saved gets a figure that says so instead.
+mel bins up). Each is drawn twice: the scorer's softmax weights (the paper's eqs. 6-7, where
+"many tokens have scores close to zero") and, beside them, the transport weights OT used, those
+mixed half and half with uniform weights (never below half the uniform share). Weights are drawn
+as multiples of the uniform share 1/N. An align directory written before scorers were saved gets
+a figure that says so instead. The colour scale is logarithmic, so that weights near zero and
+the mixed weights' floor both show.
 The clips are read as the evaluate stage reads them (evaluate.datasets, evaluate.frame); the
 captioner is loaded as every stage loads it (models.captioner_revision, models.options).
 """
@@ -147,51 +153,70 @@ def clip_tokens(captioner, encoder, fbank: np.ndarray, frame=None):
 # --- Figure 6 --------------------------------------------------------------------------------
 
 
+def image_plane(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), axes (2, D)): the image tokens' two leading principal components, each axis
+    signed so that its largest loading is positive (an SVD may return either sign)."""
+    mean = image.mean(0)
+    _, _, vt = np.linalg.svd(image - mean, full_matrices=False)
+    axes = vt[:2]
+    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])
+    return mean, axes * signs[:, None]
+
+
+def pca_clip_points(image: np.ndarray, audio: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every token set on the image tokens' principal plane: {"image": (Nv, 2), name: (Na, 2)}."""
+    image = np.asarray(image, np.float64)
+    mean, axes = image_plane(image)
+    points = {"image": (image - mean) @ axes.T}
+    for name, tokens in audio.items():
+        points[name] = (np.asarray(tokens, np.float64) - mean) @ axes.T
+    return points
+
+
 def plot_pca_clip(
     image: np.ndarray, audio: dict[str, np.ndarray], clip_id: str, out, frame=None
-) -> None:
+) -> dict[str, np.ndarray]:
     """One panel per encoder: the clip's image tokens and that encoder's audio tokens on the
-    leading two principal components of all of them together (shared axes); the frame first,
-    where given (HxWx3, as CLIP saw it)."""
+    image tokens' principal plane, every panel with the same axes and limits; the frame first,
+    where given (HxWx3, as CLIP saw it). Returns the points drawn (pca_clip_points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dalipipe.evaluate.report import pca_2d
-
     if not audio:
         raise ValueError("plot_pca_clip: no audio tokens to draw")
     names = list(audio)
-    points = pca_2d(np.concatenate([image] + [audio[n] for n in names]).astype(np.float64))
-    n_image = len(image)
-    pad = 0.05 * (points.max(0) - points.min(0) + 1e-12)
-    low, high = points.min(0) - pad, points.max(0) + pad
+    points = pca_clip_points(image, audio)
+    everything = np.concatenate(list(points.values()))
+    pad = 0.05 * (everything.max(0) - everything.min(0) + 1e-12)
+    low, high = everything.min(0) - pad, everything.max(0) + pad
     panels = len(names) + (frame is not None)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), squeeze=False)
     if frame is not None:
         axes[0][0].imshow(frame)
         axes[0][0].set_title("the frame", fontsize=9)
         axes[0][0].axis("off")
-    start = n_image
+    shown = points["image"]
     for ax, name in zip(axes[0][panels - len(names) :], names):
-        tokens = points[start : start + len(audio[name])]
-        start += len(audio[name])
-        ax.scatter(points[:n_image, 0], points[:n_image, 1], s=7, c="tab:orange", label="image")
-        ax.scatter(tokens[:, 0], tokens[:, 1], s=7, c="tab:blue", label="audio")
+        ax.scatter(shown[:, 0], shown[:, 1], s=7, c="tab:orange", label="image")
+        ax.scatter(points[name][:, 0], points[name][:, 1], s=7, c="tab:blue", label="audio")
         ax.set_xlim(low[0], high[0])
         ax.set_ylim(low[1], high[1])
         ax.set_title(name, fontsize=9)
+        ax.set_xlabel("image PC 1", fontsize=8)
+        ax.set_ylabel("image PC 2", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(
-        f"clip {clip_id}: {n_image} image tokens against each encoder's "
-        f"{len(audio[names[0]])} audio tokens, PCA (shared axes)",
+        f"clip {clip_id}: {len(shown)} image tokens against each encoder's "
+        f"{len(audio[names[0]])} audio tokens, on the image tokens' two principal components",
         fontsize=9,
     )
     fig.tight_layout()
     _save(fig, out)
+    return points
 
 
 def pca_clip(params: dict, dataset: str, shards, captioner_dir, align_dirs: list, out) -> str:
@@ -239,8 +264,10 @@ def picture(pixel_values, image_processor) -> np.ndarray:
     return np.clip(values * std + mean, 0, 1).transpose(1, 2, 0)
 
 
-def scorer_weights(scorer, audio: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(audio token weights (Na,), image token weights (Nv,)), each summing to one."""
+def scorer_weights(scorer, audio: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """The scorer's weights of one clip's tokens, each summing to one: ``audio_scores`` (Na,) and
+    ``image_scores`` (Nv,), its softmax weights, and ``audio_weights``, ``image_weights``, the
+    same mixed with uniform weights, as OT received them."""
     import torch
 
     if scorer.dim != audio.shape[-1] or scorer.dim != image.shape[-1]:
@@ -249,53 +276,79 @@ def scorer_weights(scorer, audio: np.ndarray, image: np.ndarray) -> tuple[np.nda
             f"and {image.shape[-1]}-d (image)"
         )
     with torch.no_grad():
-        a, b = scorer(torch.from_numpy(audio)[None].float(), torch.from_numpy(image)[None].float())
-    return a[0].numpy(), b[0].numpy()
+        a, b = scorer.scores(
+            torch.from_numpy(audio)[None].float(), torch.from_numpy(image)[None].float()
+        )
+        mixed_a, mixed_b = scorer.mix(a), scorer.mix(b)
+    return {
+        "audio_scores": a[0].numpy(),
+        "image_scores": b[0].numpy(),
+        "audio_weights": mixed_a[0].numpy(),
+        "image_weights": mixed_b[0].numpy(),
+    }
 
 
-def plot_attention(rows: list[dict], out) -> None:
-    """One row per clip: image-token weights over the picture, audio-token weights over the
-    filterbank; each weight drawn as a multiple of the uniform share."""
+# Figure 7's colour scale starts here (multiples of the uniform share)
+SCALE_FLOOR = 1e-3
+# Figure 7's panels, left to right: (key of the row, what it shows, drawn over)
+ATTENTION_PANELS = (
+    ("image_scores", "image tokens, softmax", "picture"),
+    ("image_weights", "image tokens, mixed with uniform", "picture"),
+    ("audio_scores", "audio tokens, softmax", "fbank"),
+    ("audio_weights", "audio tokens, mixed with uniform", "fbank"),
+)
+
+
+def plot_attention(rows: list[dict], out) -> list[dict[str, np.ndarray]]:
+    """One row per clip: the image tokens' softmax and mixed weights over the picture, then the
+    audio tokens' over the filterbank; each weight drawn as a multiple of the uniform share, on
+    one logarithmic colour scale for every panel. Returns, per clip, the arrays drawn, in
+    multiples of uniform: image (side, side), audio (frequency patches, time patches)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.0 * len(rows)), squeeze=False)
-    # one colour scale for every panel, spanning the weights drawn (a nearly untrained scorer
-    # is nearly uniform: its range is widened to 0.001 so the scale stays readable)
-    scaled = [
-        (r["image_weights"] * r["image_weights"].size, r["audio_weights"] * r["audio_weights"].size)
-        for r in rows
-    ]
-    low = min(float(w.min()) for pair in scaled for w in pair)
-    high = max(float(w.max()) for pair in scaled for w in pair)
-    if high - low < 1e-3:
-        low, high = (low + high) / 2 - 5e-4, (low + high) / 2 + 5e-4
-    shade = dict(alpha=0.55, cmap="magma", vmin=low, vmax=high, interpolation="nearest")
-    for (left, right), row, (grid, strip) in zip(axes, rows, scaled):
-        side = row["picture"].shape[0]
-        square = (0, side, side, 0)
-        left.imshow(row["picture"], extent=square)
-        shown = left.imshow(grid, extent=square, **shade)
-        left.set_title(f"{row['clip_id']}: image tokens", fontsize=9)
-        left.set_xticks([])
-        left.set_yticks([])
-        fig.colorbar(shown, ax=left, fraction=0.046, label="weight / uniform", format="%.4f")
-        fbank = row["fbank"]  # (time frames, mel bins); strip: (freq patches, time patches)
-        extent = (0, fbank.shape[0], 0, fbank.shape[1])
-        right.imshow(fbank.T, origin="lower", aspect="auto", cmap="gray", extent=extent)
-        shown = right.imshow(strip, origin="lower", aspect="auto", extent=extent, **shade)
-        right.set_title(f"{row['clip_id']}: audio tokens over the filterbank", fontsize=9)
-        right.set_xlabel("frame")
-        right.set_ylabel("mel bin")
-        fig.colorbar(shown, ax=right, fraction=0.046, label="weight / uniform", format="%.4f")
+    drawn = [{key: row[key] * row[key].size for key, _, _ in ATTENTION_PANELS} for row in rows]
+    # A log scale: softmax weights near zero and the mixed weights' floor of 0.5 both show; a
+    # weight under SCALE_FLOOR times uniform takes the floor's colour.
+    low = max(min(float(w.min()) for d in drawn for w in d.values()), SCALE_FLOOR)
+    high = max(float(w.max()) for d in drawn for w in d.values())
+    if high / low < 1.01:  # a nearly untrained scorer: widen the range so the scale stays readable
+        low, high = (low * high) ** 0.5 / 1.005, (low * high) ** 0.5 * 1.005
+    shade = dict(alpha=0.55, cmap="magma", norm=LogNorm(low, high), interpolation="nearest")
+    panels = len(ATTENTION_PANELS)
+    fig, axes = plt.subplots(
+        len(rows), panels, figsize=(4.2 * panels, 3.0 * len(rows)), squeeze=False
+    )
+    for ax_row, row, arrays in zip(axes, rows, drawn):
+        for ax, (key, what, under) in zip(ax_row, ATTENTION_PANELS):
+            if under == "picture":
+                side = row["picture"].shape[0]
+                square = (0, side, side, 0)
+                ax.imshow(row["picture"], extent=square)
+                shown = ax.imshow(np.maximum(arrays[key], low), extent=square, **shade)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                fbank = row["fbank"]  # (time frames, mel bins); weights: (freq, time patches)
+                extent = (0, fbank.shape[0], 0, fbank.shape[1])
+                ax.imshow(fbank.T, origin="lower", aspect="auto", cmap="gray", extent=extent)
+                weights = np.maximum(arrays[key], low)
+                shown = ax.imshow(weights, origin="lower", aspect="auto", extent=extent, **shade)
+                ax.set_xlabel("frame")
+                ax.set_ylabel("mel bin")
+            ax.set_title(f"{row['clip_id']}: {what}", fontsize=9)
+            fig.colorbar(shown, ax=ax, fraction=0.046, label="weight / uniform (log)")
     fig.suptitle(
-        f"ot_att: the attentive scorer's token weights, {low:.4f} to {high:.4f} times uniform",
+        f"ot_att: the attentive scorer's token weights, {low:.3g} to {high:.3g} times uniform; "
+        "softmax weights, and beside them the transport weights (mixed half with uniform)",
         fontsize=10,
     )
     fig.tight_layout()
     _save(fig, out)
+    return drawn
 
 
 def plot_message(text: str, out) -> None:
@@ -313,7 +366,6 @@ def plot_message(text: str, out) -> None:
 def attention(params: dict, dataset: str, shards, captioner_dir, align_dir, out) -> list[str]:
     """Figure 7 into ``out``; returns the clips drawn (none when the scorer is missing)."""
     from dalipipe.align.attentive import load_scorer
-    from dalipipe.models.cavmae import load_encoder
 
     align_dir = Path(align_dir)
     scorer = load_scorer(align_dir)
@@ -326,6 +378,17 @@ def attention(params: dict, dataset: str, shards, captioner_dir, align_dir, out)
         log.warning("figure attention: %s", text)
         plot_message(text, out)
         return []
+    rows = attention_rows(params, dataset, shards, captioner_dir, align_dir, scorer)
+    plot_attention(rows, out)
+    return [r["clip_id"] for r in rows]
+
+
+def attention_rows(params: dict, dataset: str, shards, captioner_dir, align_dir, scorer):
+    """Figure 7's data, one dict per chosen clip: ``clip_id``, ``picture`` (what CLIP saw),
+    ``fbank``, and the weights of scorer_weights as grids (image: the patch grid; audio:
+    (frequency patches, time patches), CAV-MAE's frequency-major token order)."""
+    from dalipipe.models.cavmae import load_encoder
+
     spec = eval_settings(params)["figures"]["attention_clips"]
     ds = open_test_set(params, dataset, shards)
     if not ds.has_video:
@@ -337,18 +400,18 @@ def attention(params: dict, dataset: str, shards, captioner_dir, align_dir, out)
     rows = []
     for clip, fbank, frame in chosen:
         image, audio, pixels = clip_tokens(captioner, encoder, fbank, frame)
-        a, b = scorer_weights(scorer, audio, image)
+        weights = scorer_weights(scorer, audio, image)
+        where = f"clip {clip.clip_id}"
         rows.append(
             {
                 "clip_id": clip.clip_id,
                 "picture": picture(pixels, captioner.processor.image_processor),
-                "image_weights": square_grid(b, f"clip {clip.clip_id}"),
                 "fbank": np.asarray(fbank, np.float32),
-                "audio_weights": a.reshape(n_f, n_t),  # CAV-MAE's frequency-major token order
+                **{k: square_grid(v, where) for k, v in weights.items() if k.startswith("image")},
+                **{k: v.reshape(n_f, n_t) for k, v in weights.items() if k.startswith("audio")},
             }
         )
-    plot_attention(rows, out)
-    return [r["clip_id"] for r in rows]
+    return rows
 
 
 def _save(fig, out) -> None:

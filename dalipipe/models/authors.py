@@ -27,7 +27,9 @@ LLaVA's `mlp2x_gelu` projector (`nn.Sequential(Linear, GELU, Linear)`) under
 `model.mm_projector.{0,2}.{weight,bias}`, which LLaVA in transformers' format calls
 `multi_modal_projector.linear_{1,2}`. It becomes the audio projector. The evaluation loads it into
 LLaVA's single projector (`--use_mlp`), so image tokens pass through it too:
-`share_projector: true` below.
+`share_projector: true` below. The prefix-tuning run writes a file of the same name whose
+`mm_projector` is LLaVA-1.5's, undistilled; its `model.audio_tower.prefix` gives it away, and
+the import refuses it as `--mlp`.
 
 `prefix.bin` (optional; the prefix-tuning run's `prefixMLP.bin`, renamed as their scripts expect):
 the learned prefix under `model.audio_tower.prefix` (16 x 4096).
@@ -38,7 +40,8 @@ for a "v1" model name) and `vicuna_v1` for training (`--version v1`), the prefix
 modality tokens, the shared projector, and `crop` frames (CAV-MAE's extraction centre-crops, so
 LLaVA's padding never acted on them); its metadata gives `dalipipe caption` the CAV-MAE filterbank
 (128 mel bins x 1024 frames, AudioSet's mean -5.081 and std 4.4849). A missing tensor or one of an
-unexpected shape stops the import, naming it; nothing is written then.
+unexpected shape stops the import, naming it; so does an empty, damaged or non-PyTorch file,
+or one holding more than tensors, in the import's own words; nothing is written then.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -75,6 +79,10 @@ PROJECTOR_KEYS = {
     "model.mm_projector.2.bias": "linear_2.bias",
 }
 PREFIX_KEY = "model.audio_tower.prefix"
+# The first bytes of torch.save's two formats: a zip archive, or the legacy pickle stream, which
+# opens with torch's magic number pickled at protocol 2.
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 # The options of the authors' evaluation (eval_captions_AC.py, inference.sh).
 AUTHORS_OPTIONS = {
     "prompt": PROMPTS["code"],
@@ -88,20 +96,48 @@ AUTHORS_OPTIONS = {
 AUDIOSET_FBANK = {"mean": -5.081, "std": 4.4849}
 
 
+def torch_file_format(path: Path, what: str) -> str:
+    """The file's format, read from its first bytes: "zip" (torch.save's since torch 1.6) or
+    "legacy" (the pickle stream before it); an empty or any other file stops the import."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_MAGIC))
+    if not head:
+        raise ValueError(f"{what} {path}: empty file (0 bytes); download it again")
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head == LEGACY_MAGIC:
+        return "legacy"
+    raise ValueError(
+        f"{what} {path}: not a PyTorch file (neither torch.save's zip format nor its legacy "
+        f"format; it starts with {head[:8]!r})"
+    )
+
+
 def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from a PyTorch file, with `torch.load(weights_only=True)`, mapped lazily."""
+    """A state dict from a PyTorch file, with `torch.load(weights_only=True)`, mapped lazily.
+
+    torch's own messages are not passed on: for a file holding more than tensors they advise
+    `weights_only=False`, i.e. running the file's pickled code, which this import never does."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
+    kind = torch_file_format(path, what)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be memory-mapped
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{what} {path}: not a readable PyTorch state dict ({err})") from err
-    except Exception as err:
-        raise ValueError(f"{what} {path}: not a readable PyTorch state dict ({err})") from err
+        # only the zip format can be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as err:
+        log.debug("%s %s: torch.load: %s", what, path, err)
+        raise ValueError(
+            f"{what} {path}: holds Python objects other than tensors, which are not loaded "
+            "(weights only; nothing in the file is unpickled): the authors' files hold tensors "
+            "only, so this is another file"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        log.debug("%s %s: torch.load: %s", what, path, err)
+        raise ValueError(
+            f"{what} {path}: a damaged PyTorch file ({kind} format, {path.stat().st_size} bytes: "
+            "truncated or corrupted?); download it again"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{what} {path}: expected a dict of tensors, got {type(state).__name__}")
     return state
@@ -145,16 +181,17 @@ def projector_state(path, state: dict, vision: int, text: int) -> dict[str, torc
         "linear_2.weight": (text, text),
         "linear_2.bias": (text,),
     }
-    wanted = {k: (ours, shapes[ours]) for k, ours in PROJECTOR_KEYS.items()}
-    out = _check(path, "--mlp", state, wanted)
     if PREFIX_KEY in state:
-        log.warning(
-            "--mlp %s also holds %s: not imported (the authors' evaluation takes the prefix "
-            "from prefix.bin; give it with --prefix)",
-            path,
-            PREFIX_KEY,
+        # Stage 1a and stage 2d both write prefixMLP.bin; only 1a has a prefix parameter, and its
+        # mm_projector is LLaVA-1.5's own, frozen there (docs/authors-implementation.md §5, §8).
+        raise ValueError(
+            f"--mlp {path}: holds {PREFIX_KEY}, so it is the prefix-tuning run's prefixMLP.bin "
+            "(stage 1a), whose mm_projector is LLaVA-1.5's undistilled image projector. Give "
+            "--mlp the distillation run's prefixMLP.bin (audio_vis_distil.sh: model.mm_projector "
+            f"only; the MLP file of {ZENODO_RECORD}); this file can be given as --prefix"
         )
-    return out
+    wanted = {k: (ours, shapes[ours]) for k, ours in PROJECTOR_KEYS.items()}
+    return _check(path, "--mlp", state, wanted)
 
 
 def prefix_state(path, state: dict, text: int) -> torch.Tensor:
