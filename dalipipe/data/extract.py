@@ -494,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     entries = read_sources(args.source)[args.part :: args.parts]
     try:
         extract_all(entries, args.out, params.get("extract") or {}, args.workers)
-    except (MachineFault, StageFailed) as err:
-        log.error("extract stopped, %s was not written: %s", args.out, err)
+    except (MachineFault, StageFailed, OSError) as err:
+        # e.g. a read-only filesystem refusing the temporary output directory itself
+        fault = machine_fault(err, Path(args.out).parent) if isinstance(err, OSError) else err
+        if fault is None:
+            raise
+        log.error("extract stopped, %s was not written: %s", args.out, fault)
         return 1
     return 0
