@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 # errno -> what to do; whichever file it names, the machine is at fault, not the clip
@@ -83,10 +84,26 @@ def machine_fault(exc: BaseException, output: str | os.PathLike) -> MachineFault
     return None
 
 
+def ffmpeg_exit_fault(code: int, where: str | os.PathLike) -> MachineFault | None:
+    """ffmpeg exits with its error code's low byte, -errno & 255 (228: ENOSPC), sometimes
+    without printing the error; a MachineFault when that errno is one of ANYWHERE's."""
+    number = 256 - code if 0 < code < 256 else None
+    if number not in ANYWHERE:
+        return None
+    return MachineFault(
+        where, f"ffmpeg exited with code {code} ({os.strerror(number)})", ANYWHERE[number]
+    )
+
+
 def fault_in_text(text: str, output: str | os.PathLike) -> MachineFault | None:
-    """The MachineFault a tool's error message (ffmpeg's stderr) reports, or None. The tool
-    prints the system's error text (strerror); on the output side, the line names the output."""
+    """The MachineFault a tool's error message (ffmpeg's stderr, yt-dlp's) reports, or None. The
+    tool prints the system's error text (strerror), on the output side in a line naming the
+    output, or (yt-dlp) ffmpeg's exit code."""
     output = Path(output)
+    for code in re.findall(r"ffmpeg exited with code (\d+)", text):
+        fault = ffmpeg_exit_fault(int(code), output)
+        if fault is not None:
+            return fault
     for line in text.splitlines():
         for number, advice in ANYWHERE.items():
             if os.strerror(number) in line:

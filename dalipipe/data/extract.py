@@ -55,7 +55,13 @@ from dalipipe.data.ffmpeg import (
 )
 from dalipipe.data.local import AUDIO_EXTENSIONS, list_source
 from dalipipe.data.manifest import EXTRACT_FIELDS, write_manifest
-from dalipipe.faults import ANYWHERE, MachineFault, fault_in_text, machine_fault
+from dalipipe.faults import (
+    ANYWHERE,
+    MachineFault,
+    fault_in_text,
+    ffmpeg_exit_fault,
+    machine_fault,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +145,11 @@ def _run(jobs: list[Job], videos: list[bool]) -> tuple[int, str]:
     err = result.stderr.decode("utf-8", "replace")
     if result.returncode != 0:
         # a full disk fails every clip alike: it stops the stage instead of failing the clips
-        fault = fault_in_text(err, jobs[0].clip_dir.parent) or _killed(result.returncode, jobs)
+        fault = (
+            fault_in_text(err, jobs[0].clip_dir.parent)
+            or ffmpeg_exit_fault(result.returncode, jobs[0].clip_dir.parent)
+            or _killed(result.returncode, jobs)
+        )
         if fault is not None:
             raise fault
     return result.returncode, err
