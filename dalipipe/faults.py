@@ -11,6 +11,7 @@ and what to do, and renames nothing into place, so that a rerun redoes the work.
     if fault is not None:
         raise fault from err
     fault = fault_in_text(ffmpeg_stderr, output_dir)   # the same, from a tool's message
+    stop_on_machine_fault(err, output_dir)        # in a per-clip guard: both, raised
 """
 
 from __future__ import annotations
@@ -114,3 +115,11 @@ def fault_in_text(text: str, output: str | os.PathLike) -> MachineFault | None:
             if os.strerror(number) in line and not (number == errno.ENOENT and output.exists()):
                 return MachineFault(output, line.strip(), advice)
     return None
+
+
+def stop_on_machine_fault(exc: BaseException, output: str | os.PathLike) -> None:
+    """In a per-clip guard: raise the MachineFault behind ``exc`` (its chain, or a tool's
+    message quoted in it), so that the stage stops; return when it is the clip's problem."""
+    fault = machine_fault(exc, output) or fault_in_text(str(exc), output)
+    if fault is not None:
+        raise fault from exc

@@ -429,3 +429,12 @@ def test_a_full_disk_stops_acquire_instead_of_recording_failed_downloads(tmpfs):
     # yt-dlp's failed download stopped the part (closing the journal may fail after it)
     assert isinstance(stop.value, MachineFault) or isinstance(stop.value.__context__, MachineFault)
     assert not (disk / "part-0").exists()
+
+
+def test_a_full_disk_stops_the_synthetic_world_instead_of_failing_its_clips(tmpfs):
+    disk = tmpfs("1m")  # a few clips fit, not the part
+    result = dalipipe("acquire-synthetic", "--out", str(disk / "part-0"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "No space left on device" in result.stderr and str(disk) in result.stderr
+    assert "clips written" not in result.stderr
+    assert leftovers(disk) == []
