@@ -61,6 +61,7 @@ from dalipipe.faults import (
     fault_in_text,
     ffmpeg_exit_fault,
     machine_fault,
+    stop_on_machine_fault,
 )
 
 log = logging.getLogger(__name__)
@@ -292,9 +293,7 @@ def _guarded(job: Job, work) -> dict | ExtractError:
         return exc
     except Exception as exc:  # a bug shows in the log, but one clip never stops the stage...
         _discard(job)
-        fault = machine_fault(exc, job.clip_dir)
-        if fault is not None:  # ...and a fault of the machine always does
-            raise fault from exc
+        stop_on_machine_fault(exc, job.clip_dir)  # ...and a fault of the machine always does
         log.exception("%s: unexpected error", job.src)
         return ExtractError(f"{job.src}: {type(exc).__name__}: {exc}")
     except BaseException:
