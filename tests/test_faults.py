@@ -187,6 +187,20 @@ def test_a_part_whose_clips_mostly_fail_stops_extract_naming_the_setting(media, 
     assert rows == {"broken1": "failed", "broken2": "failed", "broken3": "failed", "good": "ok"}
 
 
+def test_what_a_killed_writer_left_is_removed_by_the_next_one(tmp_path):
+    from dalipipe.common import atomic_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".part-0.tmp-{dead.pid}"  # as a SIGKILLed extract leaves it
+    (stale / "clip").mkdir(parents=True)
+    alive = tmp_path / f".part-0.tmp-{os.getppid()}"  # a running writer's: kept
+    alive.mkdir()
+    with atomic_path(tmp_path / "part-0", directory=True) as tmp:
+        (tmp / "manifest.csv").write_text("clip_id\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "part-0"]
+
+
 def test_machine_fault_tells_the_machine_from_the_input(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
