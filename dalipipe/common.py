@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,33 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.info("versions: %s", versions)
 
 
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove what a killed writer of ``final`` left (SIGKILL runs no cleanup): its temporary
+    would hold the space the rerun needs. Only those of processes no longer alive here."""
+    prefix = f".{final.name}.tmp-"
+    for stale in final.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = stale.name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another writer's
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        log.info("removing %s, left by a killed process", stale)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(
+            missing_ok=True
+        )
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

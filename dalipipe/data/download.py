@@ -37,6 +37,7 @@ from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
 from dalipipe.config import section_defaults
 from dalipipe.data.audioset import YOUTUBE_ID, Segment, read_selection
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
+from dalipipe.faults import MachineFault, fault_in_text, machine_fault
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,9 @@ def fetch_segment(seg: Segment, cfg: dict, clips_dir: Path, ffmpeg_folder: Path,
                 ydl.download([url])
         except yt_dlp.utils.DownloadError as err:
             reason = str(err).removeprefix("ERROR: ").strip()
+            fault = fault_in_text(reason, clips_dir)  # e.g. a full disk: not the video's fault
+            if fault is not None:
+                raise fault from err
             status = classify_error(reason)
         else:
             path = _finished_file(clips_dir, seg.clip_id)
@@ -351,5 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     params = parse_params(args.params)
     segments = read_selection(Path(args.selection) / f"part-{args.part}.jsonl")
-    acquire_part(segments, params["acquire"]["audioset"], args.out)
+    try:
+        acquire_part(segments, params["acquire"]["audioset"], args.out)
+    except (MachineFault, OSError) as err:  # the journal keeps the clips fetched so far
+        fault = machine_fault(err, Path(args.out).parent)
+        if fault is None:
+            raise
+        log.error("acquire stopped, %s was not written: %s", args.out, fault)
+        return 1
     return 0

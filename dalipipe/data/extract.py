@@ -17,6 +17,9 @@ Output: OUT/<clip_id>/frame_<kk>.jpg, audio.wav, fbank.npy (float16) and OUT/man
 duration_s is the audio extracted and sample_rate, channels, width and height describe the
 source file. A clip that cannot be used (no audio, silent, too short, unreadable, ...) is a
 `failed` row with the reason; the stage goes on. An audio-only file gets n_frames 0.
+A fault of the machine (a full disk, a read-only or vanished output: dalipipe/faults.py) stops
+the stage with exit 1 and nothing renamed into place, as do failures of more than
+`max_failed_fraction` of the clips tried.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import logging
 import math
+import signal
 import subprocess
 import wave
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +55,23 @@ from dalipipe.data.ffmpeg import (
 )
 from dalipipe.data.local import AUDIO_EXTENSIONS, list_source
 from dalipipe.data.manifest import EXTRACT_FIELDS, write_manifest
+from dalipipe.faults import (
+    ANYWHERE,
+    MachineFault,
+    fault_in_text,
+    ffmpeg_exit_fault,
+    machine_fault,
+    stop_on_machine_fault,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 BATCH_SIZE = 8  # clips per ffmpeg process
+
+
+class StageFailed(RuntimeError):
+    """Too many clips failed for the part to be used: the stage stops, nothing is renamed."""
 
 
 class ExtractError(Exception):
@@ -125,7 +143,31 @@ def _run(jobs: list[Job], videos: list[bool]) -> tuple[int, str]:
         result = subprocess.run(cmd + outputs, capture_output=True, timeout=600 * len(jobs))
     except subprocess.TimeoutExpired as exc:
         raise ExtractError(f"{jobs[0].src}: ffmpeg took longer than {exc.timeout} s") from exc
-    return result.returncode, result.stderr.decode("utf-8", "replace")
+    err = result.stderr.decode("utf-8", "replace")
+    if result.returncode != 0:
+        # a full disk fails every clip alike: it stops the stage instead of failing the clips
+        fault = (
+            fault_in_text(err, jobs[0].clip_dir.parent)
+            or ffmpeg_exit_fault(result.returncode, jobs[0].clip_dir.parent)
+            or _killed(result.returncode, jobs)
+        )
+        if fault is not None:
+            raise fault
+    return result.returncode, err
+
+
+def _killed(returncode: int, jobs: list[Job]) -> MachineFault | None:
+    """ffmpeg killed by the machine, not stopped by a bad file: the file size limit (SIGXFSZ)
+    or SIGKILL (the out-of-memory killer, or an operator)."""
+    where = jobs[0].clip_dir.parent
+    if returncode == -signal.SIGXFSZ:
+        return MachineFault(
+            where, "ffmpeg exceeded the file size limit (SIGXFSZ)", ANYWHERE[errno.EFBIG]
+        )
+    if returncode == -signal.SIGKILL:
+        advice = "it was killed (SIGKILL: out of memory?): check the memory limit, then rerun"
+        return MachineFault(where, f"ffmpeg on {jobs[0].src}", advice)
+    return None
 
 
 def _error_line(text: str) -> str:
@@ -160,8 +202,14 @@ def _discard(job: Job) -> None:
 
 
 def _reset(job: Job) -> None:
-    job.clip_dir.mkdir(parents=True, exist_ok=True)
-    _clear(job)
+    try:  # not parents=True: an output directory that vanished must not come back half empty
+        job.clip_dir.mkdir(exist_ok=True)
+        _clear(job)
+    except OSError as exc:
+        fault = machine_fault(exc, job.clip_dir)
+        if fault is None:
+            raise
+        raise fault from exc
 
 
 def decode_window(job: Job) -> MediaInfo:
@@ -243,9 +291,10 @@ def _guarded(job: Job, work) -> dict | ExtractError:
     except ExtractError as exc:
         _discard(job)
         return exc
-    except Exception as exc:  # a bug shows in the log, but one clip never stops the stage
-        log.exception("%s: unexpected error", job.src)
+    except Exception as exc:  # a bug shows in the log, but one clip never stops the stage...
         _discard(job)
+        stop_on_machine_fault(exc, job.clip_dir)  # ...and a fault of the machine always does
+        log.exception("%s: unexpected error", job.src)
         return ExtractError(f"{job.src}: {type(exc).__name__}: {exc}")
     except BaseException:
         _discard(job)
@@ -299,6 +348,7 @@ def extract_clip(
     """Frames, audio.wav and fbank.npy of one clip into clip_dir; returns its manifest row
     (without clip_id). Raises ExtractError with the reason; what it wrote is then removed."""
     job = Job(str(src), Path(clip_dir), start_s, window_s, short_side)
+    job.clip_dir.parent.mkdir(parents=True, exist_ok=True)
     (result,) = extract_batch([job], fbank, min_seconds)
     if isinstance(result, ExtractError):
         raise result
@@ -351,6 +401,27 @@ def _read_acquire_manifest(manifest: Path) -> list[dict]:
     return entries
 
 
+def check_failed_share(attempted: list[dict], rows: list[dict], limit: float, out) -> None:
+    """Stop the stage when more than ``limit`` of the clips it tried failed: a healthy part
+    loses a few clips, a systemic fault (a broken ffmpeg, a wrong setting) loses most of them.
+    Clips acquire did not get are not counted: they were never tried."""
+    if not attempted:
+        return
+    sources = {e["clip_id"]: e["path"] for e in attempted}
+    causes: Counter = Counter()
+    for row in rows:
+        if row["clip_id"] in sources and row["status"] != "ok":
+            # the reason without its file name, so that one cause counts once
+            causes[row["reason"].replace(sources[row["clip_id"]], "").lstrip(": ")] += 1
+    failed = sum(causes.values())
+    if failed > limit * len(attempted):
+        commonest = "; ".join(f"{n} x {cause}" for cause, n in causes.most_common(3))
+        raise StageFailed(
+            f"{out}: {failed} of {len(attempted)} clips failed, more than "
+            f"extract.max_failed_fraction {limit:g} allows; commonest reasons: {commonest}"
+        )
+
+
 def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> list[dict]:
     """Extract every clip into `out` (written atomically); returns the manifest rows."""
     from dalipipe.data.fbank import fbank_settings
@@ -388,18 +459,29 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
             ThreadPoolExecutor(max(1, workers)) as pool,
             tqdm(total=len(todo), desc="extract", unit="clip") as progress,
         ):
-            for done in pool.map(run, batches):
-                for clip_id, result in done:
-                    if isinstance(result, ExtractError):
-                        rows[clip_id]["reason"] = result.reason
-                    else:
-                        rows[clip_id].update(result)
-                progress.update(len(done))
+            try:
+                for done in pool.map(run, batches):
+                    for clip_id, result in done:
+                        if isinstance(result, ExtractError):
+                            rows[clip_id]["reason"] = result.reason
+                        else:
+                            rows[clip_id].update(result)
+                    progress.update(len(done))
+            except BaseException:  # a machine fault: the batches not started would fail alike
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         rows = list(rows.values())
         for row in rows:
             if row["status"] != "ok":
                 log.warning("%s failed: %s", row["clip_id"], row["reason"])
-        write_manifest(tmp / "manifest.csv", rows, EXTRACT_FIELDS)
+        check_failed_share(todo, rows, float(cfg["max_failed_fraction"]), out)
+        try:
+            write_manifest(tmp / "manifest.csv", rows, EXTRACT_FIELDS)
+        except OSError as exc:
+            fault = machine_fault(exc, tmp)
+            if fault is None:
+                raise
+            raise fault from exc
     ok = sum(r["status"] == "ok" for r in rows)
     log.info("extracted %d of %d clips into %s", ok, len(rows), out)
     return rows
@@ -419,5 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     params = parse_params(args.params)
     entries = read_sources(args.source)[args.part :: args.parts]
-    extract_all(entries, args.out, params.get("extract") or {}, args.workers)
+    try:
+        extract_all(entries, args.out, params.get("extract") or {}, args.workers)
+    except (MachineFault, StageFailed, OSError) as err:
+        # e.g. a read-only filesystem refusing the temporary output directory itself
+        fault = machine_fault(err, Path(args.out).parent) if isinstance(err, OSError) else err
+        if fault is None:
+            raise
+        log.error("extract stopped, %s was not written: %s", args.out, fault)
+        return 1
     return 0

@@ -10,13 +10,15 @@ by clip id), ``stats-<nnnnnn>.json`` beside each shard, and ``index.json`` (shar
 clips skipped and why). Evaluation-id lists (``filter.exclude_id_lists`` in ``--params``): a clip
 of a training split whose YouTube id is listed is dropped and counted
 (``counts.excluded_eval_ids``), whatever the acquire source and whether the filter ran; the
-``test`` split is never filtered this way. dalipipe/data/shard_reader.py reads them. Tars are
-byte-for-byte reproducible: fixed member order, mtimes and owners.
+``test`` split is never filtered this way. dalipipe/data/shard_reader.py reads them, checking
+each tar against the count, size and sha256 its index entry records. Tars are byte-for-byte
+reproducible: fixed member order, mtimes and owners.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -242,6 +244,14 @@ def write_shard(path: Path, clips: Sequence[Clip]) -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_split(
     extract_dirs: Sequence[str | os.PathLike],
     metadata_path: str | os.PathLike,
@@ -298,7 +308,15 @@ def write_split(
             )
             stats_name = f"stats-{number:06d}.json"
             write_json(tmp / stats_name, stats)
-            shards.append({"file": stats["shard"], "count": stats["count"], "stats": stats_name})
+            tar = tmp / stats["shard"]
+            shards.append({
+                "file": stats["shard"],
+                "count": stats["count"],
+                "stats": stats_name,
+                # the reader checks these: a tar cut at a member boundary is a valid, smaller tar
+                "bytes": tar.stat().st_size,
+                "sha256": file_sha256(tar),
+            })  # fmt: skip
         index = {
             "split": split,
             "total": len(clips),

@@ -11,6 +11,7 @@ audio_sample_rate when the shard kept the WAV. The layout is dalipipe/data/shard
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,41 +28,119 @@ from PIL import Image
 FRAME_FIELD = re.compile(r"^frame(\d+)\.jpg$")  # in a shard sample
 
 
+REDO = "rerun the shard stage (snakemake --forcerun shard)"
+
+
+class ShardError(ValueError):
+    """A shard that is not a readable tar or not what its index.json says; names the shard."""
+
+
+def index_entry(path: Path) -> dict | None:
+    """The entry of ``index.json`` beside the shard that lists it (count, and for shards written
+    since the index held them, bytes and sha256), or None when no index lists it."""
+    index_file = path.parent / "index.json"
+    if not index_file.is_file():
+        return None
+    try:
+        entries = json.loads(index_file.read_text())["shards"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ShardError(f"{index_file}: not a shard index ({err!r})") from err
+    return next((e for e in entries if e.get("file") == path.name), None)
+
+
+def check_size(path: Path, entry: dict | None) -> None:
+    """A shard cut short (or replaced) has another size than its index records."""
+    if entry is None or "bytes" not in entry:
+        return
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardError(
+            f"{path}: {size} bytes where its index.json records {entry['bytes']}: "
+            f"cut short or replaced; {REDO}"
+        )
+
+
 def resolve_shards(shards) -> list[Path]:
-    """A shard directory (its index.json), one tar, or a list of tars."""
+    """A shard directory (its index.json), one tar, or a list of tars; a shard whose size
+    differs from its index's record stops here, before any sample is read."""
     if isinstance(shards, (str, os.PathLike)):
         path = Path(shards)
         if path.is_dir():
             index_file = path / "index.json"
             if not index_file.is_file():
                 raise FileNotFoundError(f"{index_file}: shard index missing")
-            return [path / entry["file"] for entry in json.loads(index_file.read_text())["shards"]]
-        shards = [path]
+            shards = [
+                path / entry["file"] for entry in json.loads(index_file.read_text())["shards"]
+            ]
+        else:
+            shards = [path]
     paths = [Path(p) for p in shards]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: shard missing")
+        check_size(p, index_entry(p))
     return paths
 
 
+class _HashingReader:
+    """A file read through sha256, so that a streamed shard is checked without a second pass."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha256.update(data)
+        return data
+
+    def read_to_end(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()
+
+
 def iter_raw_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) per sample, streaming the tar; a sample's members are adjacent."""
-    key, fields = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            if "." not in name:
-                raise ValueError(f"{path}: member {member.name!r} has no field suffix")
-            member_key, field = name.split(".", 1)
-            if member_key != key:
-                if key is not None:
-                    yield key, fields
-                key, fields = member_key, {}
-            fields[field] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, fields
+    """(key, {field: bytes}) per sample, streaming the tar; a sample's members are adjacent.
+
+    A shard that index.json lists is checked against it once read to its end: the number of
+    samples (a tar cut at a member boundary reads as a valid, smaller tar) and, where recorded,
+    size and sha256. Every error names the shard."""
+    path = Path(path)
+    entry = index_entry(path)
+    check_size(path, entry)
+    key, fields, count = None, {}, 0
+    with open(path, "rb") as f:
+        stream = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name.rsplit("/", 1)[-1]
+                    if "." not in name:
+                        raise ShardError(f"{path}: member {member.name!r} has no field suffix")
+                    member_key, field = name.split(".", 1)
+                    if member_key != key:
+                        if key is not None:
+                            count += 1
+                            yield key, fields
+                        key, fields = member_key, {}
+                    fields[field] = tar.extractfile(member).read()
+        except tarfile.TarError as err:
+            raise ShardError(f"{path}: not a readable tar shard ({err}); {REDO}") from err
+        if key is not None:
+            count += 1
+            yield key, fields
+        digest = stream.read_to_end()
+    if entry is None:
+        return
+    if "count" in entry and count != entry["count"]:
+        raise ShardError(
+            f"{path}: {count} samples where its index.json records {entry['count']}: "
+            f"cut short or replaced; {REDO}"
+        )
+    if "sha256" in entry and digest != entry["sha256"]:
+        raise ShardError(f"{path}: sha256 differs from its index.json's: corrupted; {REDO}")
 
 
 def decode_wav(data: bytes) -> tuple[np.ndarray, int]:

@@ -43,6 +43,7 @@ from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
 from dalipipe.config import section_defaults
 from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
+from dalipipe.faults import MachineFault, machine_fault, stop_on_machine_fault
 from dalipipe.miniature import world
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,8 @@ def make_clips(clips: list, cfg: dict, seed: int, clips_dir: Path) -> list[tuple
     for i, clip in enumerate(clips):
         try:
             rendered.append((i, render_clip(clip, cfg, seed, clips_dir)))
-        except Exception as exc:  # one broken clip is recorded, never fatal
+        except Exception as exc:  # one broken clip is recorded; a full disk stops the part
+            stop_on_machine_fault(exc, clips_dir)
             results[i] = (None, f"{type(exc).__name__}: {exc}")
 
     def encode(group: list[tuple[int, Rendered]]) -> None:
@@ -294,6 +296,7 @@ def make_clips(clips: list, cfg: dict, seed: int, clips_dir: Path) -> list[tuple
             try:
                 encode([one])
             except Exception as exc:
+                stop_on_machine_fault(exc, clips_dir)
                 results[one[0]] = (None, f"{type(exc).__name__}: {exc}")
     return results
 
@@ -353,5 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     params = parse_params(args.params)
     cfg = world_config(params.get("world"))
     parts = args.parts or (params.get("acquire") or {}).get("parts", 1)
-    generate_part(cfg, int(params.get("seed", 0)), args.part, parts, Path(args.out), args.workers)
+    try:
+        generate_part(
+            cfg, int(params.get("seed", 0)), args.part, parts, Path(args.out), args.workers
+        )
+    except (MachineFault, OSError) as err:
+        fault = machine_fault(err, Path(args.out).parent)
+        if fault is None:
+            raise
+        log.error("acquire stopped, %s was not written: %s", args.out, fault)
+        return 1
     return 0
