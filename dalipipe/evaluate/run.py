@@ -272,6 +272,7 @@ def caption_all(captioner, system: System, clips, inputs, settings, seed) -> dic
             do_sample=settings.get("decoding", "greedy") == "sampled",
             temperature=float(settings.get("temperature", 0.2)),
             seed=seed + index,
+            newlines=settings["caption_newlines"],
         )
         captions.update({c.clip_id: t for c, t in zip(batch, texts)})
     return captions
