@@ -192,3 +192,28 @@ def test_the_miniature_keeps_its_protocol_and_the_paper_follows_the_authors():
     # a stage called alone reads the miniature's values
     assert section_defaults("evaluate")["caption_newlines"] == "space"
     assert section_defaults("extract")["frame_crop"] is False
+
+
+@pytest.mark.skipif(not STREET_MP4.is_file(), reason="shared clip not present")
+def test_evaluation_frames_from_media_files_take_the_stored_square(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "KlsG1EnBEjc.mp4").symlink_to(STREET_MP4)
+    path = tmp_path / "ac.csv"
+    path.write_text("audiocap_id,youtube_id,start_time,caption\n1,KlsG1EnBEjc,0,traffic\n")
+    cfg = {"csv": str(path), "media": str(media)}
+    _, whole = datasets.load_dataset("audiocaps", cfg, FBANK).clips[0].load()
+    _, square = datasets.load_dataset("audiocaps", cfg, FBANK, square=224).clips[0].load()
+    assert whole.size == (1280, 720) and square.size == (224, 224)
+    # the middle frame (second 5) as the extract stage stores it with the paper's settings:
+    # 4.3 levels apart (the JPEG's error, and its colours converted from YUV without RGB in
+    # between), where the same square one column to the side is 10 or more away
+    table = tmp_path / "clips.csv"
+    table.write_text(f"clip_id,path\nstreet,{STREET_MP4}\n")
+    params = {"fbank": FBANK, "frame_short_side": 224, "frame_crop": True}
+    extract_all(read_sources(table), tmp_path / "out", params)
+    stored = Image.open(tmp_path / "out" / "street" / "frame_05.jpg").convert("RGB")
+    stored, square = np.asarray(stored, np.float32), np.asarray(square, np.float32)
+    assert np.abs(stored - square).mean() < 5.0
+    assert np.abs(stored[:, 1:] - square[:, :-1]).mean() > 10.0
+    assert np.abs(stored[:, :-1] - square[:, 1:]).mean() > 10.0

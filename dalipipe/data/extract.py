@@ -65,21 +65,27 @@ class ExtractError(Exception):
         super().__init__(reason)
 
 
-def _frame_filter(short_side: int, skip_s: float, window_s: float, crop: bool = False) -> str:
-    # Keep a frame when its whole second (counted from the window start) is later than the
-    # last kept frame's: the first frame of each second, whatever the frame rate. Then scale
-    # the short side, keeping the aspect ratio, and with `crop` keep the centre square: the
-    # geometry of CAV-MAE's extract_video_frame.py (Resize, then CenterCrop, to 224).
-    trim = f"trim=start={skip_s:.6f}:duration={window_s:.6f}"
-    second = f"floor(t-{skip_s:.6f})"
-    previous = f"floor(prev_selected_t-{skip_s:.6f})"
-    select = f"select='isnan(prev_selected_t)+gte({second}-{previous},1)'"
+def frame_geometry(short_side: int, crop: bool = False) -> str:
+    """The ffmpeg filter that gives a frame its stored size: the short side scaled to
+    `short_side`, keeping the aspect ratio, and with `crop` the centre square, the geometry of
+    CAV-MAE's extract_video_frame.py (Resize, then CenterCrop, to 224; docs/protocol.md)."""
     portrait = "lte(iw,ih)"
     scale = f"scale=w='if({portrait},{short_side},-2)':h='if({portrait},-2,{short_side})'"
     # crop centres by default; exact=1, or ffmpeg moves an odd x to the even column before it
     # (a 1280x720 frame is 398 wide at 224: CenterCrop's column 87, not 86)
     square = f",crop={short_side}:{short_side}:exact=1" if crop else ""
-    return f"{trim},{select},{scale}:flags=area{square},setsar=1"
+    return f"{scale}:flags=area{square},setsar=1"
+
+
+def _frame_filter(short_side: int, skip_s: float, window_s: float, crop: bool = False) -> str:
+    # Keep a frame when its whole second (counted from the window start) is later than the
+    # last kept frame's: the first frame of each second, whatever the frame rate. Then give
+    # it the stored size.
+    trim = f"trim=start={skip_s:.6f}:duration={window_s:.6f}"
+    second = f"floor(t-{skip_s:.6f})"
+    previous = f"floor(prev_selected_t-{skip_s:.6f})"
+    select = f"select='isnan(prev_selected_t)+gte({second}-{previous},1)'"
+    return f"{trim},{select},{frame_geometry(short_side, crop)}"
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ def _load_extracted(folder: Path, frame: int | str, with_frame: bool):
     return fbank, image
 
 
-def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: bool):
+def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: bool, square):
+    from dalipipe.data.extract import frame_geometry
     from dalipipe.data.fbank import model_input_from_wave
     from dalipipe.data.ffmpeg import decode_audio, grab_frame
 
@@ -210,11 +211,13 @@ def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: 
     if with_frame and path.suffix.lower() in VIDEO_SUFFIXES:
         # Frames are the first of each second; "middle" of a 10-s clip is second 5.
         n_seconds = max(1, int(len(wave) / 16000))
-        image = grab_frame(path, pick_frame(n_seconds, frame))
+        # `square`: the centre square the extract stage would store (extract.frame_crop)
+        vf = frame_geometry(square, crop=True) if square else None
+        image = grab_frame(path, pick_frame(n_seconds, frame), vf)
     return fbank, image
 
 
-def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
+def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame, square):
     """(loader, sound file or None) for the first key found, or (None, None)."""
     for key in keys:
         if key in extracted:
@@ -222,7 +225,7 @@ def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
             loader = lambda f=extracted[key]: _load_extracted(f, frame, with_frame)  # noqa: E731
             return loader, wav if wav.is_file() else None
         if key in files:
-            loader = lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame)  # noqa: E731
+            loader = lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame, square)  # noqa: E731
             return loader, files[key]
     return None, None
 
@@ -281,7 +284,9 @@ def clotho_clip_id(file_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(file_name).stem).strip("_") or "clip"
 
 
-def _media_set(name, rows, media_dir, fbank_cfg, frame, has_video, dedup, key_fields) -> EvalSet:
+def _media_set(
+    name, rows, media_dir, fbank_cfg, frame, has_video, dedup, key_fields, square
+) -> EvalSet:
     refs, meta = group_references(dedup_references(rows) if dedup else rows)
     ds = EvalSet(name, has_video=has_video)
     if media_dir is None:
@@ -289,7 +294,7 @@ def _media_set(name, rows, media_dir, fbank_cfg, frame, has_video, dedup, key_fi
     extracted, files = index_media(media_dir)
     for clip_id, clip_refs in refs.items():
         keys = [clip_id] + [Path(str(meta[clip_id][k])).stem for k in key_fields]
-        loader, sound = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video)
+        loader, sound = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video, square)
         if loader is None:
             ds.failed.append({"clip_id": clip_id, "reason": f"{media_dir}: no media for {clip_id}"})
             continue
@@ -306,8 +311,12 @@ MEDIA_SETS = {
 }
 
 
-def load_dataset(name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle") -> EvalSet:
-    """One configured evaluation set (``evaluate.datasets.<name>``)."""
+def load_dataset(
+    name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle", square: int | None = None
+) -> EvalSet:
+    """One configured evaluation set (``evaluate.datasets.<name>``). ``square``: a frame taken
+    from a media file is cut like the extract stage's with ``extract.frame_crop`` (the short
+    side scaled to ``square``, then the centre square); None keeps it whole."""
     fbank_cfg = fbank_cfg or {}
     if name == "miniature":
         return miniature_set(cfg["shards"], frame)
@@ -316,5 +325,5 @@ def load_dataset(name: str, cfg: dict, fbank_cfg: dict | None = None, frame="mid
         rows = read_rows(cfg["csv"])
         dedup = cfg.get("dedup", False)
         media = cfg.get("media")
-        return _media_set(name, rows, media, fbank_cfg, frame, has_video, dedup, key_fields)
+        return _media_set(name, rows, media, fbank_cfg, frame, has_video, dedup, key_fields, square)
     raise ValueError(f"evaluate.datasets: unknown dataset {name!r} (miniature, audiocaps, clotho)")

@@ -317,7 +317,10 @@ def evaluate(
     if dataset == "miniature":
         ds_cfg.setdefault("shards", shards)
     fbank_cfg = (params.get("extract") or {}).get("fbank") or {}
-    ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"])
+    # frames read from media files take the stored frames' square (the authors' 224 crops)
+    extract = {**section_defaults("extract"), **(params.get("extract") or {})}
+    square = int(extract["frame_short_side"]) if extract["frame_crop"] else None
+    ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"], square)
     clips, inputs = load_inputs(ds)
     if not clips:
         raise ValueError(f"{dataset}: no readable clip to evaluate ({len(ds.failed)} failed)")
