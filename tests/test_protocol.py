@@ -217,3 +217,43 @@ def test_evaluation_frames_from_media_files_take_the_stored_square(tmp_path):
     assert np.abs(stored - square).mean() < 5.0
     assert np.abs(stored[:, 1:] - square[:, :-1]).mean() > 10.0
     assert np.abs(stored[:, :-1] - square[:, 1:]).mean() > 10.0
+
+
+PREFIX_DS = Path("/work/shared/data/authors/prefixDS.json")
+
+
+@pytest.mark.skipif(not PREFIX_DS.is_file(), reason="the authors' prefixDS.json not present")
+def test_prefix_pair_frames_take_the_stored_square(tmp_path):
+    import json
+    import subprocess
+
+    from dalipipe.caption.pairs import load_pairs
+    from dalipipe.data import paper_inputs
+    from dalipipe.data.ffmpeg import ffmpeg_exe
+
+    pair = paper_inputs.read_prefix_pairs(PREFIX_DS)[0]
+    clips = tmp_path / "clips"
+    (clips / "clips").mkdir(parents=True)
+    clip_id = f"{pair['id']}_0"
+    video = clips / "clips" / f"{clip_id}.mp4"
+    # 80x48: a red band 16 px wide each side of a blue 48x48 centre square
+    scene = "color=blue:s=80x48:r=10:d=10,drawbox=x=0:y=0:w=16:h=48:c=red:t=fill"
+    scene += ",drawbox=x=64:y=0:w=16:h=48:c=red:t=fill"
+    cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", scene, "-pix_fmt", "yuv420p"]
+    subprocess.run([*cmd, str(video)], check=True)
+    (clips / "manifest.csv").write_text(
+        f"clip_id,path,status,reason,split,start_s,labels\n{clip_id},{video},ok,,prefix,0.0,\n"
+    )
+    (clips / "metadata.jsonl").write_text(
+        json.dumps({"clip_id": clip_id, "youtube_id": pair["id"]}) + "\n"
+    )
+    sizes = {}
+    for name, square in (("whole", None), ("square", 32)):
+        out = tmp_path / name / "pairs.csv"
+        paper_inputs.prefix_pairs(PREFIX_DS, clips, out, tmp_path / name / "frames", square)
+        (loaded,) = load_pairs(out)
+        sizes[name] = loaded.image.size
+        if square:  # the centre square: blue from edge to edge, none of the red bands
+            edges = np.asarray(loaded.image.convert("RGB"), np.float32)[:, [0, -1]]
+            assert edges[..., 2].min() > 150 and edges[..., 0].max() < 100
+    assert sizes == {"whole": (80, 48), "square": (32, 32)}
