@@ -189,6 +189,9 @@ def test_the_miniature_keeps_its_protocol_and_the_paper_follows_the_authors():
     assert paper["evaluate"]["datasets"]["audiocaps"]["dedup"] is True
     # the authors had no Clotho evaluation: its references stay the dataset's own
     assert "dedup" not in paper["evaluate"]["datasets"]["clotho"]
+    # evaluation frames read from media files: the paper's 224 square, the miniature's whole
+    assert datasets.stored_square(paper["extract"]) == 224
+    assert datasets.stored_square(mini["extract"]) is None
     # a stage called alone reads the miniature's values
     assert section_defaults("evaluate")["caption_newlines"] == "space"
     assert section_defaults("extract")["frame_crop"] is False

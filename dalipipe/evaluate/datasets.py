@@ -311,6 +311,15 @@ MEDIA_SETS = {
 }
 
 
+def stored_square(extract: dict | None) -> int | None:
+    """The side of the square the extract stage cuts frames to (``extract.frame_crop``), which
+    a frame read from a media file is cut to as well; None where frames are kept whole."""
+    from dalipipe.config import section_defaults
+
+    extract = {**section_defaults("extract"), **(extract or {})}
+    return int(extract["frame_short_side"]) if extract["frame_crop"] else None
+
+
 def load_dataset(
     name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle", square: int | None = None
 ) -> EvalSet:

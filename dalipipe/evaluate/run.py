@@ -50,7 +50,7 @@ from dalipipe.common import (
 )
 from dalipipe.config import section_defaults
 from dalipipe.evaluate import metrics, tables
-from dalipipe.evaluate.datasets import EvalSet, load_dataset
+from dalipipe.evaluate.datasets import EvalSet, load_dataset, stored_square
 from dalipipe.miniature import world_scores
 
 log = logging.getLogger(__name__)
@@ -317,9 +317,7 @@ def evaluate(
     if dataset == "miniature":
         ds_cfg.setdefault("shards", shards)
     fbank_cfg = (params.get("extract") or {}).get("fbank") or {}
-    # frames read from media files take the stored frames' square (the authors' 224 crops)
-    extract = {**section_defaults("extract"), **(params.get("extract") or {})}
-    square = int(extract["frame_short_side"]) if extract["frame_crop"] else None
+    square = stored_square(params.get("extract"))  # the authors' 224 crops, where switched on
     ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"], square)
     clips, inputs = load_inputs(ds)
     if not clips:
