@@ -78,6 +78,7 @@ rule distill:
             "distill",
             "extract.fbank",
             "extract.frame_short_side",
+            "extract.frame_crop",
             "extract.window_seconds",
             *CAPTIONER_SETTINGS,
         ),

@@ -31,6 +31,8 @@ rule evaluate:
             "-evaluate.datasets",
             "evaluate.datasets.{dataset}",
             "extract.fbank",
+            "extract.frame_short_side",
+            "extract.frame_crop",
             *CAPTIONER_SETTINGS,
         ),
         shards=lambda wc: f"--shards {RUN}/shards/test" if wc.dataset == "miniature" else "",

@@ -265,6 +265,13 @@ if "prefix_pairs" in FETCH_PATHS and FETCH_PREFIX_PAIRS and not os.path.exists(F
         output:
             pairs=FETCH_PREFIX_PAIRS,
             frames=directory(f"{FETCH_PREFIX_DIR}/frames"),
+        params:
+            # the frames' square where the extract stage crops them (extract.frame_crop)
+            square=(
+                f"--square {config_value('extract.frame_short_side')}"
+                if config_value("extract.frame_crop")
+                else ""
+            ),
         conda:
             CONDA_ENV
         log:
@@ -275,4 +282,4 @@ if "prefix_pairs" in FETCH_PATHS and FETCH_PREFIX_PAIRS and not os.path.exists(F
             runtime=10,
         shell:
             "dalipipe paper-inputs prefix-pairs --pairs {input.pairs:q} --clips {input.clips:q}"
-            " --out {output.pairs:q} --frames {output.frames:q} > {log} 2>&1"
+            " --out {output.pairs:q} --frames {output.frames:q} {params.square} > {log} 2>&1"

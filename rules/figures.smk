@@ -20,6 +20,8 @@ FIGURE_SETTINGS = (
     "evaluate.frame",
     "evaluate.seed",
     "extract.fbank",
+    "extract.frame_short_side",
+    "extract.frame_crop",
     *CAPTIONER_SETTINGS,
 )
 FIGURE_TARGETS = [f"{RUN}/report/probe.html"]

@@ -50,6 +50,7 @@ def prepare(
         start_s=start_s,
         window_s=features.get("window_seconds") or 10.0,
         short_side=features.get("frame_short_side") or 336,
+        crop=bool(features.get("frame_crop")),  # directories written before it: no crop
         fbank=fbank_cfg,
     )
     frames = sorted(clip_dir.glob("frame_*.jpg"))

@@ -88,6 +88,7 @@ def feature_settings(params: dict) -> dict:
     return {
         "fbank": extract.get("fbank") or {},
         "frame_short_side": extract.get("frame_short_side"),
+        "frame_crop": extract.get("frame_crop"),
         "window_seconds": extract.get("window_seconds"),
     }
 

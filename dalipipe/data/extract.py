@@ -5,7 +5,8 @@
     dalipipe extract my_videos/ --out /tmp/extracted      # a folder or CSV works too
 
 ffmpeg reads each clip's window [start_s, start_s + window_seconds) once and writes both the
-frames (the first frame of each second, short side `frame_short_side`, JPEG) and the audio
+frames (the first frame of each second, short side `frame_short_side`, and with `frame_crop`
+its centre square; JPEG) and the audio
 (first channel, resampled to 16 kHz with the SoX resampler, trimmed sample-exactly); Python
 checks the audio, writes the WAV and computes `fbank.npy` with `dalipipe.data.fbank`. Eight
 clips share one ffmpeg process, whose start-up costs as much as decoding a miniature clip; if
@@ -82,17 +83,27 @@ class ExtractError(Exception):
         super().__init__(reason)
 
 
-def _frame_filter(short_side: int, skip_s: float, window_s: float) -> str:
+def frame_geometry(short_side: int, crop: bool = False) -> str:
+    """The ffmpeg filter that gives a frame its stored size: the short side scaled to
+    `short_side`, keeping the aspect ratio, and with `crop` the centre square, the geometry of
+    CAV-MAE's extract_video_frame.py (Resize, then CenterCrop, to 224; docs/protocol.md)."""
+    portrait = "lte(iw,ih)"
+    scale = f"scale=w='if({portrait},{short_side},-2)':h='if({portrait},-2,{short_side})'"
+    # crop centres by default; exact=1, or ffmpeg moves an odd x to the even column before it
+    # (a 1280x720 frame is 398 wide at 224: CenterCrop's column 87, not 86)
+    square = f",crop={short_side}:{short_side}:exact=1" if crop else ""
+    return f"{scale}:flags=area{square},setsar=1"
+
+
+def _frame_filter(short_side: int, skip_s: float, window_s: float, crop: bool = False) -> str:
     # Keep a frame when its whole second (counted from the window start) is later than the
-    # last kept frame's: the first frame of each second, whatever the frame rate. Then scale
-    # the short side, keeping the aspect ratio.
+    # last kept frame's: the first frame of each second, whatever the frame rate. Then give
+    # it the stored size.
     trim = f"trim=start={skip_s:.6f}:duration={window_s:.6f}"
     second = f"floor(t-{skip_s:.6f})"
     previous = f"floor(prev_selected_t-{skip_s:.6f})"
     select = f"select='isnan(prev_selected_t)+gte({second}-{previous},1)'"
-    portrait = "lte(iw,ih)"
-    scale = f"scale=w='if({portrait},{short_side},-2)':h='if({portrait},-2,{short_side})'"
-    return f"{trim},{select},{scale}:flags=area,setsar=1"
+    return f"{trim},{select},{frame_geometry(short_side, crop)}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class Job:
     start_s: float = 0.0
     window_s: float = 10.0
     short_side: int = 336
+    crop: bool = False  # the centre square of the resized frame
 
     @property
     def pcm(self) -> Path:
@@ -119,7 +131,7 @@ def _io_args(k: int, job: Job, video: bool) -> tuple[list[str], list[str]]:
     inputs += ["-t", f"{skip + job.window_s + 1:.6f}", "-i", file_url(job.src)]
     outputs = []
     if video:
-        vf = _frame_filter(job.short_side, skip, job.window_s)
+        vf = _frame_filter(job.short_side, skip, job.window_s, job.crop)
         outputs += ["-map", f"{k}:v:0", "-vf", vf, "-fps_mode", "passthrough"]
         outputs += ["-frames:v", str(math.ceil(job.window_s)), "-q:v", "2", "-start_number", "0"]
         outputs += ["-threads", "1"]  # the JPEG encoder's
@@ -342,12 +354,13 @@ def extract_clip(
     start_s: float = 0.0,
     window_s: float = 10.0,
     short_side: int = 336,
+    crop: bool = False,
     fbank: dict,
     min_seconds: float = 1.0,
 ) -> dict:
     """Frames, audio.wav and fbank.npy of one clip into clip_dir; returns its manifest row
     (without clip_id). Raises ExtractError with the reason; what it wrote is then removed."""
-    job = Job(str(src), Path(clip_dir), start_s, window_s, short_side)
+    job = Job(str(src), Path(clip_dir), start_s, window_s, short_side, crop)
     job.clip_dir.parent.mkdir(parents=True, exist_ok=True)
     (result,) = extract_batch([job], fbank, min_seconds)
     if isinstance(result, ExtractError):
@@ -448,13 +461,14 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
 
         def run(batch: list[dict]) -> list[tuple[str, dict | ExtractError]]:
             jobs = [
-                Job(e["path"], tmp / e["clip_id"], e["start_s"], window_s, short_side)
+                Job(e["path"], tmp / e["clip_id"], e["start_s"], window_s, short_side, crop)
                 for e in batch
             ]
             results = extract_batch(jobs, cfg["fbank"], float(cfg["min_seconds"]))
             return [(e["clip_id"], r) for e, r in zip(batch, results)]
 
         window_s, short_side = float(cfg["window_seconds"]), int(cfg["frame_short_side"])
+        crop = bool(cfg["frame_crop"])
         with (
             ThreadPoolExecutor(max(1, workers)) as pool,
             tqdm(total=len(todo), desc="extract", unit="clip") as progress,

@@ -206,14 +206,16 @@ def decode_audio(
     return np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
 
 
-def grab_frame(path: str | os.PathLike, second: float):
-    """The first frame at or after ``second`` of a video, as a PIL image."""
+def grab_frame(path: str | os.PathLike, second: float, vf: str | None = None):
+    """The first frame at or after ``second`` of a video, as a PIL image; through the video
+    filter ``vf`` where given (e.g. `dalipipe.data.extract.frame_geometry`)."""
     import io
 
     from PIL import Image
 
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-ss", f"{second:.3f}"]
-    cmd += ["-i", str(path), "-frames:v", "1", "-f", "image2pipe", "-c:v", "png", "pipe:1"]
+    cmd += ["-i", str(path), "-frames:v", "1"] + (["-vf", vf] if vf else [])
+    cmd += ["-f", "image2pipe", "-c:v", "png", "pipe:1"]
     result = subprocess.run(cmd, capture_output=True, timeout=120)
     if result.returncode != 0 or not result.stdout:
         raise ValueError(f"{path}: no video frame at {second:.1f} s")

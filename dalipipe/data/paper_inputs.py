@@ -143,10 +143,20 @@ def prefix_selection(
 
 
 def prefix_pairs(
-    pairs_json: str | Path, clips_dir: str | Path, out_csv: str | Path, frames_dir: str | Path
+    pairs_json: str | Path,
+    clips_dir: str | Path,
+    out_csv: str | Path,
+    frames_dir: str | Path,
+    square: int | None = None,
 ) -> dict:
-    """pairs.csv (image, caption, id) and one JPEG per pair in ``frames_dir`` (beside it)."""
+    """pairs.csv (image, caption, id) and one JPEG per pair in ``frames_dir`` (beside it).
+    ``square``: each frame is cut like the extract stage's with ``extract.frame_crop`` (short
+    side scaled to ``square``, then the centre square), as the authors' prefixDS.json frames
+    were; None keeps it whole."""
+    from dalipipe.data.extract import frame_geometry
     from dalipipe.data.ffmpeg import grab_frame
+
+    vf = frame_geometry(square, crop=True) if square else None
 
     clips_dir, out_csv, frames_dir = Path(clips_dir), Path(out_csv), Path(frames_dir)
     captions = {p["id"]: p["caption"] for p in read_prefix_pairs(pairs_json)}
@@ -162,7 +172,7 @@ def prefix_pairs(
                 missing.append(f"{clip_id} ({entry.get('status')}: {entry.get('reason')})")
                 continue
             try:
-                image = grab_frame(Path(entry["path"]), PREFIX_FRAME_SECOND)
+                image = grab_frame(Path(entry["path"]), PREFIX_FRAME_SECOND, vf)
             except ValueError as err:
                 missing.append(f"{clip_id} ({err})")
                 continue
@@ -228,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", required=True, help="acquire-audioset output of the selection")
     p.add_argument("--out", required=True, help="pairs.csv")
     p.add_argument("--frames", required=True, help="folder for the frames (beside pairs.csv)")
+    p.add_argument(
+        "--square", type=int, help="cut each frame to this centre square (extract.frame_crop)"
+    )
     p = sub.add_parser("unpack")
     p.add_argument("archive")
     p.add_argument("--out", required=True)
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "prefix-selection":
         prefix_selection(args.pairs, args.out, args.audiocaps, args.segments)
     elif args.what == "prefix-pairs":
-        prefix_pairs(args.pairs, args.clips, args.out, args.frames)
+        prefix_pairs(args.pairs, args.clips, args.out, args.frames, args.square)
     else:
         unpack(args.archive, args.out)
     return 0

@@ -18,7 +18,8 @@ where there is video). A clip whose media is missing or unreadable becomes a row
 - Clotho: CSV ``file_name,caption_1..caption_5``; audio only (FreeSound has no video); the
   44.1 kHz files are resampled to 16 kHz before the filterbank (the authors' loaders skipped
   this). ``dedup`` reproduces the authors' de-duplication of reference captions across the
-  whole set (off by default: the references are the dataset's own).
+  whole set, walking the CSV's rows in file order (off by default: the references are the
+  dataset's own; docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -75,22 +76,37 @@ def pick_frame(n_frames: int, frame: int | str = "middle") -> int:
     return min(int(frame), n_frames - 1)
 
 
-def dedup_references(refs_by_clip: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The authors' ``drop_duplicates(subset='caption')`` over the whole set, first kept.
+# One reference caption as a CSV row gives it: (clip id, caption, the clip's metadata).
+CaptionRow = tuple[str, str, dict]
 
-    A clip left with no reference is dropped, as their group-by did.
+
+def dedup_references(rows: list[CaptionRow]) -> list[CaptionRow]:
+    """The rows whose caption no earlier row has: the authors' ``drop_duplicates(subset=
+    'caption')`` over the whole test set, which keeps each caption's first row in file order.
+
+    The order is the file's rows, not the clips': AudioCaps lists a clip's five captions far
+    apart, so a caption two clips share stays with whichever clip has the earlier row. Captions
+    are compared exactly (case and punctuation count). A clip whose every caption went to
+    earlier rows has no row left, and `group_references` then leaves it out, as their group-by
+    did.
     """
     seen: set[str] = set()
-    out = {}
-    for clip_id, refs in refs_by_clip.items():
-        kept = []
-        for ref in refs:
-            if ref not in seen:
-                seen.add(ref)
-                kept.append(ref)
-        if kept:
-            out[clip_id] = kept
-    return out
+    kept = []
+    for row in rows:
+        if row[1] not in seen:
+            seen.add(row[1])
+            kept.append(row)
+    return kept
+
+
+def group_references(rows: list[CaptionRow]) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """(references, metadata) per clip id, clips and captions in the rows' order."""
+    refs: dict[str, list[str]] = {}
+    meta: dict[str, dict] = {}
+    for clip_id, caption, clip_meta in rows:
+        refs.setdefault(clip_id, []).append(caption)
+        meta.setdefault(clip_id, clip_meta)
+    return refs, meta
 
 
 # ----------------------------------------------------------------------------- miniature
@@ -182,7 +198,8 @@ def _load_extracted(folder: Path, frame: int | str, with_frame: bool):
     return fbank, image
 
 
-def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: bool):
+def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: bool, square):
+    from dalipipe.data.extract import frame_geometry
     from dalipipe.data.fbank import model_input_from_wave
     from dalipipe.data.ffmpeg import decode_audio, grab_frame
 
@@ -194,11 +211,13 @@ def _load_media_file(path: Path, fbank_cfg: dict, frame: int | str, with_frame: 
     if with_frame and path.suffix.lower() in VIDEO_SUFFIXES:
         # Frames are the first of each second; "middle" of a 10-s clip is second 5.
         n_seconds = max(1, int(len(wave) / 16000))
-        image = grab_frame(path, pick_frame(n_seconds, frame))
+        # `square`: the centre square the extract stage would store (extract.frame_crop)
+        vf = frame_geometry(square, crop=True) if square else None
+        image = grab_frame(path, pick_frame(n_seconds, frame), vf)
     return fbank, image
 
 
-def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
+def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame, square):
     """(loader, sound file or None) for the first key found, or (None, None)."""
     for key in keys:
         if key in extracted:
@@ -206,7 +225,7 @@ def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
             loader = lambda f=extracted[key]: _load_extracted(f, frame, with_frame)  # noqa: E731
             return loader, wav if wav.is_file() else None
         if key in files:
-            loader = lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame)  # noqa: E731
+            loader = lambda p=files[key]: _load_media_file(p, fbank_cfg, frame, with_frame, square)  # noqa: E731
             return loader, files[key]
     return None, None
 
@@ -214,10 +233,9 @@ def _media_loader(keys, extracted, files, fbank_cfg, frame, with_frame):
 # ----------------------------------------------------------------------------- AudioCaps, Clotho
 
 
-def read_audiocaps(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """(references, metadata) per clip id, in file order."""
-    refs: dict[str, list[str]] = {}
-    meta: dict[str, dict] = {}
+def audiocaps_rows(csv_path: str | Path) -> list[CaptionRow]:
+    """One row per caption of an AudioCaps CSV, in file order."""
+    rows = []
     need = ["audiocap_id", "caption", "start_time", "youtube_id"]
     with open_csv(csv_path, need, "AudioCaps CSV needs columns {needed}") as reader:
         for line, row in enumerate(reader, start=2):
@@ -228,29 +246,37 @@ def read_audiocaps(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str
                     f"{csv_path}:{line}: start_time {row['start_time']!r} is not a number"
                 ) from None
             clip_id = clip_id_for(row["youtube_id"], start)
-            refs.setdefault(clip_id, []).append(row["caption"].strip())
-            meta.setdefault(
-                clip_id, {"clip_id": clip_id, "youtube_id": row["youtube_id"], "start_s": start}
-            )
-    return refs, meta
+            clip_meta = {"clip_id": clip_id, "youtube_id": row["youtube_id"], "start_s": start}
+            rows.append((clip_id, row["caption"].strip(), clip_meta))
+    return rows
 
 
-def read_clotho(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    refs: dict[str, list[str]] = {}
-    meta: dict[str, dict] = {}
+def clotho_rows(csv_path: str | Path) -> list[CaptionRow]:
+    """One row per non-empty caption of a Clotho CSV: file rows in order, caption_1..5 each."""
+    rows = []
+    ids: set[str] = set()
     columns = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
     with open_csv(csv_path, columns, "Clotho CSV needs columns {needed}") as reader:
         for row in reader:
             clip_id = clotho_clip_id(row["file_name"])
-            if clip_id in refs:
+            if clip_id in ids:
                 raise ValueError(
                     f"{csv_path}: file names {row['file_name']!r} collide as {clip_id!r}"
                 )
-            refs[clip_id] = [
-                row[f"caption_{i}"].strip() for i in range(1, 6) if row[f"caption_{i}"].strip()
-            ]
-            meta[clip_id] = {"clip_id": clip_id, "file_name": row["file_name"]}
-    return refs, meta
+            ids.add(clip_id)
+            clip_meta = {"clip_id": clip_id, "file_name": row["file_name"]}
+            captions = (row[f"caption_{i}"].strip() for i in range(1, 6))
+            rows += [(clip_id, caption, clip_meta) for caption in captions if caption]
+    return rows
+
+
+def read_audiocaps(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """(references, metadata) per clip id, in file order."""
+    return group_references(audiocaps_rows(csv_path))
+
+
+def read_clotho(csv_path: str | Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    return group_references(clotho_rows(csv_path))
 
 
 def clotho_clip_id(file_name: str) -> str:
@@ -259,17 +285,16 @@ def clotho_clip_id(file_name: str) -> str:
 
 
 def _media_set(
-    name, refs, meta, media_dir, fbank_cfg, frame, has_video, dedup, key_fields
+    name, rows, media_dir, fbank_cfg, frame, has_video, dedup, key_fields, square
 ) -> EvalSet:
-    if dedup:
-        refs = dedup_references(refs)
+    refs, meta = group_references(dedup_references(rows) if dedup else rows)
     ds = EvalSet(name, has_video=has_video)
     if media_dir is None:
         raise ValueError(f"evaluate.datasets.{name}.media: no media folder configured")
     extracted, files = index_media(media_dir)
     for clip_id, clip_refs in refs.items():
         keys = [clip_id] + [Path(str(meta[clip_id][k])).stem for k in key_fields]
-        loader, sound = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video)
+        loader, sound = _media_loader(keys, extracted, files, fbank_cfg, frame, has_video, square)
         if loader is None:
             ds.failed.append({"clip_id": clip_id, "reason": f"{media_dir}: no media for {clip_id}"})
             continue
@@ -281,20 +306,33 @@ def _media_set(
 # The sets read from a CSV and a media folder: the CSV's reader, whether the media has video,
 # and the metadata fields that may name a clip's media file besides its clip id.
 MEDIA_SETS = {
-    "audiocaps": (read_audiocaps, True, ["youtube_id"]),
-    "clotho": (read_clotho, False, ["file_name"]),
+    "audiocaps": (audiocaps_rows, True, ["youtube_id"]),
+    "clotho": (clotho_rows, False, ["file_name"]),
 }
 
 
-def load_dataset(name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle") -> EvalSet:
-    """One configured evaluation set (``evaluate.datasets.<name>``)."""
+def stored_square(extract: dict | None) -> int | None:
+    """The side of the square the extract stage cuts frames to (``extract.frame_crop``), which
+    a frame read from a media file is cut to as well; None where frames are kept whole."""
+    from dalipipe.config import section_defaults
+
+    extract = {**section_defaults("extract"), **(extract or {})}
+    return int(extract["frame_short_side"]) if extract["frame_crop"] else None
+
+
+def load_dataset(
+    name: str, cfg: dict, fbank_cfg: dict | None = None, frame="middle", square: int | None = None
+) -> EvalSet:
+    """One configured evaluation set (``evaluate.datasets.<name>``). ``square``: a frame taken
+    from a media file is cut like the extract stage's with ``extract.frame_crop`` (the short
+    side scaled to ``square``, then the centre square); None keeps it whole."""
     fbank_cfg = fbank_cfg or {}
     if name == "miniature":
         return miniature_set(cfg["shards"], frame)
     if name in MEDIA_SETS:
-        read_csv, has_video, key_fields = MEDIA_SETS[name]
-        refs, meta = read_csv(cfg["csv"])
+        read_rows, has_video, key_fields = MEDIA_SETS[name]
+        rows = read_rows(cfg["csv"])
         dedup = cfg.get("dedup", False)
         media = cfg.get("media")
-        return _media_set(name, refs, meta, media, fbank_cfg, frame, has_video, dedup, key_fields)
+        return _media_set(name, rows, media, fbank_cfg, frame, has_video, dedup, key_fields, square)
     raise ValueError(f"evaluate.datasets: unknown dataset {name!r} (miniature, audiocaps, clotho)")

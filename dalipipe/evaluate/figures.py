@@ -63,7 +63,7 @@ def eval_seed(params: dict) -> int:
 
 def open_test_set(params: dict, dataset: str, shards=None):
     """The evaluation set as the evaluate stage opens it; clips load lazily."""
-    from dalipipe.evaluate.datasets import load_dataset
+    from dalipipe.evaluate.datasets import load_dataset, stored_square
 
     settings = eval_settings(params)
     ds_cfg = dict((settings.get("datasets") or {}).get(dataset) or {})
@@ -72,7 +72,8 @@ def open_test_set(params: dict, dataset: str, shards=None):
             raise ValueError("dataset miniature: --shards (the test shards) is required")
         ds_cfg.setdefault("shards", str(shards))
     fbank_cfg = (params.get("extract") or {}).get("fbank") or {}
-    return load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"])
+    square = stored_square(params.get("extract"))
+    return load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"], square)
 
 
 def choose_clips(ds, spec, setting: str, *, need_frame: bool) -> list[tuple]:

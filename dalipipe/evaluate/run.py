@@ -50,7 +50,7 @@ from dalipipe.common import (
 )
 from dalipipe.config import section_defaults
 from dalipipe.evaluate import metrics, tables
-from dalipipe.evaluate.datasets import EvalSet, load_dataset
+from dalipipe.evaluate.datasets import EvalSet, load_dataset, stored_square
 from dalipipe.miniature import world_scores
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ def caption_all(captioner, system: System, clips, inputs, settings, seed) -> dic
             do_sample=settings.get("decoding", "greedy") == "sampled",
             temperature=float(settings.get("temperature", 0.2)),
             seed=seed + index,
+            newlines=settings["caption_newlines"],
         )
         captions.update({c.clip_id: t for c, t in zip(batch, texts)})
     return captions
@@ -316,7 +317,8 @@ def evaluate(
     if dataset == "miniature":
         ds_cfg.setdefault("shards", shards)
     fbank_cfg = (params.get("extract") or {}).get("fbank") or {}
-    ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"])
+    square = stored_square(params.get("extract"))  # the authors' 224 crops, where switched on
+    ds = load_dataset(dataset, ds_cfg, fbank_cfg, settings["frame"], square)
     clips, inputs = load_inputs(ds)
     if not clips:
         first = f"; the first: {ds.failed[0]['reason']}" if ds.failed else ""

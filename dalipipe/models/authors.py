@@ -290,7 +290,8 @@ def import_authors(
             "target_length": encoder_config.target_length,
             **AUDIOSET_FBANK,
         },
-        "frame_short_side": 336,
+        "frame_short_side": 224,  # the frames these weights saw: 224-px centre crops
+        "frame_crop": True,
         "window_seconds": 10.0,
     }
     recorded_base = str(base)

@@ -72,6 +72,20 @@ class CaptionerOptions:
         return cls(**d)
 
 
+# What a generated caption's line breaks become: a space, or nothing, as in the authors'
+# evaluation (eval_captions_AC.py), which strips the ends and then deletes every "\n".
+NEWLINE_RULES = ("space", "delete")
+
+
+def clean_caption(text: str, newlines: str = "space") -> str:
+    """A decoded caption as it is scored: its ends stripped and its line breaks removed."""
+    if newlines == "space":
+        return text.replace("\n", " ").strip()
+    if newlines == "delete":
+        return text.strip().replace("\n", "")
+    raise ValueError(f"newlines={newlines!r}: one of {', '.join(NEWLINE_RULES)}")
+
+
 def pad_to_square(image: Image.Image, mean: list[float]) -> Image.Image:
     w, h = image.size
     if w == h:
@@ -455,13 +469,17 @@ class AudioCaptioner(nn.Module):
         static_cache: bool = True,
         compile: bool = False,
         share_prefix: bool = True,
+        newlines: str = "space",
     ) -> list[str]:
-        """Captions for a batch; greedy, or sampled at `temperature` with a seed.
+        """Captions for a batch; greedy, or sampled at `temperature` with a seed; line breaks
+        replaced by a space or deleted (`newlines`, see `clean_caption`).
 
         `fast` (dalipipe/models/fast_generate.py): the positions every sequence shares are
         computed once (`share_prefix`) and the rest continues from their cache, preallocated with
         `static_cache`, its decode step compiled with `compile` (GPU only); the same captions as
         `fast=False`, plain transformers `generate` over left-padded sequences."""
+        if newlines not in NEWLINE_RULES:  # before the generation it would waste
+            raise ValueError(f"newlines={newlines!r}: one of {', '.join(NEWLINE_RULES)}")
         mm = self.modality_embeds(modality, pixel_values, fbank)
         prompts = self._prompts(prompt, mm.shape[0])
         template = self.options.generate_template or self.options.template
@@ -496,4 +514,4 @@ class AudioCaptioner(nn.Module):
                 embeds, mask, _, _ = self._batch(seqs, left_pad=True)
                 out = self.llava.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [t.replace("\n", " ").strip() for t in texts]
+        return [clean_caption(t, newlines) for t in texts]
