@@ -84,6 +84,8 @@ AUTHORS_OPTIONS = {
     "share_projector": True,
     "image_aspect": "crop",
 }
+# How their evaluation decodes (eval_captions_AC.py): sampled, temperature 0.2, HF's top-k 50.
+AUTHORS_DECODING = {"do_sample": True, "temperature": 0.2}
 # CAV-MAE's filterbank statistics (AudioSet), as every loader of the authors normalises.
 AUDIOSET_FBANK = {"mean": -5.081, "std": 4.4849}
 
@@ -264,7 +266,8 @@ def import_authors(
         "base": recorded_base,
         "revision": revision,
         "options": CaptionerOptions.from_dict(AUTHORS_OPTIONS).to_dict(),
-        "metadata": {"features": features, "imported": imported},
+        # their evaluation samples at temperature 0.2 (top-k 50): `dalipipe caption` does too
+        "metadata": {"features": features, "imported": imported, "decoding": AUTHORS_DECODING},
     }
     with atomic_path(out, directory=True) as tmp:
         write_config(tmp / "captioner.json", info)
