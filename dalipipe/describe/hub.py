@@ -85,6 +85,7 @@ def resolve_model(
     from dalipipe.models.artifacts import read_config
 
     cache = Path(cache) if cache else default_cache()
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT")  # as set now, not at import
     name = str(model)
     if Path(name).exists():
         folder = Path(name)

@@ -276,6 +276,10 @@ def import_authors(
         save_tensors(tmp / "audio_projector.safetensors", projector)
         if prefix_tensor is not None:
             save_tensors(tmp / "prefix.safetensors", {"prefix": prefix_tensor})
+        # the layout `dalipipe export` writes: shared and loaded as a trained run is
+        from dalipipe.describe.export import write_card
+
+        write_card(tmp, info, name=out.name, license="other")
     log.info("wrote %s from %s", out, ", ".join(str(p) for p in files.values()))
     return info
 
