@@ -255,3 +255,18 @@ def test_bad_folders_and_outputs_are_one_clear_error(model_dir, tmp_path, capsys
     assert f"{tmp_path / 'empty'}: no media files in this folder" in capsys.readouterr().err
     assert main([str(WAV16K), *base, "--out", str(tmp_path / "x.txt")]) == 2
     assert "use a .csv or .jsonl file name" in capsys.readouterr().err
+
+
+def test_the_recorded_decoding_and_what_overrides_it():
+    from dalipipe.describe.decoding import Decoding
+
+    assert Decoding.recorded({"features": FEATURES}) == Decoding()
+    # the authors' release imported before folders recorded their decoding samples as they did
+    assert Decoding.recorded({"imported": {"source": "zenodo"}}) == Decoding(sample=True)
+    recorded = Decoding.recorded({"decoding": {"do_sample": True, "temperature": 0.7}})
+    assert str(recorded.but(seed=3, sample=None)) == "sampled at temperature 0.7 (top-k 50, seed 3)"
+    assert str(recorded.but(sample=False, prefix=True)) == "greedy, with the prefix"
+    with pytest.raises(ValueError, match=r"x.json: metadata.decoding: unknown keys \['beams'\]"):
+        Decoding.recorded({"decoding": {"beams": 4}}, where="x.json")
+    with pytest.raises(ValueError, match="temperature 0: must be above 0"):
+        Decoding(temperature=0)

@@ -2,7 +2,8 @@
 
 A model folder may record the decoding its authors evaluated with (captioner.json
 `metadata.decoding`: `{"do_sample": true, "temperature": 0.2}` for the authors' release);
-that is the default, and anything the caller asks for overrides it. Every caption record
+that is the default (a folder of the authors' release imported before folders recorded it
+samples as they did), and anything the caller asks for overrides it. Every caption record
 says how it was decoded (`str(decoding)`).
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 TOP_K = 50  # the authors' sampling keeps HF's default top-k (AudioCaptioner.generate)
+AUTHORS_DECODING = {"do_sample": True, "temperature": 0.2}  # their eval_captions_AC.py
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,11 @@ class Decoding:
     @classmethod
     def recorded(cls, metadata: dict, where: str = "captioner.json") -> Decoding:
         """The decoding a model folder records in its metadata (greedy when it records none)."""
-        recorded = metadata.get("decoding") or {}
+        recorded = metadata.get("decoding")
+        if recorded is None and "imported" in metadata:
+            # the authors' release, imported before folders recorded their decoding
+            recorded = AUTHORS_DECODING
+        recorded = recorded or {}
         if not isinstance(recorded, dict):
             raise ValueError(f"{where}: metadata.decoding must be an object, got {recorded!r}")
         unknown = set(recorded) - {"do_sample", "temperature"}

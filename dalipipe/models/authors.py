@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from dalipipe.common import atomic_path, setup_logging
+from dalipipe.describe.decoding import AUTHORS_DECODING
 from dalipipe.models.artifacts import write_config
 from dalipipe.models.captioner import PROMPTS, CaptionerOptions
 from dalipipe.models.cavmae import (
@@ -84,8 +85,6 @@ AUTHORS_OPTIONS = {
     "share_projector": True,
     "image_aspect": "crop",
 }
-# How their evaluation decodes (eval_captions_AC.py): sampled, temperature 0.2, HF's top-k 50.
-AUTHORS_DECODING = {"do_sample": True, "temperature": 0.2}
 # CAV-MAE's filterbank statistics (AudioSet), as every loader of the authors normalises.
 AUDIOSET_FBANK = {"mean": -5.081, "std": 4.4849}
 
