@@ -151,3 +151,34 @@ def test_the_page_in_headless_chromium_shows_the_caption_and_the_frame(server, c
             )
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium not installed")
+def test_a_sound_recorded_on_the_page_is_captioned(server):
+    """Chromium's fake microphone (a beep) stands in for a person's; the page records it with
+    MediaRecorder and sends it as recording.webm, which ffmpeg reads like any file."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    fake_microphone = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium(), headless=True, args=["--no-sandbox", *fake_microphone]
+        )
+        try:
+            page = browser.new_context(permissions=["microphone"]).new_page()
+            page.goto(server)
+            page.click("#record")
+            page.wait_for_function(
+                "document.getElementById('status').textContent === 'Recording...'"
+            )
+            page.wait_for_timeout(2500)  # more than the 1 s of audio a caption needs
+            page.click("#record")
+            page.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('Recorded ')"
+            )
+            page.click("#submit")
+            page.wait_for_selector("body[data-done='1']", timeout=120_000)
+            assert page.text_content("#error") == ""
+            assert page.text_content("#how") == "recording.webm, audio, greedy"
+            assert page.text_content("#caption")  # a caption, whatever the beep gives
+        finally:
+            browser.close()
