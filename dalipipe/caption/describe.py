@@ -23,14 +23,6 @@ import sys
 from pathlib import Path
 
 from dalipipe.common import setup_logging
-from dalipipe.describe.inputs import prepare_file
-
-
-def prepare(path: Path, features: dict, modality: str, workdir: Path, start_s: float = 0.0):
-    """(middle frame, fbank) of one file, as the extract stage makes them (`workdir` unused:
-    kept for callers of the former signature)."""
-    prepared = prepare_file(path, features, modality, start_s)
-    return prepared.frame, prepared.fbank
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
