@@ -293,7 +293,7 @@ def test_the_import_is_laid_out_as_an_export_and_samples_as_the_authors(
     assert info["metadata"]["decoding"] == {"do_sample": True, "temperature": 0.2}
     card = (out / "README.md").read_text()
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "other"
-    assert "Default decoding: sampled at temperature 0.2 (top-k 50)." in card
+    assert "Default decoding: sampled at temperature 0.2 (top-k 50, seed 0) (" in card
 
     from dalipipe import Captioner
 

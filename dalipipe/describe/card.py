@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from dalipipe.describe.decoding import Decoding
 from dalipipe.evaluate.tables import CAPTION_COLUMNS, LABELS
 
 FILE_MEANINGS = {
@@ -85,22 +86,13 @@ def model_card(
 ) -> str:
     """README.md for a captioner folder whose captioner.json is `info`."""
     base = info.get("base")
-    hub_base = (
-        None
-        if base == "base"
-        else f"{base}" + (f"@{info['revision']}" if info.get("revision") else "")
-    )
+    bundled = base == "base"  # dalipipe export copied a local base into the folder
+    revision = info.get("revision")
     block = metadata_block(
-        license=license, base=None if base == "base" else base, datasets=datasets, rows=rows,
-        name=name,
-    )  # fmt: skip
-    metadata = info.get("metadata") or {}
-    recorded = metadata.get("decoding")
-    decoding = (
-        f"sampled at temperature {recorded.get('temperature', 0.2):g} (top-k 50)"
-        if recorded and recorded.get("do_sample")
-        else "greedy"
+        license=license, base=None if bundled else base, datasets=datasets, rows=rows, name=name
     )
+    metadata = info.get("metadata") or {}
+    decoding = Decoding.recorded(metadata)
     lines = ["---", yaml.safe_dump(block, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
     lines += [
         'A DALI audio captioner ("An Eye for an Ear"): a frozen LLaVA-1.5 describes a sound from',
@@ -111,10 +103,11 @@ def model_card(
         "",
     ]
     lines += [f"- `{f}`: {FILE_MEANINGS.get(f, 'weights or settings')}" for f in files]
-    if base == "base":
+    if bundled:
         lines.append("- `base/`: the base captioner itself (it is on no hub)")
     else:
-        lines.append(f"- the base model, fetched from the Hub at its pinned revision: `{hub_base}`")
+        pinned = f"{base}@{revision}" if revision else base
+        lines.append(f"- the base model, fetched from the Hub at its pinned revision: `{pinned}`")
     lines += [
         "",
         "## Use",
@@ -127,7 +120,7 @@ def model_card(
         f'Captioner.load("{name}").caption(["recording.wav"], modality="audio")',
         "```",
         "",
-        f"Default decoding: {decoding}.",
+        f"Default decoding: {decoding} (dalipipe caption --greedy or --sample to change it).",
         "",
     ]
     if rows:
