@@ -33,7 +33,11 @@ pytestmark = pytest.mark.skipif(not VIDEO.exists(), reason="shared data clips mi
 def run(tiny_models, tmp_path_factory) -> Path:
     """results/<run>/ with a distilled ot_att and the evaluation table of two datasets."""
     root = tmp_path_factory.mktemp("results") / "miniature"
-    write_model(root / "distill" / "ot_att", tiny_models, {"features": FEATURES})
+    model = write_model(root / "distill" / "ot_att", tiny_models, {"features": FEATURES})
+    info = json.loads((model / "captioner.json").read_text())
+    # as stage distill records a local base: relative to the model's folder
+    info["base"] = os.path.relpath(tiny_models.llava, model)
+    (model / "captioner.json").write_text(json.dumps(info))
     cols = tables.columns(world=False)
     for dataset, meteor in [("audiocaps", 0.125), ("clotho", 0.0625)]:
         rows = [

@@ -60,8 +60,8 @@ def export(
         raise ValueError(f"{model / 'captioner.json'}: missing field 'base'")
     if out.exists():
         raise ValueError(f"--out {out}: exists; give a new folder")
-    base = Path(info["base"])
-    if not base.is_absolute():
+    base = Path(info["base"])  # a folder relative to the model's (stage distill's), or as is
+    if not base.exists() and (model / base).exists():
         base = model / base
     bundle = None
     if base_id is not None:
