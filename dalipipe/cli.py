@@ -62,6 +62,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "distill": ("dalipipe.caption.distill", "fine-tune the audio projector on the pseudo-labels"),
     "caption": ("dalipipe.caption.describe", "describe the sound of audio or video files"),
+    "export": (
+        "dalipipe.describe.export",
+        "a trained captioner as a self-contained folder with a model card, for the Hub",
+    ),
+    "serve": (
+        "dalipipe.describe.serve",
+        "a local web page that captions a dropped or recorded sound",
+    ),
     "import-authors": (
         "dalipipe.models.authors",
         "the authors' released DALI weights as a trained-captioner directory",

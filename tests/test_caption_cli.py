@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from dalipipe.caption.describe import main, prepare
+from dalipipe.caption.describe import main
+from dalipipe.describe.inputs import prepare_file
 
 DATA = Path("/work/shared/data/clips")
 VIDEO = DATA / "audioset_00W1lcxW-WU_40_50.mp4"  # 10 s, 256x144, AAC 44.1 kHz stereo
@@ -73,11 +74,13 @@ def broken(tmp_path):
     return path
 
 
-def test_prepare_follows_the_model_features(tmp_path, wav44k):
-    frame, fbank = prepare(VIDEO, FEATURES, "audio+image", tmp_path / "v")
+def test_prepare_follows_the_model_features(wav44k):
+    prepared = prepare_file(VIDEO, FEATURES, "audio+image")
+    frame, fbank = prepared.frame, prepared.fbank
     assert min(frame.size) == 32 and frame.size[0] > frame.size[1]  # 256x144 scaled, short side 32
     assert fbank.shape == (64, 32) and fbank.dtype == np.float32
-    frame, fbank = prepare(wav44k, FEATURES, "audio", tmp_path / "w")
+    prepared = prepare_file(wav44k, FEATURES, "audio")
+    frame, fbank = prepared.frame, prepared.fbank
     assert frame is None and fbank.shape == (64, 32)
     # a 44.1 kHz stereo file gives the fbank of its 16 kHz first channel, as the extract stage
     from dalipipe.data.fbank import model_input_from_wave
@@ -165,9 +168,9 @@ def test_a_missing_model_directory_is_one_clear_error(tmp_path, capsys):
     assert f"--model {tmp_path / 'no-model'}: " in capsys.readouterr().err
 
 
-def test_start_moves_the_window(tmp_path):
-    _, whole = prepare(WAV16K, FEATURES, "audio", tmp_path / "a")
-    _, later = prepare(WAV16K, FEATURES, "audio", tmp_path / "b", start_s=5.0)
+def test_start_moves_the_window():
+    whole = prepare_file(WAV16K, FEATURES, "audio").fbank
+    later = prepare_file(WAV16K, FEATURES, "audio", start_s=5.0).fbank
     from dalipipe.data.fbank import model_input_from_wave
     from dalipipe.data.ffmpeg import decode_audio
 

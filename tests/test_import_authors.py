@@ -442,3 +442,21 @@ def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, ti
         )
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert line["file"] == str(WAV) and isinstance(line["caption"], str)
+
+
+def test_the_import_is_laid_out_as_an_export_and_samples_as_the_authors(
+    tmp_path, small_files, tiny_models
+):
+    import yaml
+
+    out = tmp_path / "models" / "authors"
+    assert cli.main(import_argv(small_files, tiny_models.llava, out, sizes=SMALL_CONFIG)) == 0
+    info = read_config(out / "captioner.json")
+    assert info["metadata"]["decoding"] == {"do_sample": True, "temperature": 0.2}
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["license"] == "other"
+    assert "Default decoding: sampled at temperature 0.2 (top-k 50, seed 0) (" in card
+
+    from dalipipe import Captioner
+
+    assert Captioner.load(out, device="cpu").decoding.sample

@@ -1,14 +1,17 @@
 """`dalipipe caption`: describe the sound of audio or video files with a trained captioner.
 
     dalipipe caption street.mp4 birds.flac --model results/miniature/distill/ot_att
-    dalipipe caption clip.mp4 --model DIR --modality audio+image --json
+    dalipipe caption clip.mp4 --model owner/name@revision --modality audio+image --json
+    dalipipe caption recordings/ --model DIR --out captions.csv     # a folder; resumable
 
-Any format and sample rate ffmpeg reads. Each file is prepared like the training clips: the
-fbank and frame settings come from the model directory's captioner.json (`features`), the
-window (10 s in the paper) starts at --start, and the image is the window's middle frame. A file that cannot be read gets an error line naming it on stderr
-and the others are still captioned; the exit code is non-zero only when every file failed.
-Decoding is greedy unless --sample (the authors' temperature 0.2); the prefix is off unless
---prefix, as in the authors' inference script.
+A thin shell over `dalipipe.Captioner` (dalipipe/describe/captioner.py; docs/describe.md). Any
+format and sample rate ffmpeg reads; each file is prepared like the training clips (the model
+folder's captioner.json `features`), the window starting at --start. The decoding is the one the
+model folder records (the authors' release: sampled at temperature 0.2), else greedy, unless
+--greedy or --sample says otherwise; stderr and every --json row say which. The prefix is off
+unless --prefix, as in the authors' inference script. A file that cannot be read gets an error
+line naming it on stderr and the others are still captioned; the exit code is non-zero when
+every file failed, or with --strict when any did.
 """
 
 from __future__ import annotations
@@ -17,132 +20,121 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from dalipipe.caption.pairs import middle
-from dalipipe.common import pick_device, setup_logging
-from dalipipe.training import default_dtype
-
-log = logging.getLogger("dalipipe.caption")
+from dalipipe.common import setup_logging
 
 
-class UnusableFile(Exception):
-    pass
-
-
-def prepare(
-    path: Path, features: dict, modality: str, workdir: Path, start_s: float = 0.0
-) -> tuple[Image.Image | None, np.ndarray | None]:
-    """The middle frame and the fbank of one file, as the extract stage makes them."""
-    from dalipipe.data.extract import extract_clip
-
-    clip_dir = workdir / "clip"
-    fbank_cfg = features.get("fbank") or {}
-    # raises ExtractError, naming the file and the reason, for a file it cannot use
-    extract_clip(
-        path,
-        clip_dir,
-        start_s=start_s,
-        window_s=features.get("window_seconds") or 10.0,
-        short_side=features.get("frame_short_side") or 336,
-        crop=bool(features.get("frame_crop")),  # directories written before it: no crop
-        fbank=fbank_cfg,
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and the decoding options, shared with `dalipipe serve`."""
+    parser.add_argument(
+        "--model", required=True, help="a trained-captioner folder, or a Hub id owner/name[@rev]"
     )
-    frames = sorted(clip_dir.glob("frame_*.jpg"))
-    frame = None
-    if "image" in modality:
-        if not frames:
-            raise UnusableFile(f"modality {modality} needs a video stream, and the file has none")
-        with Image.open(middle(frames)) as im:
-            frame = im.convert("RGB")
-    fbank = None
-    if "audio" in modality:
-        fbank_file = clip_dir / "fbank.npy"
-        if not fbank_file.exists():
-            raise UnusableFile(f"modality {modality} needs an audio stream, and the file has none")
-        fbank = np.load(fbank_file).astype(np.float32)
-    return frame, fbank
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--prefix", action="store_true", help="insert the learned prefix tokens")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--sample", action="store_true", help="sample (the authors' decoding)")
+    how.add_argument("--greedy", action="store_true", help="greedy, whatever the model records")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: 0.2)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampled decoding")
 
 
-def describe(
-    captioner,
-    path: Path,
-    *,
-    modality: str,
-    features: dict,
-    use_prefix: bool,
-    max_new_tokens: int,
-    do_sample: bool,
-    seed: int,
-    start_s: float = 0.0,
-) -> str:
-    with tempfile.TemporaryDirectory(prefix="dalipipe-caption-") as tmp:
-        frame, fbank = prepare(path, features, modality, Path(tmp), start_s)
-    [caption] = captioner.generate(
-        modality=modality,
-        pixel_values=captioner.pixel_values([frame]) if frame is not None else None,
-        fbank=torch.from_numpy(fbank)[None] if fbank is not None else None,
-        use_prefix=use_prefix,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=0.2,
-        seed=seed,
-    )
-    return caption.replace("\n", " ").strip()
+def decoding_arguments(args) -> dict:
+    """The decoding the user asked for (None: what the model folder records)."""
+    sample = True if args.sample else False if args.greedy else None
+    return {
+        "sample": sample,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "prefix": args.prefix,
+    }
+
+
+def load(args, prog: str, batch_size: int = 8):
+    """The Captioner of --model, or None after one error line naming it."""
+    from dalipipe.describe.captioner import Captioner
+
+    try:
+        return Captioner.load(args.model, device=args.device, batch_size=batch_size)
+    except (OSError, ValueError) as err:
+        print(f"{prog}: error: --model {args.model}: {err}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dalipipe caption", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", type=Path, help="audio or video files")
-    parser.add_argument("--model", required=True, type=Path, help="a trained-captioner directory")
+    parser.add_argument("files", nargs="+", type=Path, help="audio or video files, or folders")
+    add_model_arguments(parser)
     parser.add_argument("--modality", default="audio", choices=["audio", "audio+image", "image"])
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
-    parser.add_argument("--prefix", action="store_true", help="insert the learned prefix tokens")
-    parser.add_argument("--sample", action="store_true", help="sample at temperature 0.2 (authors)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write rows to this .csv or .jsonl (resumes)")
     parser.add_argument("--start", type=float, default=0.0, help="window start, seconds")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=8, help="files per generation batch")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any file fails")
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
+    prog = "dalipipe caption"
 
-    from dalipipe.models.captioner import AudioCaptioner
+    from dalipipe.describe.folder import CaptionsFile, media_files
 
-    device = pick_device(args.device)
     try:
-        captioner = AudioCaptioner.from_dir(args.model, device=device, dtype=default_dtype(device))
-    except (OSError, ValueError) as err:
-        print(f"dalipipe caption: error: --model {args.model}: {err}", file=sys.stderr)
+        files = media_files(args.files)
+        out = CaptionsFile(args.out) if args.out else None
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    features = captioner.metadata.get("features") or {}
-    failures = 0
-    for path in args.files:
+    captioner = load(args, prog, batch_size=args.batch_size)
+    if captioner is None:
+        return 2
+    decoding = decoding_arguments(args)
+    try:
+        how = captioner.decoding.but(**decoding)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    origin = "asked for" if args.sample or args.greedy else "as the model records"
+    if not captioner.model.metadata.get("decoding") and not (args.sample or args.greedy):
+        origin = "the default; the model records none"
+    print(f"{prog}: decoding: {how} ({origin})", file=sys.stderr)
+
+    if out is not None:
+        settings = {"modality": args.modality, "decoding": str(how), "model": str(args.model)}
         try:
-            caption = describe(
-                captioner,
-                path,
-                modality=args.modality,
-                features=features,
-                use_prefix=args.prefix,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=args.sample,
-                seed=args.seed,
-                start_s=args.start,
-            )
-        except Exception as err:  # one unreadable file never stops the others
+            done = out.done(settings)
+        except ValueError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        todo = [f for f in files if str(f) not in done]
+        if len(todo) < len(files):
+            print(f"{prog}: {len(files) - len(todo)} files already in {out.path}", file=sys.stderr)
+        files = todo
+        if not files:
+            print(f"{prog}: every file is already in {out.path}: nothing to do", file=sys.stderr)
+            return 0
+
+    from tqdm import tqdm
+
+    failures = 0
+    records = captioner.captions(files, args.modality, start_s=args.start, **decoding)
+    progress = tqdm(records, total=len(files), unit="file", disable=out is None)
+    for record in progress:
+        if not record.ok:
             failures += 1
-            reason = getattr(err, "reason", None) or str(err) or type(err).__name__
-            reason = reason.removeprefix(f"{path}: ")  # extract errors already name the file
-            print(f"dalipipe caption: error: {path}: {reason}", file=sys.stderr)
-            continue
-        if args.json:
-            print(json.dumps({"file": str(path), "modality": args.modality, "caption": caption}))
-        else:
-            print(f"{path}\t{caption}")
+            print(f"{prog}: error: {record.source}: {record.error}", file=sys.stderr)
+        if out is not None:
+            out.append(record.to_dict() | {"model": str(args.model)})
+        elif record.ok and args.json:
+            print(json.dumps(record.to_dict()))
+        elif record.ok:
+            print(f"{record.source}\t{record.caption}")
         sys.stdout.flush()
-    return 1 if failures == len(args.files) else 0
+    if out is not None:
+        print(
+            f"{prog}: {len(files) - failures} captioned, {failures} failed -> {out.path}",
+            file=sys.stderr,
+        )
+    if failures == len(files) or (args.strict and failures):
+        return 1
+    return 0

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from dalipipe.common import atomic_path, setup_logging
+from dalipipe.describe.decoding import AUTHORS_DECODING
 from dalipipe.models.artifacts import write_config
 from dalipipe.models.captioner import PROMPTS, CaptionerOptions
 from dalipipe.models.cavmae import (
@@ -302,7 +303,8 @@ def import_authors(
         "base": recorded_base,
         "revision": revision,
         "options": CaptionerOptions.from_dict(AUTHORS_OPTIONS).to_dict(),
-        "metadata": {"features": features, "imported": imported},
+        # their evaluation samples at temperature 0.2 (top-k 50): `dalipipe caption` does too
+        "metadata": {"features": features, "imported": imported, "decoding": AUTHORS_DECODING},
     }
     with atomic_path(out, directory=True) as tmp:
         write_config(tmp / "captioner.json", info)
@@ -311,6 +313,10 @@ def import_authors(
         save_tensors(tmp / "audio_projector.safetensors", projector)
         if prefix_tensor is not None:
             save_tensors(tmp / "prefix.safetensors", {"prefix": prefix_tensor})
+        # the layout `dalipipe export` writes: shared and loaded as a trained run is
+        from dalipipe.describe.export import write_card
+
+        write_card(tmp, info, name=out.name, license="other")
     log.info("wrote %s from %s", out, ", ".join(str(p) for p in files.values()))
     return info
 

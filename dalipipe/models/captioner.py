@@ -157,16 +157,23 @@ class AudioCaptioner(nn.Module):
 
     @classmethod
     def from_dir(
-        cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"
+        cls,
+        directory: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        base: str | Path | None = None,
     ) -> AudioCaptioner:
-        """Load a trained-captioner directory (DEVELOPING.md) in one call."""
+        """Load a trained-captioner directory (DEVELOPING.md) in one call. `base`: where the
+        base model captioner.json names already is (a Hub model its caller put in the cache)."""
         directory = Path(directory)
         info = read_config(directory / "captioner.json")
         if "base" not in info:
             raise ValueError(f"{directory / 'captioner.json'}: missing field 'base'")
-        base = Path(info["base"])
-        if not base.exists() and (directory / base).exists():
-            base = directory / base
+        if base is None:
+            base = Path(info["base"])
+            if not base.exists() and (directory / base).exists():
+                base = directory / base
         encoder = None
         if (directory / "audio_encoder.json").exists():
             encoder = load_encoder(directory)
