@@ -227,3 +227,16 @@ def test_sequence_is_the_authors_splice(
     assert torch.equal(embeds, expected)
     assert got_labels == expected_labels
     assert (sum(t != -100 for t in got_labels) > 0) == training
+
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_memory_plan_counts_the_authors_ids(oracle, tokenizers, kind):
+    """plan-memory's prompt length is the authors' ids less the slot."""
+    from dalipipe.memory.sequences import count_text
+
+    tokenizer = tokenizers[kind]
+    text = TEMPLATES["llava_v1"].format(prompt=PROMPTS["code"])
+    assert count_text(text, tokenizer) == (
+        len(asked_ids(oracle, tokenizer, PROMPTS["code"])) - 1,
+        "tokenizer",
+    )

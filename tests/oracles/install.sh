@@ -19,6 +19,7 @@ python=${PYTHON:-python3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/oracles.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
+command -v npm >/dev/null || { echo "install.sh: npm not found" >&2; exit 3; }
 if ! "$python" -m pip download -q --no-deps --only-binary=:all: -d "$work" "$LLAVA_PIN"; then
   echo "install.sh: cannot download $LLAVA_PIN from PyPI" >&2; exit 3
 fi
