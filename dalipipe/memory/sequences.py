@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from dalipipe.models.prompt_ids import slot_ids
 from dalipipe.prompts import IMAGE_SLOT, PROMPTS, TEMPLATES
 
 # The prefix stage's captions are the user's pairs file, not read here: its longest caption is
@@ -67,13 +68,12 @@ def _tokenizer(path: str | None):
 
 def count_text(text: str, tokenizer=None) -> tuple[int, str]:
     """Tokens of a template ``text`` with its BOS, the ``<image>`` slot not counted: exact with
-    ``tokenizer`` (tokenised with the slot, then the slot removed, as the captioner does),
-    else approximated."""
+    ``tokenizer`` (the chunks either side of the slot, as the captioner builds them), else
+    approximated."""
     if tokenizer is not None:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        slot = tokenizer.convert_tokens_to_ids(IMAGE_SLOT)
-        if slot is not None and slot != tokenizer.unk_token_id and slot in ids:
-            return len(ids) - 1, "tokenizer"
+        if IMAGE_SLOT in text:
+            before, after = slot_ids(tokenizer, text)
+            return len(before) + len(after), "tokenizer"
         plain = tokenizer(text.replace(IMAGE_SLOT, ""), add_special_tokens=True)["input_ids"]
         return len(plain), "tokenizer"
     words = len(_WORDS.findall(text.replace(IMAGE_SLOT, "")))

@@ -29,7 +29,8 @@ from torch import nn
 from dalipipe.models.artifacts import load_state, read_config, save_state, write_config
 from dalipipe.models.cavmae import CavMaeAudioEncoder, load_encoder, save_encoder
 from dalipipe.models.fast_generate import generate_fast
-from dalipipe.prompts import IMAGE_SLOT, PROMPTS, TEMPLATES
+from dalipipe.models.prompt_ids import slot_ids, training_ids
+from dalipipe.prompts import PROMPTS, TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -328,29 +329,23 @@ class AudioCaptioner(nn.Module):
     # --- sequences ----------------------------------------------------------------------------
 
     def _prompt_ids(self, template: str, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the modality slot (tokenised as one text, then split)."""
-        text = TEMPLATES[template].format(prompt=prompt)
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if ids.count(self.image_token_id) != 1:
-            raise ValueError(f"the tokenizer does not keep {IMAGE_SLOT} as one token")
-        k = ids.index(self.image_token_id)
-        return ids[:k], ids[k + 1 :]
+        """Token ids before and after the modality slot, as LLaVA builds them (prompt_ids.py)."""
+        return slot_ids(self.tokenizer, TEMPLATES[template].format(prompt=prompt))
 
     def _caption_ids(self, template: str, prompt: str, caption: str) -> list[int]:
-        """Caption tokens as they follow the prompt in one text, plus the end token."""
+        """The scored ids of a training sample: the caption's, then the end token."""
         text = TEMPLATES[template].format(prompt=prompt)
-        prompt_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        full = self.tokenizer(f"{text} {caption.strip()}", add_special_tokens=True)["input_ids"]
-        if full[: len(prompt_ids)] == prompt_ids:
-            ids = full[len(prompt_ids) :]
-        else:  # a tokenizer that merges across the boundary: tokenise the caption alone
-            ids = self.tokenizer(" " + caption.strip(), add_special_tokens=False)["input_ids"]
-        return ids + [self.tokenizer.eos_token_id]
+        return training_ids(self.tokenizer, text, caption)[2]
 
     def _sequence(self, template, prompt, modality_embeds, use_prefix, caption=None):
         """One sample's input embeddings and labels (-100 everywhere but the caption)."""
         embed = self.llava.get_input_embeddings()
-        before, after = self._prompt_ids(template, prompt)
+        text = TEMPLATES[template].format(prompt=prompt)
+        if caption is None:
+            before, after = slot_ids(self.tokenizer, text)
+            caption_ids = []
+        else:
+            before, after, caption_ids = training_ids(self.tokenizer, text, caption)
         as_embeds = lambda ids: embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # noqa: E731
         pieces = [as_embeds(before)]
         if use_prefix:
@@ -371,8 +366,7 @@ class AudioCaptioner(nn.Module):
         pieces.append(as_embeds(after))
         n_context = sum(p.shape[0] for p in pieces)
         labels = [-100] * n_context
-        if caption is not None:
-            caption_ids = self._caption_ids(template, prompt, caption)
+        if caption_ids:
             pieces.append(as_embeds(caption_ids))
             labels += caption_ids
         return torch.cat([p.to(self.dtype) for p in pieces]), labels
