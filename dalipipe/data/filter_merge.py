@@ -12,13 +12,12 @@ line), ``distances.csv`` (all clips, with ``rank`` and ``kept``), ``histogram.pn
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 from pathlib import Path
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
+from dalipipe.common import atomic_path, read_stage, stage_parser, write_json
 from dalipipe.data.filter import DISTANCE_FIELDS, write_distances
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def plot_histogram(path: Path, distances: list[float], threshold: float | None, 
 
 
 def merge(params: dict, part_dirs: list, out_dir) -> dict:
-    cfg = params.get("filter") or {}
+    cfg = params["filter"]
     out_dir = Path(out_dir)
     rows, part_summaries = [], []
     for part in map(Path, part_dirs):
@@ -83,7 +82,7 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
     if len(set(ids)) != len(ids):
         raise ValueError("a clip appears in more than one filter part")
     rows.sort(key=lambda r: (r["distance"], r["clip_id"]))
-    n_keep = keep_count(float(cfg.get("keep", 1.0)), len(rows))
+    n_keep = keep_count(float(cfg["keep"]), len(rows))
     for rank, row in enumerate(rows):
         row["rank"], row["kept"] = rank, int(rank < n_keep)
     threshold = rows[n_keep - 1]["distance"] if n_keep else None
@@ -102,7 +101,7 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
         "parts": len(part_summaries),
         "scored": len(rows),
         "kept": n_keep,
-        "keep": cfg.get("keep", 1.0),
+        "keep": cfg["keep"],
         "threshold_distance": threshold,
         "skipped": total("skipped"),
         "excluded_eval_ids": total("excluded_eval_ids"),
@@ -120,11 +119,9 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe filter-merge", description=__doc__)
-    parser.add_argument("--params", required=True, help="JSON with section filter")
+    parser = stage_parser("filter-merge", __doc__, "section filter")
     parser.add_argument("--parts", nargs="+", required=True, help="filter part directories")
     parser.add_argument("--out", required=True, help="the filter directory")
-    args = parser.parse_args(argv)
-    setup_logging()
-    merge(parse_params(args.params), args.parts, args.out)
+    args, params = read_stage(parser, argv)
+    merge(params, args.parts, args.out)
     return 0
