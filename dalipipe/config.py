@@ -4,9 +4,9 @@
     load_config("configs/paper.yaml")["align"]["epochs"]        # defaults + presets, as run
     section_defaults("distill")                                 # a stage's defaults
 
-`dalipipe/resources/config.schema.yaml` (package data, read through importlib.resources, so an
-installed package needs no checkout) holds, for each key, its type, its default and a one-line meaning.
-A preset (config.yaml, configs/*.yaml) states only what differs from those defaults, laid over
+`dalipipe/resources/config.schema.yaml` holds, for each key, its type, its default and a one-line
+meaning; it is package data, read through importlib.resources, so an installed package needs no
+checkout. A preset (config.yaml, configs/*.yaml) states only what differs from those defaults, laid over
 one another as Snakemake lays config files (key by key). The workflow fills in the defaults and
 validates the result before building the job graph, so a bad config stops the run before any
 job, naming the key (``extract.fbank.num_mel_bins: 'many' is not of type 'integer'``).
