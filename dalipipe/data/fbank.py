@@ -1,6 +1,7 @@
 """The Kaldi log-mel filterbank that CAV-MAE checkpoints were trained on, in NumPy.
 
-    dalipipe features clip.mp4 --out clip.npy                 # raw (frames x mel) log-mel
+    dalipipe features clip.mp4 --out clip.npy      # raw log-mel, the schema's extract.fbank bins
+    dalipipe features clip.mp4 --out clip.npy --params '{"extract": {"fbank": {"num_mel_bins": 128}}}'
     dalipipe features clip.wav --out x.npy --normalized --params '{"extract": {"fbank": {...}}}'
 
 The reference is ``torchaudio.compliance.kaldi.fbank(wave - wave.mean(), htk_compat=True,
