@@ -1,7 +1,7 @@
-"""The README's suite figures and compute bill, rendered from the newest GPU result of the suite.
+"""bench/README.md's suite figures and compute bill, rendered from the newest GPU result of the suite.
 
-    python bench/readme_table.py                 # rewrite README.md between the markers
-    python bench/readme_table.py --check         # exit 1 if README.md is not up to date
+    python bench/readme_table.py                 # rewrite bench/README.md between the markers
+    python bench/readme_table.py --check         # exit 1 if bench/README.md is not up to date
     python bench/readme_table.py --print         # the section on stdout, README untouched
 
 The newest paper-scale file in bench/results/ (bench/suite.py writes them) gives the table of
@@ -82,7 +82,7 @@ def render(results_dir, config: dict) -> str:
             "No GPU run of the suite exists yet: the figures and the compute bill of a paper run\n"
             "appear here once `bench/suite.py --scale paper` has written its JSON to\n"
             '`bench/results/`. Until then the estimates of "What a paper run needs, stage by\n'
-            'stage" above (from docs/performance-anchors.md) stand.'
+            'stage" in docs/paper-scale.md (from docs/performance-anchors.md) stand.'
         )
     result = load_result(path)
     m = result["machine"]
@@ -114,7 +114,7 @@ def replace_section(text: str, section: str, where: str = "README.md") -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(REPO / "bench" / "results"))
-    parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--readme", default=str(REPO / "bench" / "README.md"))
     parser.add_argument("--config", default=str(REPO / "configs" / "paper.yaml"))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check", action="store_true", help="exit 1 if the README is stale")

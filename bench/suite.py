@@ -2,7 +2,7 @@
 
     python bench/suite.py --scale paper --out bench/results/    # one H100/H200, < 8 min, bf16
     python bench/suite.py --scale tiny --out /tmp/suite         # the same code on CPU, seconds
-    python bench/readme_table.py                                # README table from the newest
+    python bench/readme_table.py                                # bench/README.md table from the newest
 
 Random weights (the cost of a pass does not depend on them), models built from their
 `transformers` config classes on the device. Figures (`figure_names`):

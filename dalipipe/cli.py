@@ -1,7 +1,7 @@
 """The ``dalipipe`` command: one sub-command per stage or tool.
 
-    dalipipe --help
-    dalipipe extract SOURCE --out DIR
+    dalipipe --help                        # the commands for people first, then the stages
+    dalipipe caption clip.mp4 --model DIR
 
 Each sub-command lives in its own module, which exposes ``main(argv: list[str]) -> int``;
 modules are imported only when their command runs, so a missing optional dependency of one
@@ -111,10 +111,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The commands a person types; every other command is a stage or helper that the workflow's
+# rules call with their `--params`, listed apart so the first screen of help stays short.
+FOR_PEOPLE = (
+    "caption",
+    "score",
+    "import-authors",
+    "plan-memory",
+    "make-tiny",
+    "features",
+    "fetch-hf",
+    "fetch-metric-assets",
+)
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: dalipipe COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+
+    def listed(names):
+        return [f"  {name.ljust(width)}  {COMMANDS[name][1]}" for name in names]
+
+    stages = [name for name in COMMANDS if name not in FOR_PEOPLE]
+    lines = ["usage: dalipipe COMMAND [ARGS...]    (dalipipe COMMAND --help: its arguments)", ""]
+    lines += ["commands:", *listed(name for name in FOR_PEOPLE if name in COMMANDS), ""]
+    lines += ["workflow stages and helpers (what the rules call; snakemake runs them):"]
+    lines += listed(stages)
     return "\n".join(lines)
 
 

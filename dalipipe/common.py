@@ -156,29 +156,62 @@ def pick_device(name: str = "auto"):
 CAPTIONER_HELP = "the base LLaVA-class captioner: a save_pretrained directory or a hub id"
 
 
+# The stage contract. Every stage's `main` builds its command line with `stage_parser` and reads
+# it with `read_stage`, so its settings are the schema's defaults filled once with the job's
+# `--params` laid over them: a stage called alone runs as the workflow's defaults would run it,
+# and no config key needs a fallback value in code.
+
+
+def stage_parser(command: str, doc: str, reads: str) -> argparse.ArgumentParser:
+    """The command line of `dalipipe <command>`: `--params` (the JSON object its rule builds, or
+    @file; `reads` names the keys it reads); the stage adds its inputs and outputs."""
+    parser = argparse.ArgumentParser(prog=f"dalipipe {command}", description=doc.split("\n\n")[0])
+    add_params(parser, reads)
+    return parser
+
+
+def add_params(parser: argparse.ArgumentParser, reads: str) -> None:
+    """`--params` on a parser of its own (a sub-command's); `read_stage` reads it."""
+    parser.add_argument(
+        "--params", default="{}", help=f"JSON object (or @file): {reads}; the rest: defaults"
+    )
+
+
+def read_stage(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict]:
+    """The stage's arguments read and logging started: (args, the settings it runs with)."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    return args, job_settings(args.params)
+
+
+def job_settings(text: str | None) -> dict:
+    """A job's `--params` with every setting it leaves out given its schema default."""
+    from dalipipe.config import fill_defaults
+
+    return fill_defaults(parse_params(text))
+
+
 def stage_args(
     argv: list[str], command: str, doc: str, reads: str, **inputs: str
 ) -> tuple[argparse.Namespace, dict]:
-    """The command line of `dalipipe <command>` read and logging started: (args, its params).
-    It takes `--params` (the JSON object its rule builds, or @file; `reads` names its keys), then
-    a required `--<name>` per keyword, its value the help."""
-    parser = argparse.ArgumentParser(prog=f"dalipipe {command}", description=doc.split("\n\n")[0])
-    parser.add_argument("--params", default="{}", help=f"JSON object (or @file): {reads}")
+    """`read_stage` for a stage whose inputs are all required `--<name>` options, one per
+    keyword, its value the help."""
+    parser = stage_parser(command, doc, reads)
     for name, text in inputs.items():
         parser.add_argument(f"--{name}", required=True, help=text)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return args, parse_params(args.params)
+    return read_stage(parser, argv)
 
 
 def stage_settings(params: dict, section: str) -> dict:
-    """What a caption stage's function takes from its --params, as keyword arguments: its config
+    """What a caption stage's function takes from its settings, as keyword arguments: its config
     section as `settings`, section `models`, the seed and the device."""
     return {
-        "settings": params.get(section),
-        "models": params.get("models"),
-        "seed": params.get("seed", 0),
-        "device": params.get("device", "auto"),
+        "settings": params[section],
+        "models": params["models"],
+        "seed": params["seed"],
+        "device": params["device"],
     }
 
 

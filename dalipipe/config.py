@@ -4,8 +4,9 @@
     load_config("configs/paper.yaml")["align"]["epochs"]        # defaults + presets, as run
     section_defaults("distill")                                 # a stage's defaults
 
-`schemas/config.schema.yaml` holds, for each key, its type, its default and a one-line meaning.
-A preset (config.yaml, configs/*.yaml) states only what differs from those defaults, laid over
+`dalipipe/resources/config.schema.yaml` holds, for each key, its type, its default and a one-line
+meaning; it is package data, read through importlib.resources, so an installed package needs no
+checkout. A preset (config.yaml, configs/*.yaml) states only what differs from those defaults, laid over
 one another as Snakemake lays config files (key by key). The workflow fills in the defaults and
 validates the result before building the job graph, so a bad config stops the run before any
 job, naming the key (``extract.fbank.num_mel_bins: 'many' is not of type 'integer'``).
@@ -16,13 +17,13 @@ from __future__ import annotations
 import copy
 import sys
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "schemas" / "config.schema.yaml"
+SCHEMA = resources.files("dalipipe.resources") / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -30,8 +31,8 @@ class ConfigError(ValueError):
 
 
 @cache
-def _schema(path: Path = SCHEMA) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+def _schema(path=SCHEMA) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _fill(node: dict, schema: dict) -> None:
@@ -51,9 +52,9 @@ def _has_defaults(schema: dict) -> bool:
     )
 
 
-def fill_defaults(config: dict, schema_path: str | Path = SCHEMA) -> dict:
+def fill_defaults(config: dict, schema_path=SCHEMA) -> dict:
     """Give every key the config leaves out its schema default, at every depth, in place."""
-    _fill(config, _schema(Path(schema_path)))
+    _fill(config, _schema(schema_path))
     return config
 
 
@@ -93,9 +94,10 @@ def merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def load_config(*presets: str | Path, base: str | Path | None = REPO / "config.yaml") -> dict:
-    """The config a run sees: `base` (the Snakefile's config.yaml), the presets laid over it in
-    order, then the schema's defaults for whatever none of them sets."""
+def load_config(*presets: str | Path, base: str | Path | None = None) -> dict:
+    """The config a run sees: `base` (the Snakefile's config.yaml, which restates the schema's
+    default run), the presets laid over it in order, then the schema's defaults for whatever none
+    of them sets. A preset that cannot be read is named in one line (a ConfigError)."""
     from dalipipe.config_checks import PresetError, read_preset
 
     config: dict = {}
@@ -112,8 +114,8 @@ def _where(error: jsonschema.ValidationError) -> str:
     return path or "(top level)"
 
 
-def config_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]:
-    validator = jsonschema.Draft202012Validator(_schema(Path(schema_path)))
+def config_problems(config: dict, schema_path=SCHEMA) -> list[str]:
+    validator = jsonschema.Draft202012Validator(_schema(schema_path))
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         return [f"{_where(e)}: {e.message}" for e in errors]
@@ -123,7 +125,7 @@ def config_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]
     return cross_key_problems(config)
 
 
-def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> None:
+def validate_config(config: dict, schema_path=SCHEMA) -> None:
     problems = config_problems(config, schema_path)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

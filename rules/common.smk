@@ -7,7 +7,7 @@ import shlex
 
 from dalipipe.config import ConfigError, fill_defaults, validate_config
 
-# every key a preset leaves out takes its default from schemas/config.schema.yaml
+# every key a preset leaves out takes its default from dalipipe/resources/config.schema.yaml
 fill_defaults(config)
 try:
     validate_config(config)

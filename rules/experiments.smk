@@ -2,7 +2,7 @@
 #   snakemake --cores 2 paper_figures      every table and figure of the paper, in the report
 #   snakemake --cores 2 results/miniature/report/prefix_pairs.png   Appendix A / Figure 5
 #   snakemake --cores 2 results/miniature/report/seeds.md           the table across seeds
-# Settings: config `experiments` (schemas/config.schema.yaml). The commands live in
+# Settings: config `experiments` (dalipipe/resources/config.schema.yaml). The commands live in
 # dalipipe/evaluate/experiments.py.
 import sys
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dalipipe.cli import COMMANDS, main
+from dalipipe.cli import COMMANDS, FOR_PEOPLE, main
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -15,10 +15,15 @@ def test_every_command_module_has_a_main(name):
     assert callable(module.main)
 
 
-def test_help_lists_every_command(capsys):
+def test_help_lists_the_commands_for_people_first_then_every_stage(capsys):
     assert main(["--help"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
-    assert listed == list(COMMANDS)
+    _, people, stages = capsys.readouterr().out.rstrip("\n").split("\n\n")
+    assert people.splitlines()[0] == "commands:"
+    assert [line.split()[0] for line in people.splitlines()[1:]] == list(FOR_PEOPLE)
+    assert stages.splitlines()[0].startswith("workflow stages")
+    listed = [line.split()[0] for line in stages.splitlines()[1:]]
+    assert listed == [name for name in COMMANDS if name not in FOR_PEOPLE]
+    assert set(FOR_PEOPLE) <= set(COMMANDS)
 
 
 def test_unknown_command_exits_2(capsys):

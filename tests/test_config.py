@@ -34,7 +34,13 @@ def dry_run(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def config() -> dict:
     """The miniature's config as a run sees it: config.yaml and the schema's defaults."""
-    return load_config()
+    return load_config(base=REPO / "config.yaml")
+
+
+def test_config_yaml_restates_the_packaged_defaults():
+    """The Snakefile's config.yaml names the run the schema's defaults already are, so the
+    installed package (which has no config.yaml) and the workflow see the same miniature."""
+    assert load_config(base=REPO / "config.yaml") == load_config()
 
 
 def test_default_config_is_valid(tmp_path, config):
@@ -92,7 +98,7 @@ def schema_settings(node: dict, path: tuple = ()):
 def test_every_setting_has_its_default_and_its_meaning_in_the_schema():
     """One place per setting: the schema gives each its type, its default and what it means.
     An evaluation set's files and the fetch URLs have no default: they name a user's data."""
-    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "dalipipe" / "resources" / "config.schema.yaml").read_text())
     settings = dict(schema_settings(schema))
     assert len(settings) > 150
     no_default = {k for k, sub in settings.items() if "default" not in sub}

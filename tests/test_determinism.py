@@ -6,7 +6,7 @@ The CI preset (configs/ci.yaml: every stage, on a tiny world) runs twice from em
 every trained weight, caption, pseudo-label, shard and score must be the same in both; only
 wall-clock fields (`seconds` in curves and summaries) may differ.
 The world is encoded losslessly (world.lossless_video, the default): with x264's lossy encoding
-a few clips now and then decode differently from run to run (README, "The miniature run").
+a few clips now and then decode differently from run to run (docs/miniature.md, "Same seed, same table").
 """
 
 import csv

@@ -27,6 +27,7 @@ import kaldi_native_fbank as knf
 import numpy as np
 import pytest
 
+from dalipipe.config import section_defaults
 from dalipipe.data import fbank as fb
 
 SR = 16000
@@ -281,7 +282,9 @@ def test_features_cli_on_a_real_wav(tmp_path):
     assert fb.main([str(tmp_path / "clip.wav"), "--out", str(tmp_path / "raw.npy")]) == 0
     raw = np.load(tmp_path / "raw.npy")
     # ffmpeg's s16 -> float conversion divides by 32768.
-    np.testing.assert_allclose(raw, fb.log_mel(pcm / 32768.0, SR, 128), atol=1e-4)
+    # alone, the command takes the schema's filterbank (the miniature's bins), as every stage does
+    bins = section_defaults("extract")["fbank"]["num_mel_bins"]
+    np.testing.assert_allclose(raw, fb.log_mel(pcm / 32768.0, SR, bins), atol=1e-4)
 
     params = '{"extract": {"fbank": {"num_mel_bins": 64, "target_length": 256}}}'
     out = tmp_path / "input.npy"
@@ -299,4 +302,5 @@ def test_features_cli_resamples_other_rates(tmp_path):
     stereo = np.repeat(signal("noise", seconds=2.0, sample_rate=44100)[:, None], 2, axis=1)
     write_pcm16(tmp_path / "clip.wav", stereo.ravel(), 44100, channels=2)
     assert fb.main([str(tmp_path / "clip.wav"), "--out", str(tmp_path / "raw.npy")]) == 0
-    assert np.load(tmp_path / "raw.npy").shape == (198, 128)
+    bins = section_defaults("extract")["fbank"]["num_mel_bins"]  # alone: the schema's
+    assert np.load(tmp_path / "raw.npy").shape == (198, bins)

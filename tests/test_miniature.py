@@ -6,7 +6,7 @@
 It runs the README's first command in a fresh working directory and checks, on the held-out
 synthetic test clips of results/miniature/table.csv, the orderings of the paper's Table 1 that the
 miniature reproduces. The margins were set from three seeds (0, 1, 2) of `snakemake --cores 2`
-on a 2-core Intel Xeon (README, "The miniature run: what it shows") and left below the weakest
+on a 2-core Intel Xeon (README, "What the miniature shows") and left below the weakest
 of them, since another seed or CPU gives other digits. A regression in any stage (world,
 extraction, filter, bootstrap, prefix, alignment, pseudo-labels, distillation, scoring) moves
 these numbers.
@@ -23,7 +23,7 @@ OT_VARIANTS = ("ot", "ot_att")
 LIFTED = ("ot", "ot_att", "contrastive")  # the paper: distillation lifts these (MMD: flat)
 
 # Margins, each below the weakest of three seeds (0, 1, 2) of `snakemake --cores 2` on a 2-core
-# Intel Xeon (README, "The miniature run: what it shows"); the measured minimum is in each comment.
+# Intel Xeon (README, "What the miniature shows"); the measured minimum is in each comment.
 # Class F1 over the untrained encoder's: each distribution-aligned encoder before distillation
 # (1.33x: seed 0 2.23, seed 1 1.33, seed 2 1.45) and after (1.58x: 2.26 / 1.58 / 1.81).
 ALIGNED_F1_OVER_UNTRAINED = 1.2

@@ -131,7 +131,7 @@ def test_readme_section_from_the_newest_gpu_result(tmp_path):
     total = bill.compute_bill(common.load_result(path), config)["total_hours"]
     assert f"**{total:.1f}**" in section
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "bench" / "README.md").read_text()
     updated = readme_table.replace_section(readme, section)
     outside = readme.split(readme_table.BEGIN)[0], readme.split(readme_table.END)[1]
     assert updated.startswith(outside[0]) and updated.endswith(outside[1])

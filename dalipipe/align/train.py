@@ -20,7 +20,6 @@ ot_att the trained scorer, attentive_scorer.safetensors/.json (align.attentive.l
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from dalipipe.align.attentive import AttentiveWeights, entropy_weight, save_scorer
 from dalipipe.align.objective import METHODS, Objective
 from dalipipe.align.ot import OTSolver
-from dalipipe.common import atomic_path, parse_params, seed_everything, setup_logging, write_json
+from dalipipe.common import atomic_path, read_stage, seed_everything, stage_parser, write_json
 from dalipipe.config import section_defaults
 from dalipipe.training import TrainLoop, write_curve
 
@@ -223,9 +222,9 @@ class Run:
 
         self.method, self.out = method, Path(out)
         self.settings = s = method_settings(params.get("align"), method)
-        self.seed = int(params.get("seed", 0))
+        self.seed = int(params["seed"])
         self.shards, self.val_shards = shards, val_shards
-        device = params.get("device", "auto")
+        device = params["device"]
         self.accelerator = Accelerator(cpu=device == "cpu")
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -549,10 +548,7 @@ def align(params: dict, method: str, shards, val_shards, captioner, out) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe align", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--params", required=True, help="JSON (or @file) with seed, device, align, models"
-    )
+    parser = stage_parser("align", __doc__, "seed, device, align, models")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--shards", required=True, help="training shards directory")
     parser.add_argument("--val-shards", required=True, help="validation shards directory")
@@ -561,14 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, help="CPU threads of the job, shared by its processes (torch)"
     )
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, params = read_stage(parser, argv)
     if args.threads:
         # Oversubscribed OpenMP threads are several times slower than fewer, on a busy machine.
         world = int(os.environ.get("WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, args.threads // world))
     try:
-        params = parse_params(args.params)
         summary = align(params, args.method, args.shards, args.val_shards, args.captioner, args.out)
     except (OSError, ValueError) as err:  # bad input: one clear line, no traceback
         log.error("align %s: %s", args.method, err)

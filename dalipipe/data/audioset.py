@@ -15,7 +15,6 @@ it lists (``read_subset``: by YouTube id, and start time where the file gives on
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -24,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dalipipe.common import open_csv, parse_params, setup_logging, write_json, write_jsonl
+from dalipipe.common import open_csv, read_stage, stage_parser, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +292,7 @@ def split_parts(segments: list[Segment], n_parts: int) -> list[list[Segment]]:
 
 def run_selection(params: dict, out_dir: str | Path) -> dict:
     cfg = params["acquire"]["audioset"]
-    n_parts = int(params["acquire"].get("parts", 1))
+    n_parts = int(params["acquire"]["parts"])
     class_index = read_class_index(cfg["class_index"])
     ontology = read_ontology(cfg["ontology"]) if cfg.get("ontology") else None
     splits = [cfg["split"]] if isinstance(cfg["split"], str) else list(cfg["split"])
@@ -315,7 +314,7 @@ def run_selection(params: dict, out_dir: str | Path) -> dict:
         wanted_mids=wanted,
         exclude_ids=exclude,
         max_clips=cfg.get("max_clips"),
-        seed=int(params.get("seed", 0)),
+        seed=int(params["seed"]),
         subset=subset,
     )
     subset_summary = None
@@ -365,10 +364,8 @@ def read_selection(path: str | Path) -> list[Segment]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe audioset-select", description=__doc__)
-    parser.add_argument("--params", required=True, help="JSON with sections acquire and filter")
+    parser = stage_parser("audioset-select", __doc__, "seed, sections acquire and filter")
     parser.add_argument("--out", required=True, help="selection directory (part-<i>.jsonl)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    run_selection(parse_params(args.params), args.out)
+    args, params = read_stage(parser, argv)
+    run_selection(params, args.out)
     return 0

@@ -23,7 +23,6 @@ ffmpeg with argument lists, so no shell ever sees an id or a path.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_json, write_jsonl
+from dalipipe.common import atomic_path, read_stage, stage_parser, write_json, write_jsonl
 from dalipipe.config import section_defaults
 from dalipipe.data.audioset import YOUTUBE_ID, Segment, read_selection
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
@@ -346,14 +345,11 @@ def _write_part(segments, results, clips_dir: Path, out_dir: Path) -> list[dict]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe acquire-audioset", description=__doc__)
-    parser.add_argument("--params", required=True, help="JSON with section acquire.audioset")
+    parser = stage_parser("acquire-audioset", __doc__, "section acquire.audioset")
     parser.add_argument("--selection", required=True, help="dir of part-<i>.jsonl selections")
     parser.add_argument("--part", type=int, required=True)
     parser.add_argument("--out", required=True, help="this part's output directory")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
+    args, params = read_stage(parser, argv)
     segments = read_selection(Path(args.selection) / f"part-{args.part}.jsonl")
     try:
         acquire_part(segments, params["acquire"]["audioset"], args.out)

@@ -25,7 +25,6 @@ the stage with exit 1 and nothing renamed into place, as do failures of more tha
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import errno
@@ -42,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, setup_logging
+from dalipipe.common import atomic_path, read_stage, stage_parser
 from dalipipe.config import section_defaults
 from dalipipe.data.ffmpeg import (
     MediaError,
@@ -502,21 +501,18 @@ def extract_all(entries: list[dict], out, params: dict, workers: int = 1) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe extract", description=__doc__)
+    parser = stage_parser("extract", __doc__, "section extract")
     parser.add_argument("source", help="an acquire manifest.csv, a CSV of media files or a folder")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--params", help="JSON with the extract section")
     parser.add_argument(
         "--part", type=int, default=0, help="extract only clips i with i %% parts == part"
     )
     parser.add_argument("--parts", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="clips extracted at once")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
+    args, params = read_stage(parser, argv)
     entries = read_sources(args.source)[args.part :: args.parts]
     try:
-        extract_all(entries, args.out, params.get("extract") or {}, args.workers)
+        extract_all(entries, args.out, params["extract"], args.workers)
     except (MachineFault, StageFailed, OSError) as err:
         # e.g. a read-only filesystem refusing the temporary output directory itself
         fault = machine_fault(err, Path(args.out).parent) if isinstance(err, OSError) else err

@@ -1,6 +1,7 @@
 """The Kaldi log-mel filterbank that CAV-MAE checkpoints were trained on, in NumPy.
 
-    dalipipe features clip.mp4 --out clip.npy                 # raw (frames x mel) log-mel
+    dalipipe features clip.mp4 --out clip.npy      # raw log-mel, the schema's extract.fbank bins
+    dalipipe features clip.mp4 --out clip.npy --params '{"extract": {"fbank": {"num_mel_bins": 128}}}'
     dalipipe features clip.wav --out x.npy --normalized --params '{"extract": {"fbank": {...}}}'
 
 The reference is ``torchaudio.compliance.kaldi.fbank(wave - wave.mean(), htk_compat=True,
@@ -18,7 +19,6 @@ frames become ``(0 - mean) / std`` rather than zero.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import math
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse
 
-from dalipipe.common import atomic_path, parse_params, setup_logging
+from dalipipe.common import atomic_path, read_stage, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def model_input_from_wave(wave: np.ndarray, sample_rate: int, fbank_cfg: dict) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe features", description=__doc__.split("\n")[0])
+    parser = stage_parser("features", __doc__.split("\n")[0], "section extract.fbank")
     parser.add_argument("file", type=Path, help="any audio or video file ffmpeg can decode")
     parser.add_argument("--out", type=Path, required=True, help="output .npy (float32)")
     parser.add_argument(
@@ -182,14 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the model input (padded/cut, normalised) instead of the raw log-mel",
     )
-    parser.add_argument("--params", help="JSON (or @file) holding extract.fbank settings")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, params = read_stage(parser, argv)
 
     from dalipipe.data.ffmpeg import decode_audio
 
-    params = parse_params(args.params)
-    cfg = fbank_settings((params.get("extract") or {}).get("fbank"))
+    cfg = fbank_settings(params["extract"]["fbank"])
     if not args.file.is_file():
         parser.error(f"{args.file}: no such file")
     wave = decode_audio(args.file, sample_rate=MODEL_SAMPLE_RATE)

@@ -30,7 +30,6 @@ captions.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -44,10 +43,10 @@ from tqdm import tqdm
 
 from dalipipe.common import (
     atomic_path,
-    parse_params,
     pick_device,
     read_jsonl,
-    setup_logging,
+    read_stage,
+    stage_parser,
     write_json,
     write_jsonl,
 )
@@ -443,7 +442,7 @@ def run_filter(params: dict, extract_dir, metadata_path, out_dir, captioner_name
     cfg = {**section_defaults("filter"), **(params.get("filter") or {})}
     if captioner_name:
         cfg["captioner"] = captioner_name
-    device = params.get("device", "auto")
+    device = params["device"]
     extract_dir, out_dir = Path(extract_dir), Path(out_dir)
     metadata = {row["clip_id"]: row for row in read_jsonl(metadata_path)}
     exclude = read_exclusions(cfg["exclude_id_lists"])
@@ -508,14 +507,11 @@ def write_distances(path: Path, rows: list[dict], fields=DISTANCE_FIELDS) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe filter", description=__doc__)
-    parser.add_argument("--params", required=True, help="JSON with section filter")
+    parser = stage_parser("filter", __doc__, "device, section filter")
     parser.add_argument("--extract", required=True, help="an extract part directory")
     parser.add_argument("--metadata", required=True, help="the gathered acquire metadata.jsonl")
     parser.add_argument("--out", required=True, help="this part's filter directory")
     parser.add_argument("--captioner", help="overrides filter.captioner (a resolved path)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
+    args, params = read_stage(parser, argv)
     run_filter(params, args.extract, args.metadata, args.out, captioner_name=args.captioner)
     return 0

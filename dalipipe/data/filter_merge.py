@@ -12,13 +12,12 @@ line), ``distances.csv`` (all clips, with ``rank`` and ``kept``), ``histogram.pn
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 from pathlib import Path
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
+from dalipipe.common import atomic_path, read_stage, stage_parser, write_json
 from dalipipe.data.filter import DISTANCE_FIELDS, write_distances
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def plot_histogram(path: Path, distances: list[float], threshold: float | None, 
 
 
 def merge(params: dict, part_dirs: list, out_dir) -> dict:
-    cfg = params.get("filter") or {}
+    cfg = params["filter"]
     out_dir = Path(out_dir)
     rows, part_summaries = [], []
     for part in map(Path, part_dirs):
@@ -87,10 +86,10 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
     def total(key):
         return sum(int(s.get(key, 0)) for s in part_summaries)
 
-    n_keep = keep_count(float(cfg.get("keep", 1.0)), len(rows))
+    n_keep = keep_count(float(cfg["keep"]), len(rows))
     if n_keep == 0:  # an empty kept list would leave the align split with nothing to train on
         raise ValueError(
-            f"filter.keep {cfg.get('keep', 1.0)} keeps none of the {len(rows)} scored clips of "
+            f"filter.keep {cfg['keep']} keeps none of the {len(rows)} scored clips of "
             f"{len(part_summaries)} part(s) ({total('skipped')} skipped, "
             f"{total('excluded_eval_ids')} evaluation ids excluded); filter.splits and "
             "filter.keep decide what is scored and kept"
@@ -110,7 +109,7 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
         "parts": len(part_summaries),
         "scored": len(rows),
         "kept": n_keep,
-        "keep": cfg.get("keep", 1.0),
+        "keep": cfg["keep"],
         "threshold_distance": threshold,
         "skipped": total("skipped"),
         "excluded_eval_ids": total("excluded_eval_ids"),
@@ -128,14 +127,12 @@ def merge(params: dict, part_dirs: list, out_dir) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe filter-merge", description=__doc__)
-    parser.add_argument("--params", required=True, help="JSON with section filter")
+    parser = stage_parser("filter-merge", __doc__, "section filter")
     parser.add_argument("--parts", nargs="+", required=True, help="filter part directories")
     parser.add_argument("--out", required=True, help="the filter directory")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, params = read_stage(parser, argv)
     try:
-        merge(parse_params(args.params), args.parts, args.out)
+        merge(params, args.parts, args.out)
     except (OSError, ValueError) as err:  # bad input or nothing kept: one clear line
         log.error("filter-merge: %s", err)
         return 1

@@ -12,13 +12,12 @@ A clip id that appears twice is an error naming both parts.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from collections import Counter
 from pathlib import Path
 
-from dalipipe.common import read_jsonl, setup_logging, write_json, write_jsonl
+from dalipipe.common import read_jsonl, read_stage, stage_parser, write_json, write_jsonl
 from dalipipe.data.manifest import ACQUIRE_FIELDS, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -79,11 +78,9 @@ def gather(parts: list[Path], out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe gather-manifests", description=__doc__)
+    parser = stage_parser("gather-manifests", __doc__, "none: gathering has no settings")
     parser.add_argument("parts", nargs="+", type=Path, help="part directories")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--params", help="accepted for symmetry with other stages; unused")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, _ = read_stage(parser, argv)
     gather(args.parts, args.out)
     return 0

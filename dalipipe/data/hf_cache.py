@@ -116,7 +116,7 @@ def hub_models_by_key(config: dict) -> dict[str, HubModel]:
         name = _value(config, key)
         if not isinstance(name, str):
             continue
-        name = name.format(run=config.get("run", ""))
+        name = name.format(run=config["run"])
         if not is_hub_id(name):
             continue
         models[key] = HubModel(key, name, str(_value(config, revision_key) or "main"))

@@ -19,7 +19,6 @@ or with a `split` that no shard takes (anything but align, pseudolabel, prefix a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import os
@@ -27,7 +26,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.common import atomic_path, read_stage, stage_parser, write_jsonl
 from dalipipe.config_checks import PIPELINE_SPLITS
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
 
@@ -179,23 +178,21 @@ def write_part(entries: list[dict], out: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe acquire-local", description=__doc__)
-    parser.add_argument("--params", help="JSON with the acquire section (acquire.local.path)")
+    parser = stage_parser("acquire-local", __doc__, "section acquire (acquire.local.path)")
     parser.add_argument("--source", help="a folder or CSV; default: acquire.local.path")
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, help="default: acquire.parts")
     parser.add_argument("--out", required=True, help="the part directory to write")
-    args = parser.parse_args(argv)
-    setup_logging()
-    acquire = parse_params(args.params).get("acquire") or {}
-    local = acquire.get("local") or {}
-    source = args.source or local.get("path")
+    args, params = read_stage(parser, argv)
+    acquire = params["acquire"]
+    local = acquire["local"]
+    source = args.source or local["path"]
     if not source:
         parser.error("no source: give --source or config acquire.local.path")
-    parts = args.parts or acquire.get("parts", 1)
+    parts = args.parts or acquire["parts"]
     if not 0 <= args.part < parts:
         parser.error(f"--part must be in [0, {parts})")
-    entries = list_source(source, local.get("split") or "align")[args.part :: parts]
+    entries = list_source(source, local["split"])[args.part :: parts]
     rows = write_part(entries, Path(args.out))
     failed = sum(r["status"] != "ok" for r in rows)
     log.info("part %d/%d: %d clips listed, %d failed", args.part, parts, len(rows), failed)

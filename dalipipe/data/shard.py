@@ -17,7 +17,6 @@ reproducible: fixed member order, mtimes and owners.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -34,15 +33,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, open_csv, parse_params, setup_logging, write_json
+from dalipipe.common import atomic_path, open_csv, read_stage, stage_parser, write_json
+from dalipipe.config import section_defaults
 from dalipipe.data.audioset import read_exclusions, youtube_id_of
 
 log = logging.getLogger(__name__)
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 FRAME_FILE = re.compile(r"^frame_(\d+)\.jpg$")  # in an extract clip directory
-DEFAULT_SAMPLES_PER_SHARD = 1000
-DEFAULT_REQUIRE_FRAMES = ("align", "pseudolabel", "prefix")  # config shard.require_frames
+# write_split's defaults, for callers without a config: the schema's (config section shard)
+DEFAULT_SAMPLES_PER_SHARD = section_defaults("shard")["samples_per_shard"]
+DEFAULT_REQUIRE_FRAMES = tuple(section_defaults("shard")["require_frames"])
 EVALUATION_SPLITS = ("test",)  # the evaluation-id lists never drop clips from these
 
 
@@ -332,31 +333,28 @@ def write_split(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe shard", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--params", help="JSON (or @file): sections shard, extract, filter.exclude_id_lists"
+    parser = stage_parser(
+        "shard", __doc__.split("\n")[0], "sections shard, extract, filter.exclude_id_lists"
     )
     parser.add_argument("--extract", nargs="+", required=True, help="extract part directories")
     parser.add_argument("--metadata", required=True, help="the gathered acquire/metadata.jsonl")
     parser.add_argument("--kept", help="filter/kept.txt: the align clips to keep")
     parser.add_argument("--split", required=True, help="align, pseudolabel, prefix or test")
     parser.add_argument("--out", required=True, help="the split's shard directory")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
-    shard_cfg = params.get("shard") or {}
-    require_frames = shard_cfg.get("require_frames", list(DEFAULT_REQUIRE_FRAMES))
+    args, params = read_stage(parser, argv)
+    shard_cfg = params["shard"]
+    require_frames = shard_cfg["require_frames"]
     try:
         write_split(
             args.extract,
             args.metadata,
             args.split,
             args.out,
-            samples_per_shard=int(shard_cfg.get("samples_per_shard", DEFAULT_SAMPLES_PER_SHARD)),
+            samples_per_shard=int(shard_cfg["samples_per_shard"]),
             kept_path=args.kept,
             need_frames=args.split in require_frames,
-            keep_wav=bool((params.get("extract") or {}).get("keep_wav", False)),
-            exclude_lists=(params.get("filter") or {}).get("exclude_id_lists") or [],
+            keep_wav=bool(params["extract"]["keep_wav"]),
+            exclude_lists=params["filter"]["exclude_id_lists"],
         )
     except (OSError, ValueError, RuntimeError) as err:
         log.error("shard %s: %s", args.split, err)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dalipipe.common import atomic_path, parse_params, pick_device, setup_logging
+from dalipipe.common import add_params, atomic_path, pick_device, read_stage
 from dalipipe.config import section_defaults
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def eval_settings(params: dict) -> dict:
 def eval_seed(params: dict) -> int:
     """The evaluate stage's seed (its untrained encoder is drawn from it)."""
     seed = eval_settings(params).get("seed")
-    return int(seed if seed is not None else params.get("seed", 0))
+    return int(seed if seed is not None else params["seed"])
 
 
 def open_test_set(params: dict, dataset: str, shards=None):
@@ -119,7 +119,7 @@ def load_base(params: dict, captioner_dir):
     from dalipipe.models.assemble import load_captioner
     from dalipipe.training import default_dtype
 
-    device = pick_device(params.get("device", "auto"))
+    device = pick_device(params["device"])
     dtype = default_dtype(device)
     captioner = load_captioner(captioner_dir, params.get("models"), device=device, dtype=dtype)
     return captioner.eval()
@@ -424,11 +424,12 @@ def _save(fig, out) -> None:
     plt.close(fig)
 
 
+# the settings figure and probe read
+ENCODER_INPUTS_READ = "seed, device, evaluate, extract, models"
+
+
 def add_encoder_inputs(parser: argparse.ArgumentParser, datasets: str) -> None:
     """The inputs of the commands that look at aligned encoders on a test set (figure, probe)."""
-    parser.add_argument(
-        "--params", default="{}", help="JSON (or @file): seed, device, evaluate, extract, models"
-    )
     parser.add_argument("--dataset", required=True, help=datasets)
     parser.add_argument("--shards", help="test shard folder (miniature)")
     parser.add_argument("--captioner", required=True, help="the base LLaVA-class captioner")
@@ -442,11 +443,10 @@ def main(argv: list[str]) -> int:
     figures = parser.add_subparsers(dest="figure", required=True)
     for name, text in (("pca-clip", "Figure 6"), ("attention", "Figure 7")):
         sub = figures.add_parser(name, help=text)
+        add_params(sub, ENCODER_INPUTS_READ)
         add_encoder_inputs(sub, datasets="miniature | audiocaps")
         sub.add_argument("--out", required=True, help="the PNG to write")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
+    args, params = read_stage(parser, argv)
     try:
         if args.figure == "pca-clip":
             clip = pca_clip(params, args.dataset, args.shards, args.captioner, args.align, args.out)

@@ -28,7 +28,6 @@ Writes ``<out>.csv`` (captions side by side), ``<out>.json`` (everything), ``<ou
 
 from __future__ import annotations
 
-import argparse
 import csv
 import html
 import json
@@ -38,8 +37,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_json
+from dalipipe.common import atomic_path, read_stage, stage_parser, write_json
 from dalipipe.evaluate.figures import (
+    ENCODER_INPUTS_READ,
     add_encoder_inputs,
     choose_clips,
     encoders,
@@ -241,14 +241,13 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe probe", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("probe", __doc__, ENCODER_INPUTS_READ)
     add_encoder_inputs(parser, datasets="miniature | audiocaps | clotho")
     parser.add_argument("--out", required=True, help="output stem: <out>.csv/.json/.md/.html")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, params = read_stage(parser, argv)
     try:
         probe(
-            parse_params(args.params),
+            params,
             args.dataset,
             args.shards,
             args.captioner,

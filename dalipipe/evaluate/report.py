@@ -17,7 +17,6 @@ Writes into ``--out``:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dalipipe.common import atomic_path, parse_params, setup_logging
+from dalipipe.common import atomic_path, read_stage, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +377,7 @@ def build_report(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe report", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("report", __doc__, "sections evaluate and extract (the examples)")
     parser.add_argument(
         "--evaluate", nargs="+", required=True, help="evaluate stage output folders"
     )
@@ -388,15 +387,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--histogram", help="the filter stage's histogram.png")
     parser.add_argument("--acquire", help="acquire manifest.csv (audio for the examples)")
     parser.add_argument("--shards", help="test shards (frames for the examples)")
-    parser.add_argument(
-        "--params", default="{}", help="JSON (or @file): evaluate and extract sections (examples)"
-    )
     parser.add_argument("--examples", type=int, default=6, help="how many example clips")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--table-csv", help="also write the run's table.csv (all sets) here")
     parser.add_argument("--table-md", help="and its Markdown here")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, params = read_stage(parser, argv)
     evaluate_dirs = [Path(d) for d in args.evaluate]
     if args.table_csv or args.table_md:
         if not (args.table_csv and args.table_md):
@@ -410,7 +405,7 @@ def main(argv: list[str]) -> int:
         acquire_manifest=Path(args.acquire) if args.acquire else None,
         shards=Path(args.shards) if args.shards else None,
         n_examples=args.examples,
-        params=parse_params(args.params),
+        params=params,
     )
     for path in written:
         log.info("wrote %s", path)

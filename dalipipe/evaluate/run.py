@@ -28,7 +28,6 @@ and mean image token per clip, for the modality-gap PCA figure).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -42,10 +41,10 @@ from tqdm import tqdm
 from dalipipe.common import (
     atomic_path,
     package_versions,
-    parse_params,
     pick_device,
+    read_stage,
     seed_everything,
-    setup_logging,
+    stage_parser,
     write_json,
 )
 from dalipipe.config import section_defaults
@@ -269,8 +268,8 @@ def caption_all(captioner, system: System, clips, inputs, settings, seed) -> dic
             fbank=fbank,
             use_prefix=system.use_prefix and captioner.prefix is not None,
             max_new_tokens=int(settings["max_new_tokens"]),
-            do_sample=settings.get("decoding", "greedy") == "sampled",
-            temperature=float(settings.get("temperature", 0.2)),
+            do_sample=settings["decoding"] == "sampled",
+            temperature=float(settings["temperature"]),
             seed=seed + index,
             newlines=settings["caption_newlines"],
         )
@@ -309,8 +308,8 @@ def evaluate(
     shards=None,
 ) -> dict:
     settings = {**section_defaults("evaluate"), **(params.get("evaluate") or {})}
-    seed = int(settings["seed"] if settings.get("seed") is not None else params.get("seed", 0))
-    device = pick_device(params.get("device", "auto"))
+    seed = int(settings["seed"] if settings["seed"] is not None else params["seed"])
+    device = pick_device(params["device"])
     seed_everything(seed)
     out = Path(out)
     ds_cfg = dict((settings.get("datasets") or {}).get(dataset) or {})
@@ -417,12 +416,7 @@ def evaluate(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--params",
-        default="{}",
-        help="JSON object (or @file): seed, device, evaluate, extract, models",
-    )
+    parser = stage_parser("evaluate", __doc__, "seed, device, evaluate, extract, models")
     parser.add_argument("--dataset", required=True, help="miniature | audiocaps | clotho")
     parser.add_argument("--shards", help="test shard folder (miniature)")
     parser.add_argument("--captioner", required=True, help="the base LLaVA-class captioner")
@@ -432,10 +426,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--distill", nargs="*", default=[], help="distilled captioner folders")
     parser.add_argument("--out", required=True, help="output folder")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args, params = read_stage(parser, argv)
     evaluate(
-        parse_params(args.params),
+        params,
         args.dataset,
         args.out,
         captioner_dir=args.captioner,

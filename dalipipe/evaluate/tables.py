@@ -66,7 +66,7 @@ def table_row(system, scores: dict, decoding: str = "greedy") -> dict:
 
 def decoding_label(settings: dict, seed: int) -> str:
     """How evaluation decodes (config evaluate.decoding), as the table records it per system."""
-    if settings.get("decoding", "greedy") == "sampled":
+    if settings["decoding"] == "sampled":
         return f"sampled T={float(settings['temperature']):g} top-k 50 seed {seed}"
     return "greedy"
 

@@ -316,17 +316,17 @@ def align_objective(method: str, audio_shape, image_shape, settings: dict) -> fl
     from dalipipe.align.objective import Objective
     from dalipipe.align.ot import OTSolver
 
-    ot, att = settings.get("ot") or {}, settings.get("attentive") or {}
+    ot, att = settings["ot"], settings["attentive"]
     key = ("objective", method, tuple(audio_shape), tuple(image_shape), str(ot), str(att))
     if key in _CACHE:
         return _CACHE[key]
     width = audio_shape[-1]
     solver = scorer = None
     if method in ("ot", "ot_att"):
-        solver = OTSolver(ot.get("solver", "exact"), ot.get("eps", 0.05), ot.get("iters", 50), 0)
+        solver = OTSolver(ot["solver"], ot["eps"], ot["iters"], 0)
     if method == "ot_att":
         torch.manual_seed(0)
-        scorer = AttentiveWeights(width, att.get("heads", 8), att.get("tau", 20.0))
+        scorer = AttentiveWeights(width, att["heads"], att["tau"])
     objective = Objective(method, solver, scorer)
 
     def peak(clips: int) -> int:

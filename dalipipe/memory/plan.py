@@ -4,8 +4,9 @@
     dalipipe plan-memory --configfile configs/paper.yaml --config distill.activation_checkpointing=false
     dalipipe plan-memory --configfile configs/paper.yaml --gpu-gb 40 --json
 
-The config is built as the workflow builds it (``dalipipe.config.load_config``): config.yaml,
-each --configfile laid over it key by key, the schema's defaults for the rest; then each
+The config is built as the workflow builds it (``dalipipe.config.load_config``): --base (the
+Snakefile's config.yaml, when given), each --configfile laid over it key by key, the schema's
+defaults for the rest; then each
 --config key=value (dotted keys, YAML values). One process per GPU; GB
 means GiB (2^30 bytes). See ``dalipipe.memory.stages`` for what each component holds.
 """
@@ -24,7 +25,6 @@ import yaml
 from dalipipe.memory.components import SOURCES, gib
 from dalipipe.memory.stages import Planner
 
-BASE_CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"  # the Snakefile's
 COLUMNS = (  # table column -> components summed into it
     ("weights", ("weights",)),
     ("optim+grad", ("optimizer_state", "gradients")),
@@ -49,7 +49,7 @@ def override(config: dict, item: str) -> dict:
     return merge(config, nested)
 
 
-def load_config(configfiles=(), overrides=(), base: str | Path = BASE_CONFIG) -> dict:
+def load_config(configfiles=(), overrides=(), base: str | Path | None = None) -> dict:
     """``dalipipe.config.load_config`` (base, presets, the schema's defaults), then overrides."""
     from dalipipe.config import load_config as load_presets
 
@@ -85,12 +85,12 @@ def plan(config: dict, gpu_gb: float = 80.0) -> dict[str, dict]:
 def model_sources(config: dict) -> list[str]:
     planner = Planner(config)
     lines = []
-    models = config.get("models") or {}
-    lines.append(f"captioner {models.get('captioner')}: {planner.captioner().source}")
-    section = config.get("filter") or {}
-    if section.get("enabled", True):
-        arch = planner._arch(section.get("captioner"), section.get("captioner_revision"))
-        lines.append(f"filter captioner {section.get('captioner')}: {arch.source}")
+    models = planner.config["models"]
+    lines.append(f"captioner {models['captioner']}: {planner.captioner().source}")
+    section = planner.config["filter"]
+    if section["enabled"]:
+        arch = planner._arch(section["captioner"], section["captioner_revision"])
+        lines.append(f"filter captioner {section['captioner']}: {arch.source}")
     lines.append("audio encoder: config models.audio_encoder (CavMaeAudioEncoder)")
     return lines
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         action="extend",
         default=[],
-        help="YAML files laid over config.yaml",
+        help="YAML files laid over the base config",
     )
     parser.add_argument(
         "--config",
@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="overrides, dotted keys",
     )
-    parser.add_argument("--base", default=str(BASE_CONFIG), help="the base config (config.yaml)")
+    parser.add_argument(
+        "--base", help="a base config under the presets (config.yaml; it restates the defaults)"
+    )
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

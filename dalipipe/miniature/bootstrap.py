@@ -22,7 +22,6 @@ The output is a `save_pretrained` model + processor; training checkpoints go to 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, pick_device, seed_everything, setup_logging
+from dalipipe.common import atomic_path, pick_device, read_stage, seed_everything, stage_parser
 from dalipipe.config import llava_sizes, section_defaults
 from dalipipe.miniature.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
 from dalipipe.miniature.tokenizer import build_tokenizer
@@ -375,24 +374,21 @@ def bootstrap(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe bootstrap", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", help="JSON (or @file) with seed, device and section bootstrap")
+    parser = stage_parser("bootstrap", __doc__.split("\n")[0], "seed, device, section bootstrap")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="the align split's shard directory")
     source.add_argument("--extract", nargs="+", help="extract part directories (with --metadata)")
     parser.add_argument("--metadata", help="the gathered acquire/metadata.jsonl (with --extract)")
     parser.add_argument("--out", required=True, help="directory for the save_pretrained captioner")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
+    args, params = read_stage(parser, argv)
     if args.extract and not args.metadata:
         parser.error("--extract needs --metadata")
     bootstrap(
-        params.get("bootstrap") or {},
+        params["bootstrap"],
         args.shards or args.extract,
         args.out,
         metadata=args.metadata if args.extract else None,
-        seed=int(params.get("seed", 0)),
-        device=params.get("device", "auto"),
+        seed=int(params["seed"]),
+        device=params["device"],
     )
     return 0

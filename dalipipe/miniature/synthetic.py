@@ -27,7 +27,6 @@ OUT is.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dalipipe.common import atomic_path, parse_params, setup_logging, write_jsonl
+from dalipipe.common import atomic_path, read_stage, stage_parser, write_jsonl
 from dalipipe.config import section_defaults
 from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
@@ -345,21 +344,16 @@ def generate_part(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalipipe acquire-synthetic", description=__doc__)
-    parser.add_argument("--params", help="JSON with seed, world and acquire sections")
+    parser = stage_parser("acquire-synthetic", __doc__, "seed, sections world and acquire")
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, help="default: acquire.parts")
     parser.add_argument("--out", required=True, help="the part directory to write")
     parser.add_argument("--workers", type=int, default=1, help="clips encoded at once")
-    args = parser.parse_args(argv)
-    setup_logging()
-    params = parse_params(args.params)
-    cfg = world_config(params.get("world"))
-    parts = args.parts or (params.get("acquire") or {}).get("parts", 1)
+    args, params = read_stage(parser, argv)
+    cfg = world_config(params["world"])
+    parts = args.parts or params["acquire"]["parts"]
     try:
-        generate_part(
-            cfg, int(params.get("seed", 0)), args.part, parts, Path(args.out), args.workers
-        )
+        generate_part(cfg, int(params["seed"]), args.part, parts, Path(args.out), args.workers)
     except (MachineFault, OSError) as err:
         fault = machine_fault(err, Path(args.out).parent)
         if fault is None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from dalipipe.config import section_defaults
 from dalipipe.models.artifacts import load_state, read_config, save_state, write_config
 from dalipipe.models.cavmae import CavMaeAudioEncoder, load_encoder, save_encoder
 from dalipipe.models.fast_generate import generate_fast
@@ -38,14 +39,19 @@ MODALITIES = ("image", "audio", "audio+image")
 PREFIX_POSITIONS = ("after_modality", "before_modality", "start")
 
 
+# A captioner built without a config prompts as the workflow's defaults do: one set of defaults,
+# the schema's (config models.options), where each option's meaning is written.
+_DEFAULT = section_defaults("models")["options"]
+
+
 @dataclass
 class CaptionerOptions:
-    prompt: str = PROMPTS["code"]
-    template: str = "vicuna_v1"  # used by caption_loss (training)
-    generate_template: str | None = None  # used by generate; None: the same as `template`
-    prefix_position: str = "after_modality"  # the authors' place: right after the modality tokens
-    share_projector: bool = False  # True: image tokens also go through the audio projector
-    image_aspect: str = "pad"  # "pad" to a square with the CLIP mean (LLaVA-1.5) or "crop"
+    prompt: str = _DEFAULT["prompt"]
+    template: str = _DEFAULT["template"]  # used by caption_loss (training)
+    generate_template: str | None = _DEFAULT["generate_template"]  # generate; None: `template`
+    prefix_position: str = _DEFAULT["prefix_position"]
+    share_projector: bool = _DEFAULT["share_projector"]  # image tokens through the audio projector
+    image_aspect: str = _DEFAULT["image_aspect"]  # "pad" (LLaVA-1.5) or "crop"
 
     def __post_init__(self):
         for name in ("template", "generate_template"):
