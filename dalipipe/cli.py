@@ -115,8 +115,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # rules call with their `--params`, listed apart so the first screen of help stays short.
 FOR_PEOPLE = (
     "caption",
+    "serve",
+    "export",
     "score",
     "import-authors",
+    "check-config",
     "plan-memory",
     "make-tiny",
     "features",

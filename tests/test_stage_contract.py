@@ -147,9 +147,20 @@ def schema_keys(node: dict) -> set[str]:
 
 
 # `.get(key, default)` of a name the schema also uses, where the dict is not a config section:
-# a manifest row's reason, a clip's metadata, a checkpoint's curve. evaluate.datasets.<set>.dedup
-# is read from an evaluation set's own entry, for which the schema gives no defaults.
-NOT_CONFIG = {"reason", "clip_id", "curve", "metadata", "name", "method", "dedup"}
+# a manifest row's reason, a clip's metadata, a checkpoint's curve, a table row's or a web form's
+# modality, a model folder's recorded decoding (do_sample). evaluate.datasets.<set>.dedup is read
+# from an evaluation set's own entry, for which the schema gives no defaults.
+NOT_CONFIG = {
+    "reason",
+    "clip_id",
+    "curve",
+    "metadata",
+    "name",
+    "method",
+    "dedup",
+    "modality",
+    "do_sample",
+}
 
 
 def test_no_config_key_has_a_literal_fallback_in_code():
