@@ -150,7 +150,7 @@ class OTSolver:
 
     ``workers`` > 1 solves the clips of a batch in a pool (``pool`` = thread or process) for the
     exact solver; 0 or 1 solves them one after another. ``max_iter`` caps the exact solver's
-    network simplex; ``target_eps`` .. ``rounding`` set the ``scaled`` solver (sinkhorn.py), and
+    network simplex; ``target_eps`` .. ``gap_tol`` set the ``scaled`` solver (sinkhorn.py), and
     ``max_iters`` caps its Sinkhorn iterations over all eps stages.
     """
 
