@@ -6,8 +6,10 @@
 The same randomly initialised captioner (bench/generate.py's shapes) captions the same clips,
 greedy, once through transformers' plain `generate` over the left-padded batch and once through
 `generate_fast` (the shared prompt positions computed once at batch 1, a static KV cache), first
-in each dtype asked for. Per dtype it prints the share of identical captions and, for the
-captions that differ, the decode step where they first part. tests/test_generate_fast.py holds
+in each dtype asked for. Per dtype it prints the share of identical captions, for the captions
+that differ the word where they first part, and how far apart the two paths' logits of the first
+new token are (the largest absolute difference over the vocabulary, the median and the largest
+over the prompts) beside the plain path's margin between its top two logits there. tests/test_generate_fast.py holds
 the float32 paths to identical tokens; this measures what is left of that in bfloat16.
 """
 
@@ -16,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 import torch
-from generate import SHAPES, batch_inputs, cpu_name, random_captioner, time_batch
+from generate import SHAPES, batch_inputs, cpu_name, random_captioner
 
 
 def first_difference(plain: str, fast: str) -> int:
@@ -31,14 +34,44 @@ def first_difference(plain: str, fast: str) -> int:
     return min(len(a), len(b))
 
 
+def captions_and_first_logits(captioner, inputs, max_new_tokens, fast: bool):
+    """Greedy captions, and the logits of each row's first new token (both paths end in
+    transformers' generate, which is asked for its scores here)."""
+    generate = captioner.llava.generate
+    first = []
+
+    def scoring_generate(*args, **kwargs):
+        out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        first.append(out.scores[0].float())
+        return out.sequences
+
+    captioner.llava.generate = scoring_generate
+    try:
+        captions = captioner.generate(
+            modality="audio+image",
+            pixel_values=inputs[0],
+            fbank=inputs[1],
+            use_prefix=True,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            fast=fast,
+        )
+    finally:
+        captioner.llava.generate = generate
+    return captions, first[0]
+
+
 def compare(captioner, fbank_shape, prompts, batch, max_new_tokens) -> dict:
     image_size = captioner.llava.config.vision_config.image_size
-    same, parted = 0, []
+    same, parted, logit_diffs, margins = 0, [], [], []
     for start in range(0, prompts, batch):
         size = min(batch, prompts - start)
         inputs = batch_inputs(captioner, size, fbank_shape, image_size, seed=start)
-        _, _, plain = time_batch(captioner, inputs, max_new_tokens, seed=start, variant="plain")
-        _, _, fast = time_batch(captioner, inputs, max_new_tokens, seed=start, variant="fast")
+        plain, plain_logits = captions_and_first_logits(captioner, inputs, max_new_tokens, False)
+        fast, fast_logits = captions_and_first_logits(captioner, inputs, max_new_tokens, True)
+        logit_diffs += (plain_logits - fast_logits).abs().amax(-1).tolist()
+        top2 = plain_logits.topk(2, -1).values
+        margins += (top2[:, 0] - top2[:, 1]).tolist()
         for p, f in zip(plain, fast):
             if p == f:
                 same += 1
@@ -49,6 +82,11 @@ def compare(captioner, fbank_shape, prompts, batch, max_new_tokens) -> dict:
         "identical": same,
         "share_identical": same / prompts,
         "first_difference_words": sorted(parted),
+        "first_logit_difference": {
+            "median": statistics.median(logit_diffs),
+            "max": max(logit_diffs),
+        },
+        "first_top2_margin": {"median": statistics.median(margins), "min": min(margins)},
     }
 
 
@@ -79,6 +117,13 @@ def main(argv=None) -> int:
         print(
             f"{name:>9}: {row['identical']}/{row['prompts']} identical "
             f"({100 * row['share_identical']:.1f}%){where}",
+            flush=True,
+        )
+        diff, margin = row["first_logit_difference"], row["first_top2_margin"]
+        print(
+            f"{'':>11}first new token: |plain - fast| logits median {diff['median']:.2e}, "
+            f"max {diff['max']:.2e}; plain top-2 margin median {margin['median']:.2e}, "
+            f"min {margin['min']:.2e}",
             flush=True,
         )
     if args.out:
