@@ -105,13 +105,14 @@ def test_settings_merge_defaults_config_and_per_method():
         "iters": 50,
         "workers": 2,
         "pool": "thread",
-        "target_eps": 0.003,
+        "target_eps": 0.001,
         "eps_start": 1.0,
         "eps_decay": 0.5,
         "tol": 0.001,
         "check_every": 10,
         "max_iters": 2000,
         "rounding": True,
+        "gap_tol": 0.05,
     }
     assert (
         method_settings({"epochs": 20, "per_method": {"mmd": {"epochs": 30}}}, "ot")["epochs"] == 20
