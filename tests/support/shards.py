@@ -46,22 +46,35 @@ def solid(colour, size=(40, 48)):
     return np.full((*size, 3), colour, dtype=np.uint8)
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float16))
+    return buffer.getvalue()
+
+
 def write_shard(path, clips):
-    """A webdataset tar in the project's shard format (DEVELOPING.md)."""
+    """A webdataset tar in the project's shard format (DEVELOPING.md); clips: (key, frames,
+    fbank), no index and no labels."""
     with tarfile.open(path, "w") as tar:
         for key, frames, fbank in clips:
-            fields = {"json": json.dumps({"clip_id": key, "n_frames": len(frames)}).encode()}
+            add_member(
+                tar, f"{key}.json", json.dumps({"clip_id": key, "n_frames": len(frames)}).encode()
+            )
             for k, frame in enumerate(frames):
-                buffer = io.BytesIO()
-                Image.fromarray(frame).save(buffer, format="JPEG")
-                fields[f"frame{k}.jpg"] = buffer.getvalue()
-            buffer = io.BytesIO()
-            np.save(buffer, fbank.astype(np.float16))
-            fields["fbank.npy"] = buffer.getvalue()
-            for field, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{field}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                add_member(tar, f"{key}.frame{k}.jpg", jpeg_bytes(Image.fromarray(frame)))
+            add_member(tar, f"{key}.fbank.npy", npy_bytes(fbank))
 
 
 def make_clips(rng, prefix, n):
@@ -77,14 +90,6 @@ def make_clips(rng, prefix, n):
 MEL, FRAMES = 16, 32
 
 
-def _jpeg(rgb) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), rgb).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 def write_test_shard(directory: Path, n: int = 6) -> list[dict]:
     """A webdataset shard laid out as stage shard writes it (DEVELOPING.md, "Shards")."""
     directory.mkdir(parents=True)
@@ -92,12 +97,6 @@ def write_test_shard(directory: Path, n: int = 6) -> list[dict]:
     names = [c.name for c in world.CLASSES[:4]]
     metas = []
     with tarfile.open(directory / "test-000000.tar", "w") as tar:
-
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
         for i in range(n):
             heard = [names[i % 4]]
             seen = heard if i % 3 else []
@@ -112,11 +111,11 @@ def write_test_shard(directory: Path, n: int = 6) -> list[dict]:
                 "n_frames": 3,
             }
             metas.append(meta)
-            fbank = io.BytesIO()
-            np.save(fbank, rng.standard_normal((FRAMES, MEL)).astype(np.float16))
-            add(f"clip-{i:03d}.fbank.npy", fbank.getvalue())
+            fbank = rng.standard_normal((FRAMES, MEL))
+            add_member(tar, f"clip-{i:03d}.fbank.npy", npy_bytes(fbank))
+            frame = jpeg_bytes(Image.new("RGB", (32, 32), world.CLASSES[i % 4].rgb))
             for k in range(3):
-                add(f"clip-{i:03d}.frame{k}.jpg", _jpeg(world.CLASSES[i % 4].rgb))
-            add(f"clip-{i:03d}.json", json.dumps(meta).encode())
-        add("clip-bad.json", b'{"clip_id": "clip-bad"}')  # no fbank, no references
+                add_member(tar, f"clip-{i:03d}.frame{k}.jpg", frame)
+            add_member(tar, f"clip-{i:03d}.json", json.dumps(meta).encode())
+        add_member(tar, "clip-bad.json", b'{"clip_id": "clip-bad"}')  # no fbank, no references
     return metas
