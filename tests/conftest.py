@@ -67,24 +67,24 @@ def snakemake_in():
 
     The workflow's rules call `dalipipe`, so the running interpreter's bin/ goes first on PATH.
     """
-    import subprocess
-    import sys
+    from tests.support.snakemake import SNAKEFILE, snakemake, workflow_env
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = workflow_env()
 
     def run(workdir, *args: str, timeout: int = 900) -> str:
-        command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(repo / "Snakefile")]
-        result = subprocess.run(
-            [*command, "-d", str(workdir), *args],
-            cwd=repo,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
+        result = snakemake(
+            "--cores", "2", "-s", str(SNAKEFILE), "-d", str(workdir), *args,
+            env=env, timeout=timeout, merged=True,
+        )  # fmt: skip
         assert result.returncode == 0, result.stdout[-5000:]
         return result.stdout
 
     return run
+
+
+@pytest.fixture(scope="module")
+def align_world(tmp_path_factory) -> dict:
+    """The align stage's tiny world (tests/support/runs.py `make_align_world`), once a module."""
+    from tests.support.runs import make_align_world
+
+    return make_align_world(tmp_path_factory.mktemp("align"))

@@ -5,92 +5,21 @@ reruns it, and expects bit-identical weights to an uninterrupted run.
 """
 
 import csv
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from dalipipe.align.train import Run, align, augment, batched, method_settings, step_generator
-
-ENCODER = dict(
-    num_mel_bins=32, target_length=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=32
-)
-
-
-def write_shard(path, clips):
-    """A webdataset tar in the project's shard format (DEVELOPING.md)."""
-    with tarfile.open(path, "w") as tar:
-        for key, frames, fbank in clips:
-            fields = {"json": json.dumps({"clip_id": key, "n_frames": len(frames)}).encode()}
-            for k, frame in enumerate(frames):
-                buffer = io.BytesIO()
-                Image.fromarray(frame).save(buffer, format="JPEG")
-                fields[f"frame{k}.jpg"] = buffer.getvalue()
-            buffer = io.BytesIO()
-            np.save(buffer, fbank.astype(np.float16))
-            fields["fbank.npy"] = buffer.getvalue()
-            for field, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{field}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
-def make_clips(rng, prefix, n):
-    clips = []
-    for i in range(n):
-        colour = rng.integers(0, 256, 3)
-        frames = [np.broadcast_to(colour, (32, 32, 3)).astype(np.uint8) for _ in range(3)]
-        fbank = rng.normal(size=(64, 32)) + colour[0] / 128.0  # audio correlated with the look
-        clips.append((f"{prefix}-{i:03d}", frames, fbank))
-    return clips
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from dalipipe.miniature.tiny import make_tiny_llava
-
-    root = tmp_path_factory.mktemp("align")
-    rng = np.random.default_rng(0)
-    (root / "train").mkdir()
-    (root / "val").mkdir()
-    clips = make_clips(rng, "train", 24)
-    write_shard(root / "train" / "align-000000.tar", clips[:12])
-    write_shard(root / "train" / "align-000001.tar", clips[12:])
-    write_shard(root / "val" / "test-000000.tar", make_clips(rng, "val", 8))
-    for split in ("train", "val"):
-        files = sorted(p.name for p in (root / split).glob("*.tar"))
-        (root / split / "index.json").write_text(
-            json.dumps({"shards": [{"file": f} for f in files]})
-        )
-    return {"root": root, "llava": make_tiny_llava(root / "llava")}
-
-
-def params_for(**align):
-    settings = {
-        "batch_size": 4,
-        "epochs": 3,
-        "lr": 1e-3,
-        "lr_milestones": [2],
-        "checkpoint_every": 2,
-        "frame": "random",
-        **align,
-    }
-    return {"seed": 0, "device": "cpu", "align": settings, "models": {"audio_encoder": ENCODER}}
-
-
-def run_align(world, method, out, **settings):
-    r = world["root"]
-    return align(params_for(**settings), method, r / "train", r / "val", world["llava"], out)
+from tests.support.runs import params_for, run_align
+from tests.support.shards import make_clips, write_shard
 
 
 def test_settings_merge_defaults_config_and_per_method():
@@ -141,11 +70,11 @@ def test_augment_is_a_per_clip_roll_plus_bounded_noise():
     assert not torch.isclose(noisy[0].max(), noisy[1].max())
 
 
-def test_mmd_run_writes_encoder_curve_and_summary(world, tmp_path):
+def test_mmd_run_writes_encoder_curve_and_summary(align_world, tmp_path):
     from dalipipe.models.cavmae import load_encoder
 
     out = tmp_path / "align" / "mmd"
-    summary = run_align(world, "mmd", out)
+    summary = run_align(align_world, "mmd", out)
     assert sorted(p.name for p in out.iterdir()) == [
         "audio_encoder.json",
         "audio_encoder.safetensors",
@@ -163,22 +92,22 @@ def test_mmd_run_writes_encoder_curve_and_summary(world, tmp_path):
     assert encoder.config.out_dim == 32 and encoder.config.target_length == 64
 
 
-def test_decoded_clips_cached_between_epochs_give_the_same_weights(world, tmp_path):
+def test_decoded_clips_cached_between_epochs_give_the_same_weights(align_world, tmp_path):
     from safetensors.torch import load_file
 
     runs = {}
     for cache_gb, cached in ((0, 0), (1.0, 24)):  # the world's 24 training clips
         out = tmp_path / f"cache{cache_gb}"
-        assert run_align(world, "mmd", out, clip_cache_gb=cache_gb)["clips_cached"] == cached
+        assert run_align(align_world, "mmd", out, clip_cache_gb=cache_gb)["clips_cached"] == cached
         runs[cache_gb] = load_file(out / "audio_encoder.safetensors")
     assert runs[0].keys() == runs[1.0].keys()
     assert all(torch.equal(runs[0][k], runs[1.0][k]) for k in runs[0])
 
 
-def test_ot_in_bf16_skips_broken_clips_and_records_the_solver(world, tmp_path, caplog):
+def test_ot_in_bf16_skips_broken_clips_and_records_the_solver(align_world, tmp_path, caplog):
     train = tmp_path / "train"
     train.mkdir()
-    for tar in (world["root"] / "train").glob("*.tar"):
+    for tar in (align_world["root"] / "train").glob("*.tar"):
         (train / tar.name).symlink_to(tar)
     rng = np.random.default_rng(1)
     extra = make_clips(rng, "extra", 4)
@@ -196,7 +125,12 @@ def test_ot_in_bf16_skips_broken_clips_and_records_the_solver(world, tmp_path, c
         "ot": {"solver": "sinkhorn", "eps": 0.1, "iters": 20},
     }
     summary = align(
-        params_for(**settings), "ot", train, world["root"] / "val", world["llava"], tmp_path / "ot"
+        params_for(**settings),
+        "ot",
+        train,
+        align_world["root"] / "val",
+        align_world["llava"],
+        tmp_path / "ot",
     )
     assert summary["solver"] == {"solver": "sinkhorn", "eps": 0.1, "iters": 20}
     # 26 usable clips make 6 batches of 4; had the 2 broken ones been kept, 28 would make 7
@@ -205,8 +139,8 @@ def test_ot_in_bf16_skips_broken_clips_and_records_the_solver(world, tmp_path, c
     assert "extra-001 skipped: fbank shape (40, 32), expected (64, 32)" in caplog.text
 
 
-def test_ot_att_scorer_is_frozen_in_the_first_epoch_then_trained(world, tmp_path):
-    r = world["root"]
+def test_ot_att_scorer_is_frozen_in_the_first_epoch_then_trained(align_world, tmp_path):
+    r = align_world["root"]
 
     def scorer_after(epochs):
         run = Run(
@@ -214,7 +148,7 @@ def test_ot_att_scorer_is_frozen_in_the_first_epoch_then_trained(world, tmp_path
             "ot_att",
             r / "train",
             r / "val",
-            world["llava"],
+            align_world["llava"],
             tmp_path / f"e{epochs}",
         )
         start = {k: v.clone() for k, v in run.scorer.state_dict().items()}
@@ -230,13 +164,13 @@ def test_ot_att_scorer_is_frozen_in_the_first_epoch_then_trained(world, tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
+def test_sigterm_then_rerun_ends_with_the_same_weights(align_world, tmp_path):
     reference = tmp_path / "uninterrupted"
     # a cache of ~50 kB holds the tokens of part of the clips only: the rest are computed again
-    run_align(world, "ot_att", reference, image_token_cache_gb=5e-5)
+    run_align(align_world, "ot_att", reference, image_token_cache_gb=5e-5)
 
     out = tmp_path / "interrupted"
-    r = world["root"]
+    r = align_world["root"]
     command = [
         sys.executable,
         "-m",
@@ -251,7 +185,7 @@ def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
         "--val-shards",
         str(r / "val"),
         "--captioner",
-        str(world["llava"]),
+        str(align_world["llava"]),
         "--out",
         str(out),
     ]
@@ -269,7 +203,7 @@ def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
     steps = [v for k, v in saved["__dict__"][0][1]["__dict__"] if k == "step"]
     assert 0 < steps[0] < 18
 
-    run_align(world, "ot_att", out, image_token_cache_gb=5e-5)  # resumes from the checkpoint
+    run_align(align_world, "ot_att", out, image_token_cache_gb=5e-5)  # resumes from the checkpoint
     expected = load_file(reference / "audio_encoder.safetensors")
     got = load_file(out / "audio_encoder.safetensors")
     assert expected.keys() == got.keys()
@@ -285,20 +219,20 @@ def test_sigterm_then_rerun_ends_with_the_same_weights(world, tmp_path):
     assert losses(out) == losses(reference)
 
 
-def test_a_batch_above_the_pool_is_capped_at_it_and_logged(world, tmp_path, caplog):
+def test_a_batch_above_the_pool_is_capped_at_it_and_logged(align_world, tmp_path, caplog):
     """The shards' index counts 24 clips: align.batch_size 100 trains in batches of 24."""
     train = tmp_path / "train"
     train.mkdir()
     entries = []
     for tar, count in (("align-000000.tar", 12), ("align-000001.tar", 12)):
-        (train / tar).symlink_to(world["root"] / "train" / tar)
+        (train / tar).symlink_to(align_world["root"] / "train" / tar)
         entries.append({"file": tar, "count": count})
     (train / "index.json").write_text(json.dumps({"total": 24, "shards": entries}))
     out = tmp_path / "mmd"
     with caplog.at_level("WARNING", logger="dalipipe.align.train"):
         summary = align(
-            params_for(batch_size=100, epochs=2), "mmd", train, world["root"] / "val",
-            world["llava"], out,
+            params_for(batch_size=100, epochs=2), "mmd", train, align_world["root"] / "val",
+            align_world["llava"], out,
         )  # fmt: skip
     assert summary["batch_size"] == 24 and summary["steps"] == 2 and summary["clips_seen"] == 48
     assert summary["final_train_loss"] is not None
@@ -308,16 +242,16 @@ def test_a_batch_above_the_pool_is_capped_at_it_and_logged(world, tmp_path, capl
     ) in caplog.text
 
 
-def test_an_epoch_without_a_full_batch_stops_the_stage_leaving_no_encoder(world, tmp_path):
+def test_an_epoch_without_a_full_batch_stops_the_stage_leaving_no_encoder(align_world, tmp_path):
     """The test world's index does not count its clips, so nothing caps the batch: 24 clips
     and batches of 100 would make no step, and the stage says so instead of saving an
     untrained encoder."""
     out = tmp_path / "align" / "mmd"
     with pytest.raises(ValueError) as error:
-        run_align(world, "mmd", out, batch_size=100, epochs=2)
+        run_align(align_world, "mmd", out, batch_size=100, epochs=2)
     assert str(error.value) == (
         f"align.batch_size 100: epoch 1 made no step: 24 usable clip(s) of "
-        f"{world['root'] / 'train'} reached this process (one of 1), fewer than one batch; "
+        f"{align_world['root'] / 'train'} reached this process (one of 1), fewer than one batch; "
         "lower align.batch_size or add clips"
     )
     assert not out.exists() and not out.with_name("mmd.ckpt").exists()

@@ -8,6 +8,7 @@ import pytest
 
 from dalipipe.config import load_config
 from dalipipe.data import audioset
+from tests.support.snakemake import snakemake
 
 DATA = Path("/work/shared/data")
 AS = DATA / "audioset"
@@ -133,8 +134,6 @@ def test_command_writes_parts_and_summary(tmp_path):
 def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
     """rules/audioset.smk and rules/filter.smk, with common.smk and acquire.smk (the gather rule of
     every source), in a Snakemake dry run."""
-    import subprocess
-    import sys
 
     import yaml
 
@@ -162,10 +161,9 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
         (tmp_path / f"results/{config['run']}/extract/part-{i}").mkdir(parents=True)
 
     def dry_run():
-        return subprocess.run(
-            [sys.executable, "-m", "snakemake", "-n", "--cores", "1",
-             f"results/{config['run']}/filter/kept.txt"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        return snakemake(
+            "-n", "--cores", "1", f"results/{config['run']}/filter/kept.txt",
+            cwd=tmp_path, timeout=120,
         )  # fmt: skip
 
     result = dry_run()

@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 pytest tests/test_audioset_workflow.py
 
 metadata -> audioset_select -> audioset_download (2 parts, real yt-dlp + ffmpeg against
-tests/video_host.py) -> acquire_gather -> extract -> filter (tiny BLIP-2 captions, tiny GPT-2
-embeddings: the paper's path) -> filter_merge -> shard (align), in a scratch directory. The
+tests/support/video_host.py) -> acquire_gather -> extract -> filter (tiny BLIP-2 captions, tiny
+GPT-2 embeddings: the paper's path) -> filter_merge -> shard (align), in a scratch directory. The
 metadata is written here in Google's formats (segment CSVs with their comment header, the class
 index, an ontology) with one malformed row, one clip outside the selected classes and one id of
 an evaluation set. The host answers 404, 403, a truncated body and a stalled response for some
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from video_host import make_video, serve_videos
 
 from dalipipe.data.shard_reader import load_split
+from tests.support.video_host import make_video, serve_videos
 
 pytestmark = pytest.mark.slow
 

@@ -4,29 +4,24 @@ Runs `snakemake -n` (a dry run: nothing executes) on copies of config.yaml with 
 """
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dalipipe.config import config_problems, fill_defaults, load_config
+from tests.support.snakemake import snakemake
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def dry_run(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [*SNAKEMAKE, "-n", "--cores", "1", "--configfile", str(path), "-d", str(tmp_path)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    result = snakemake(
+        "-n", "--cores", "1", "--configfile", str(path), "-d", str(tmp_path),
+        timeout=300, merged=True,
+    )  # fmt: skip
     result.output = result.stdout
     return result
 

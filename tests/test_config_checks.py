@@ -7,7 +7,6 @@ that must stop before building the job graph and leave nothing in its working di
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import yaml
 
 from dalipipe.config import ConfigError, config_problems, load_config, merge
 from dalipipe.config import main as check_config
+from tests.support.snakemake import SNAKEFILE, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = "['mmd', 'ot', 'ot_att', 'contrastive']"
@@ -111,10 +111,9 @@ def dry_run(workdir: Path, settings: dict) -> subprocess.CompletedProcess:
     """`snakemake -n` of this repository's workflow in `workdir`, with `settings` as a preset."""
     preset = workdir / "preset.yaml"
     preset.write_text(yaml.safe_dump(settings))
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
-         "-d", str(workdir), "--configfile", str(preset)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    return snakemake(
+        "-n", "--cores", "1", "-s", str(SNAKEFILE), "-d", str(workdir), "--configfile", str(preset),
+        timeout=300, merged=True,
     )  # fmt: skip
 
 

@@ -17,7 +17,8 @@ import urllib.request
 import uuid
 
 import pytest
-from test_describe_api import BEFORE, FEATURES, TOKENS, VIDEO, WAV16K, write_model
+
+from tests.support.describe import BEFORE, FEATURES, TOKENS, VIDEO, WAV16K, write_model
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_describe_api import BEFORE, FEATURES, TOKENS, VIDEO, WAV16K, write_model
-from test_hf_cache import HubServer
-from video_host import serving
 
 from dalipipe.describe.export import export
 from dalipipe.evaluate import tables
+from tests.support.describe import BEFORE, FEATURES, TOKENS, VIDEO, WAV16K, write_model
+from tests.support.hub import HubServer
+from tests.support.video_host import serving
 
 BASE_ID, BASE_COMMIT = "dalipipe-test/tiny-llava", "1" * 40
 MODEL_ID, MODEL_COMMIT = "dalipipe-test/tiny-dali", "2" * 40

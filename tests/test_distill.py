@@ -11,18 +11,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_prefix import (
-    COLOURS,
-    assembled,
-    assert_trains_like_the_whole_batch,
-    sigterm_in_loss_call,
-    solid,
-    write_shards,
-)
 
 import dalipipe.training as training
 from dalipipe.caption.distill import distill, fit_projector, training_set
 from dalipipe.config import section_defaults
+from tests.support.shards import COLOURS, solid, write_shards
+from tests.support.training import (
+    assembled,
+    assert_trains_like_the_whole_batch,
+    sigterm_in_loss_call,
+)
 
 CAPTIONS = ["a dog barks", "a bell rings", "a bird chirps", "a car passes by", "a dog barks twice"]
 QUICK = {

@@ -1,7 +1,7 @@
 """The AudioSet downloader for real: yt-dlp against a local HTTP server serving generated MP4s.
 
-The server (tests/video_host.py: threaded, on 127.0.0.1) answers byte ranges like a video host,
-and has ids that 404, 403, fail once, stall, or cut the body short. yt-dlp's generic extractor
+The server (tests/support/video_host.py: threaded, on 127.0.0.1) answers byte ranges like a
+video host, and has ids that 404, 403, fail once, stall, or cut the body short. yt-dlp's generic extractor
 reads them, and ffmpeg cuts the segment's 10 s out of a 20 s video whose tone changes from
 440 Hz to 880 Hz at 10 s, so the test can hear where the cut fell.
 """
@@ -13,11 +13,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from video_host import make_video, serve_videos
 
 from dalipipe.data import download
 from dalipipe.data.audioset import Segment
 from dalipipe.data.manifest import ACQUIRE_FIELDS
+from tests.support.video_host import make_video, serve_videos
 
 GOOD, SLOW, FLAKY = "goodVideo01", "slowVideo01", "flakyVideo1"
 MISSING, FORBIDDEN, STALL, TRUNC = "missingVid1", "forbidden01", "stallVideo1", "truncVideo1"
@@ -29,7 +29,8 @@ BEHAVIOURS = {SLOW: "slow", FLAKY: "flaky", MISSING: "missing", FORBIDDEN: "forb
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    """The local video host (tests/video_host.py); ``host.url_template``, ``host.requests``."""
+    """The local video host (tests/support/video_host.py); ``host.url_template``,
+    ``host.requests``."""
     path = tmp_path_factory.mktemp("host") / "video.mp4"
     make_video(path)
     with serve_videos(path.read_bytes(), BEHAVIOURS, stall_s=3.0) as server:

@@ -6,9 +6,7 @@ HF_HUB_OFFLINE=1 pytest tests/test_evaluate.py -x -q
 from __future__ import annotations
 
 import csv
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ from dalipipe.config import section_defaults
 from dalipipe.evaluate import datasets, run, tables
 from dalipipe.miniature import world
 from dalipipe.miniature.world_scores import WORLD_METRICS, world_scores
+from tests.support.authors import write_authors_files
+from tests.support.shards import FRAMES, MEL, write_test_shard
 
 SHARED = Path("/work/shared/data")
 AUDIOCAPS_CSV = SHARED / "audiocaps" / "test.csv"
@@ -126,53 +126,6 @@ def test_pick_frame_is_the_authors_frame_5_of_10():
 
 
 # ----------------------------------------------------------------------------- the stage
-
-MEL, FRAMES = 16, 32
-
-
-def _jpeg(rgb) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), rgb).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_test_shard(directory: Path, n: int = 6) -> list[dict]:
-    """A webdataset shard laid out as stage shard writes it (DEVELOPING.md, "Shards")."""
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = [c.name for c in world.CLASSES[:4]]
-    metas = []
-    with tarfile.open(directory / "test-000000.tar", "w") as tar:
-
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        for i in range(n):
-            heard = [names[i % 4]]
-            seen = heard if i % 3 else []
-            meta = {
-                "clip_id": f"clip-{i:03d}",
-                "split": "test",
-                "labels": heard,
-                "start_s": 0.0,
-                "heard": heard,
-                "seen": seen,
-                "references": world.reference_captions(heard, rng),
-                "n_frames": 3,
-            }
-            metas.append(meta)
-            fbank = io.BytesIO()
-            np.save(fbank, rng.standard_normal((FRAMES, MEL)).astype(np.float16))
-            add(f"clip-{i:03d}.fbank.npy", fbank.getvalue())
-            for k in range(3):
-                add(f"clip-{i:03d}.frame{k}.jpg", _jpeg(world.CLASSES[i % 4].rgb))
-            add(f"clip-{i:03d}.json", json.dumps(meta).encode())
-        add("clip-bad.json", b'{"clip_id": "clip-bad"}')  # no fbank, no references
-    return metas
 
 
 @pytest.fixture(scope="module")
@@ -357,8 +310,6 @@ def test_media_index_finds_acquire_and_extract_layouts(tmp_path):
 def test_extra_systems_are_evaluated_as_distilled_captioners(run_dir, tmp_path):
     """config `evaluate.extra_systems`: an imported model (the authors' released weights through
     `dalipipe import-authors`, here at a tiny width) is scored beside the run's own systems."""
-    from test_import_authors import write_authors_files
-
     from dalipipe import cli
 
     files = write_authors_files(

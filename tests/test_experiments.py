@@ -11,7 +11,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import yaml
 
 from dalipipe.caption.pairs import Pair, first_pairs
 from dalipipe.evaluate import experiments, published, report, tables
+from tests.support.snakemake import SNAKEFILE, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -428,10 +428,10 @@ def test_a_seed_run_is_the_whole_run_at_that_seed(snakemake_in, workdir):
 def dry_run_with(workdir, settings: str, *targets: str) -> subprocess.CompletedProcess:
     """`snakemake -n` of the miniature with `settings` (YAML) laid over its config."""
     (workdir / "sweep.yaml").write_text(settings)
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "--configfile", str(workdir / "sweep.yaml"), "--", *targets],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    return snakemake(
+        "-n", "-s", str(SNAKEFILE), "-d", str(workdir),
+        "--configfile", str(workdir / "sweep.yaml"), "--", *targets,
+        timeout=300,
     )  # fmt: skip
 
 

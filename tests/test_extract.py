@@ -214,11 +214,9 @@ def test_single_threaded_decoding_writes_the_bytes_of_the_default_threads(tmp_pa
 def test_the_benchs_authors_pipeline_does_what_their_scripts_do(tmp_path):
     """bench/extract_authors.py: 10 frames seeked at int(i * total / 10) - 1, 224 px crops,
     16 kHz mono WAV (sox remix 1: the left channel), the loader's 1024 x 128 fbank."""
-    import sys
     import wave as wavfile
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    import extract_authors
+    from bench import extract_authors
 
     if extract_authors.missing_tools():
         pytest.skip(f"needs {extract_authors.missing_tools()}")

@@ -420,10 +420,9 @@ def test_align_killed_by_sigkill_then_rerun_writes_the_same_bytes(align_world, t
 
 
 def test_a_full_disk_stops_acquire_instead_of_recording_failed_downloads(tmpfs):
-    from video_host import make_video, serve_videos
-
     from dalipipe.data import download
     from dalipipe.data.audioset import Segment
+    from tests.support.video_host import make_video, serve_videos
 
     disk = tmpfs("64k")  # the journal fits, a clip does not
     video = disk.parent / "video.mp4"

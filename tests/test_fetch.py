@@ -20,12 +20,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from video_host import serving
 
 from dalipipe.data import fetch as fetch_mod
 from dalipipe.data import paper_inputs
 from dalipipe.data.fetch import FetchError, fetch, part_path
 from dalipipe.evaluate import assets
+from tests.support.hub import HubServer, tiny_gpt2_files
+from tests.support.snakemake import SNAKEFILE, snakemake, workflow_env
+from tests.support.video_host import serving
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next(
@@ -356,7 +358,8 @@ def test_the_fetch_rules_make_every_missing_input(tmp_path, snakemake_in):
     """configs/paper.yaml with its fetch URLs and YouTube pointed at 127.0.0.1: the fetch,
     unpack, AudioCaps-clip and prefix-pair rules run for real (real yt-dlp and ffmpeg)."""
     import yaml
-    from video_host import make_video, serve_videos
+
+    from tests.support.video_host import make_video, serve_videos
 
     pytest.importorskip("py7zr")
     audio = tmp_path / "evaluation"
@@ -525,8 +528,6 @@ def test_spice_runs_with_the_jars_of_the_configured_folder(tmp_path):
 
 @pytest.fixture
 def tiny_hub_repo(tmp_path):
-    from test_hf_cache import tiny_gpt2_files
-
     return tiny_gpt2_files(tmp_path / "tiny-gpt2")
 
 
@@ -535,11 +536,8 @@ def test_the_workflow_fetches_corenlp_and_a_hub_model(tmp_path, tiny_hub_repo):
     `fetch` and `corenlp_jars` rules make evaluate.corenlp (the zip's checksum recorded), and
     `fetch_hf_model` puts filter.gpt2 into the cache at its pinned revision."""
     import os
-    import subprocess
-    import sys
 
     import yaml
-    from test_hf_cache import HubServer
 
     paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
     gpt2_revision = paper["filter"]["gpt2_revision"]
@@ -553,10 +551,8 @@ def test_the_workflow_fetches_corenlp_and_a_hub_model(tmp_path, tiny_hub_repo):
         **os.environ,
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",  # as exported for the jobs: the fetch rule goes online anyway
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    snakemake = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile")]
-    snakemake += ["-d", str(workdir)]
+    workflow = ["--cores", "2", "-s", str(SNAKEFILE), "-d", str(workdir)]
     configs = ["--configfile", str(REPO / "configs/paper.yaml"), "local.yaml"]
     with (
         serve({"/corenlp.zip": zip_bytes}) as host,
@@ -567,17 +563,14 @@ def test_the_workflow_fetches_corenlp_and_a_hub_model(tmp_path, tiny_hub_repo):
             "hf_models": {"url": hub.endpoint},
         }
         (workdir / "local.yaml").write_text(yaml.safe_dump({"fetch": fetch_config}))
-        done = subprocess.run(
-            [*snakemake, "data/models/corenlp", str(marker), *configs],
-            cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        done = snakemake(
+            *workflow, "data/models/corenlp", str(marker), *configs,
+            cwd=workdir, env=workflow_env(env), timeout=900,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         served = [path for path, _ in host.requests]
         # the paper graph now: no job fetches them again, the stages read what is there
-        plan = subprocess.run(
-            [*snakemake, "-n", *configs],
-            cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
+        plan = snakemake(*workflow, "-n", *configs, cwd=workdir, env=workflow_env(env), timeout=900)
         assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
     jobs = set(re.findall(r"^(?:local)?rule (\w+):$", plan.stdout, re.M))
     assert "filter_part" in jobs and "evaluate" in jobs and "corenlp_jars" not in jobs

@@ -6,8 +6,6 @@ of rules/figures.smk planned in the miniature and at paper scale.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,47 +22,16 @@ from dalipipe.align.attentive import (
 )
 from dalipipe.evaluate import figures
 from dalipipe.evaluate.datasets import miniature_set
+from tests.support.runs import make_model_run, run_align
+from tests.support.shards import FRAMES, MEL
+from tests.support.snakemake import snakemake
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from test_align import run_align, world  # noqa: E402, F401  (world: the align stage's fixture)
-from test_evaluate import FRAMES, MEL, write_test_shard  # noqa: E402
-
-
-def make_run(root: Path) -> Path:
-    """A tiny run: base captioner, test shard, aligned encoders mmd and ot_att (with a scorer)
-    and an ot_att trained before scorers were saved (encoder only)."""
-    from dalipipe.miniature import world as synthetic
-    from dalipipe.miniature.tiny import make_tiny_llava
-    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
-
-    corpus = [
-        c
-        for cls in synthetic.CLASSES
-        for c in (synthetic.audio_caption([cls.name]), synthetic.visual_caption([cls.name]))
-    ]
-    make_tiny_llava(root / "models" / "llava", corpus=corpus, vocab_size=300)
-    config = AudioEncoderConfig(
-        num_mel_bins=MEL,
-        target_length=FRAMES,
-        patch_size=8,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        out_dim=32,
-    )
-    for i, method in enumerate(["mmd", "ot_att", "old_ot_att"]):
-        torch.manual_seed(10 + i)
-        save_encoder(CavMaeAudioEncoder(config), root / "align" / method)
-    torch.manual_seed(3)
-    save_scorer(AttentiveWeights(32, heads=2), root / "align" / "ot_att")
-    write_test_shard(root / "shards" / "test")
-    return root
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("figures"))
+    return make_model_run(tmp_path_factory.mktemp("figures"))
 
 
 def params(**figure_settings) -> dict:
@@ -97,12 +64,12 @@ def test_an_align_folder_without_a_scorer_loads_none_and_a_broken_one_is_named(t
 
 
 @pytest.mark.slow
-def test_align_ot_att_saves_its_scorer_and_other_methods_none(world, tmp_path):  # noqa: F811
-    run_align(world, "ot_att", tmp_path / "ot_att", epochs=2, lr_milestones=[])
+def test_align_ot_att_saves_its_scorer_and_other_methods_none(align_world, tmp_path):
+    run_align(align_world, "ot_att", tmp_path / "ot_att", epochs=2, lr_milestones=[])
     scorer = load_scorer(tmp_path / "ot_att")
     assert scorer is not None and scorer.dim == 32
     assert (tmp_path / "ot_att" / "audio_encoder.safetensors").is_file()
-    run_align(world, "mmd", tmp_path / "mmd", epochs=1, lr_milestones=[])
+    run_align(align_world, "mmd", tmp_path / "mmd", epochs=1, lr_milestones=[])
     assert load_scorer(tmp_path / "mmd") is None
 
 
@@ -271,14 +238,7 @@ def test_the_cli_names_a_bad_clip_and_exits_1(run_dir, tmp_path, capfd):
 
 
 def dry_run(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
+    result = snakemake("-n", "-p", "--cores", "1", *args, timeout=600, merged=True)
     assert result.returncode == 0, result.stdout[-4000:]
     return result.stdout
 

@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support.snakemake import SNAKEFILE, snakemake, workflow_env
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "dalipipe-test/tiny-llava"
@@ -68,23 +69,13 @@ def offline_run(tmp_path_factory):
     }
     (workdir / "offline.yaml").write_text(yaml.safe_dump(overlay))
     (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(cache),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile")]
+    env = workflow_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     configs = [str(REPO / "configs" / "ci.yaml"), "offline.yaml"]
-    result = subprocess.run(
-        [*command, "-d", str(workdir), "--configfile", *configs, "--show-failed-logs"],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    result = snakemake(
+        "--cores", "2", "-s", str(SNAKEFILE), "-d", str(workdir),
+        "--configfile", *configs, "--show-failed-logs",
+        cwd=workdir, env=env, timeout=1800,
+    )  # fmt: skip
     return workdir, env, result
 
 

@@ -12,10 +12,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.snakemake import snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 # each paper stage, as the rule name or the start of it (extract_part, filter_part/_merge, shard)
@@ -101,14 +102,8 @@ def dry_run(root: Path, *args: str) -> tuple[str, dict[str, int]]:
     # no site settings from the calling shell: the profile's defaults, as on a new cluster
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DALIPIPE_SLURM"))}
     env["HF_HUB_CACHE"] = str(hub_cache(root))  # an empty cache of the clone's own
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", *args],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
+    result = snakemake(
+        "--profile", "slurm", "-n", *args, cwd=root, env=env, timeout=600, merged=True
     )
     assert result.returncode == 0, result.stdout[-5000:]
     stats = result.stdout.split("Job stats:")[-1].split("Reasons:")[0]

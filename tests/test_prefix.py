@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dalipipe.caption.pairs import load_pairs, middle
 from dalipipe.caption.prefix import fit_prefix, train_prefix
 from dalipipe.config import section_defaults
 from dalipipe.training import epoch_order
+from tests.support.shards import COLOURS, solid, write_shards
+from tests.support.training import assert_trains_like_the_whole_batch, sigterm_in_loss_call
 
 CAPTIONS = ["a dog barks", "a bell rings", "a bird chirps", "a car passes by"]
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 QUICK = {
     **section_defaults("prefix"),
     "n_tokens": 4,
@@ -32,48 +30,6 @@ QUICK = {
     "batch_size": 2,
     "checkpoint_every": 2,
 }
-
-
-def write_shards(directory, clips):
-    """A one-tar shard split in the shard stage's layout; clips: (clip_id, frames, fbank, meta)."""
-    from dalipipe.data.shard import Clip, write_shard
-
-    staging = directory.parent / f"{directory.name}-files"
-    directory.mkdir(parents=True)
-    entries = []
-    for clip_id, frames, fbank, meta in clips:
-        clip_dir = staging / clip_id
-        clip_dir.mkdir(parents=True)
-        frame_paths = []
-        for k, frame in enumerate(frames):
-            Image.fromarray(frame).save(clip_dir / f"frame_{k:02d}.jpg", quality=95)
-            frame_paths.append(clip_dir / f"frame_{k:02d}.jpg")
-        np.save(clip_dir / "fbank.npy", fbank.astype(np.float16))
-        meta = {"clip_id": clip_id, "n_frames": len(frames), **meta}
-        entries.append(Clip(clip_id, clip_id, frame_paths, clip_dir / "fbank.npy", None, meta))
-    write_shard(directory / "test-000000.tar", entries)
-    index = {"shards": [{"file": "test-000000.tar", "count": len(entries)}]}
-    (directory / "index.json").write_text(json.dumps(index))
-    return directory
-
-
-def solid(colour, size=(40, 48)):
-    return np.full((*size, 3), colour, dtype=np.uint8)
-
-
-def assembled(stage_inputs):
-    """The captioner pseudolabel and distill start from (float32, CPU): a stage_inputs fixture's
-    base captioner, aligned encoder and prefix (tests/test_pseudolabel.py, test_distill.py)."""
-    from dalipipe.models.assemble import load_captioner
-
-    return load_captioner(
-        stage_inputs["captioner_path"],
-        None,
-        encoder_dir=stage_inputs["encoder_dir"],
-        prefix_dir=stage_inputs["prefix_dir"],
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
 
 
 @pytest.fixture
@@ -178,24 +134,6 @@ def test_prefix_loss_falls_and_only_the_prefix_changes(tiny_models, pairs_file, 
     assert curve[0]["lr"] == 0.0 and curve[1]["lr"] == pytest.approx(QUICK["lr"])
 
 
-def sigterm_in_loss_call(monkeypatch, captioner, n: int) -> None:
-    """Make `captioner`'s n-th caption_loss call send this process SIGTERM (as a scheduler that
-    preempts the job does), with the training loop's flag cleared before the run."""
-    import dalipipe.training as training
-
-    calls = {"n": 0}
-    real_loss = captioner.caption_loss
-
-    def loss_then_sigterm(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(**kwargs)
-
-    monkeypatch.setattr(captioner, "caption_loss", loss_then_sigterm)
-    monkeypatch.setitem(training._sigterm, "requested", False)
-
-
 def test_sigterm_then_rerun_gives_the_uninterrupted_prefix(
     tiny_models, pairs_file, tmp_path, monkeypatch
 ):
@@ -241,38 +179,6 @@ def test_train_prefix_writes_the_stage_outputs(tiny_models, pairs_file, tmp_path
     captioner = fresh_captioner(tiny_models.llava)
     captioner.load_prefix(out / "prefix.safetensors")
     assert tuple(captioner.prefix.shape) == (4, 64)
-
-
-def with_first_step_gradients(fit):
-    """Run `fit()`; returns (its result, the gradients the optimizer's first step received)."""
-    seen = []
-
-    def hook(optimizer, args, kwargs):
-        if not seen:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            seen.append([p.grad.detach().clone() for p in params])
-
-    handle = register_optimizer_step_pre_hook(hook)
-    try:
-        result = fit()
-    finally:
-        handle.remove()
-    return result, seen[0]
-
-
-def assert_trains_like_the_whole_batch(fit, settings: dict, memory: dict) -> None:
-    """`fit(settings, name)` trains a fresh captioner under checkpoint dir `name` and returns
-    (its curve, its trained tensors by name); with the `memory` settings laid over `settings`,
-    the first step's gradients, the curve and the trained tensors are the whole batch's."""
-    (curve, trained), grads = with_first_step_gradients(lambda: fit(settings, "whole"))
-    (other, other_trained), other_grads = with_first_step_gradients(
-        lambda: fit({**settings, **memory}, "memory")
-    )
-    for a, b in zip(other_grads, grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert [c["loss"] for c in other] == pytest.approx([c["loss"] for c in curve], abs=1e-5)
-    for key, value in trained.items():
-        torch.testing.assert_close(other_trained[key], value, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from dalipipe.evaluate import probe
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_figures import make_run  # noqa: E402
+from tests.support.runs import make_model_run
 
 METAS = {
     "a": {"heard": ["dog"], "seen": ["dog", "bell"]},  # bell: seen, silent
@@ -74,7 +70,7 @@ def test_outputs_hold_the_captions_side_by_side(tmp_path):
 def test_probe_asks_every_encoder_without_the_prefix(tmp_path, monkeypatch):
     from dalipipe.models.captioner import AudioCaptioner
 
-    root = make_run(tmp_path / "run")
+    root = make_model_run(tmp_path / "run")
     asked = []
     generate = AudioCaptioner.generate
 

@@ -11,9 +11,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_prefix import COLOURS, assembled, solid, write_shards
 
 from dalipipe.caption.pseudolabel import pseudolabel, read_partial
+from tests.support.shards import COLOURS, solid, write_shards
+from tests.support.training import assembled
 
 SETTINGS = {"modality": "audio+image", "use_prefix": True, "batch_size": 2, "max_new_tokens": 6}
 

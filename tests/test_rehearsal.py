@@ -10,7 +10,7 @@ models of the same classes at the real widths and one or two layers (`dalipipe m
 HF_HUB_OFFLINE=1. Every input the paper config names under data/ is generated in its real format
 (AudioSet segment CSVs, class index and ontology; AudioCaps and Clotho CSVs with their media; the
 prefix pairs; a full-width CAV-MAE .pth), so no fetch job runs. The AudioSet clips come through
-yt-dlp from the local video host (tests/video_host.py): 16 align, 4 pseudo-label and 4 test
+yt-dlp from the local video host (tests/support/video_host.py): 16 align, 4 pseudo-label and 4 test
 clips of 10 s with real H.264/AAC, and one AudioCaps test id listed in the segments that must
 never be downloaded. Then every stage runs as a Slurm job, two at a time: selection, download,
 gather, extract, caption filter (BLIP-2 + GPT-2), shards, prefix (4 pairs), alignment with MMD,
@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import wave
@@ -38,8 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slurm import cluster, explain, job_info, slurm_jobs
-from video_host import make_video, serve_videos
+
+from tests.support.slurm import cluster, explain, job_env, job_info, slurm_jobs
+from tests.support.snakemake import snakemake as run_snakemake
+from tests.support.snakemake import workflow_env
+from tests.support.video_host import make_video, serve_videos
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "results/rehearsal"
@@ -178,7 +180,7 @@ def write_prefix_pairs(root: Path, video: Path) -> None:
 
 def make_models(root: Path, work: Path) -> Path:
     """The paper-width models: LLaVA, BLIP-2 and GPT-2 into a hub cache, CAV-MAE into data/."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = workflow_env()
     hub = root / "hub"
     subprocess.run(
         ["dalipipe", "make-tiny", "--paper-widths", "--out", str(root / "models"),
@@ -195,23 +197,12 @@ def make_models(root: Path, work: Path) -> Path:
 
 
 def env_for(hub: Path) -> dict[str, str]:
-    env = dict(os.environ, **ENV, HF_HUB_CACHE=str(hub))
-    # jobs inherit this environment (--export=ALL): they must find this venv's `dalipipe`
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for name in ("SLURM_PARTITION", "SLURM_GPU_PARTITION", "SLURM_ACCOUNT", "DALIPIPE_SLURM_SITE"):
-        env.pop(name, None)
-    return env
+    return job_env(**ENV, HF_HUB_CACHE=str(hub))
 
 
 def snakemake(work: Path, env: dict, *args: str, limit: int) -> subprocess.CompletedProcess:
-    command = ["timeout", "-k", "10", str(limit), sys.executable, "-m", "snakemake", *ARGS, *args]
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    if result.returncode in (124, 137):  # killed: leave the directory unlocked
-        subprocess.run(
-            ["timeout", "-k", "10", "60", sys.executable, "-m", "snakemake", *ARGS, "--unlock"],
-            cwd=work, env=env, capture_output=True,
-        )  # fmt: skip
-    return result
+    """Snakemake with the rehearsal's preset, under `limit` (a killed run is unlocked)."""
+    return run_snakemake(*args, cwd=work, env=env, limit=limit, preset=ARGS)
 
 
 def planned_rules(work: Path, env: dict) -> dict[str, int]:

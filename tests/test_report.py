@@ -9,11 +9,8 @@ test-artifacts/; it is skipped only where chromium is not installed (CI installs
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,90 +19,11 @@ import yaml
 
 from dalipipe.config import load_config
 from dalipipe.evaluate import report, tables
-from dalipipe.evaluate.run import System
+from tests.support.runs import SHARED_WAV, make_report_run
+from tests.support.snakemake import snakemake, workflow_env
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-SHARED_WAV = Path("/work/shared/data/clips/vggsound_FwVYUHKoLtQ_000034.wav")
-sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate import write_test_shard  # noqa: E402
-
-
-def make_evaluate_dir(out: Path, metas: list[dict]) -> None:
-    """An evaluate stage output, written by hand: two systems with known scores."""
-    out.mkdir(parents=True)
-    systems = [
-        System("image", "image", "", "image", False, True),
-        System("mmd_audio", "audio", "mmd", "audio", False, True),
-        System("mmd_audio_distilled", "audio_distilled", "mmd", "audio", True, False),
-    ]
-    refs = {m["clip_id"]: m["references"] for m in metas}
-    rows = []
-    for i, system in enumerate(systems):
-        captions = {m["clip_id"]: f"{system.name} says {m['heard'][0]}" for m in metas}
-        scores = {
-            "bleu_4": 0.1 * i,
-            "meteor": 0.2 + i / 100,
-            "rouge_l": 0.3,
-            "cider_d": 0.5,
-            "spice": None,
-            "spider": None,
-        }
-        scores |= {
-            "class_recall": 0.5,
-            "class_precision": 0.75,
-            "well_formed": 1.0,
-            "offscreen_recall": None,
-        }
-        (out / f"{system.name}.json").write_text(
-            json.dumps({"captions": captions, "scores": scores})
-        )
-        rows.append(tables.table_row(system, scores))
-    tables.write_csv(out / "table.csv", rows, tables.columns(world=True))
-    notes = {"spider": "not computed: Stanford CoreNLP 3.6.0 missing"}
-    (out / "table.md").write_text(tables.markdown(rows, "miniature", world=True, notes=notes))
-    (out / "references.json").write_text(json.dumps(refs))
-    summary = {
-        "dataset": "miniature",
-        "n_clips": len(metas),
-        "n_failed": 1,
-        "systems": [s.name for s in systems],
-    }
-    (out / "summary.json").write_text(json.dumps(summary))
-    rng = np.random.default_rng(0)
-    image = rng.normal(0, 1, (len(metas), 8))
-    np.savez(
-        out / "gap.npz",
-        clip_ids=np.array(sorted(refs)),
-        image=image,
-        **{
-            "audio/mmd": image + rng.normal(0, 0.1, image.shape),
-            "audio/untrained": rng.normal(5, 1, image.shape),
-        },
-    )
-
-
-def make_run(root: Path) -> Path:
-    """results/miniature with what report_figures reads: evaluate output, curves, shards, manifest."""
-    run = root / "results" / "miniature"
-    metas = write_test_shard(run / "shards" / "test")
-    for stage in ("align/mmd", "prefix"):
-        (run / stage).mkdir(parents=True)
-        lines = ["step,epoch,loss,lr"] + [f"{s},{s // 5},{2.0 / (1 + s)},0.001" for s in range(20)]
-        (run / stage / "curve.csv").write_text("\n".join(lines) + "\n")
-    (run / "models" / "llava").mkdir(parents=True)
-    (run / "acquire").mkdir()
-    wav = run / "acquire" / "clip-000.wav"
-    if SHARED_WAV.is_file():
-        shutil.copyfile(SHARED_WAV, wav)
-    else:  # a plain tone, written with the standard library
-        wav.write_bytes(report._wav_bytes(np.sin(np.arange(16000) / 5.0) * 0.3, 16000))
-    (run / "acquire" / "manifest.csv").write_text(
-        f"clip_id,path,status,reason,split,start_s,labels\nclip-000,{wav},ok,,test,0,dog\n"
-    )
-    time.sleep(0.05)  # the evaluate output must be newer than its inputs (mtime rerun trigger)
-    make_evaluate_dir(run / "evaluate" / "miniature", metas)
-    return run
 
 
 def test_pca_2d_matches_the_covariance_eigenvectors():
@@ -132,7 +50,7 @@ def test_markdown_table_becomes_an_html_table():
 
 
 def test_build_report_writes_pages_and_figures(tmp_path):
-    run = make_run(tmp_path)
+    run = make_report_run(tmp_path)
     written = report.build_report(
         [run / "evaluate" / "miniature"],
         run / "report",
@@ -188,7 +106,7 @@ def chromium(*args: str, profile: Path, timeout: int = 120) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="chromium not installed")
 def test_snakemake_report_renders_in_headless_chromium(tmp_path):
-    run = make_run(tmp_path)
+    run = make_report_run(tmp_path)
     config = load_config()  # config.yaml with the schema's defaults
     config["evaluate"] = {
         **config.get("evaluate", {}),
@@ -203,22 +121,15 @@ def test_snakemake_report_renders_in_headless_chromium(tmp_path):
         f'include: "{REPO}/rules/common.smk"\n'
         f'include: "{REPO}/rules/evaluate.smk"\n'
     )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    snakemake = [sys.executable, "-m", "snakemake", "--cores", "1"]
+    env = workflow_env()
     # Only modification times decide what reruns: the hand-made upstream outputs have no metadata.
     target = ["results/miniature/table.csv", "--rerun-triggers", "mtime"]
-    done = subprocess.run(
-        [*snakemake, *target], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    done = snakemake("--cores", "1", *target, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "report" / "modality_gap.png").is_file()
     # The evaluate rule's command as Snakemake would run it: every input named, lists expanded.
-    dry = subprocess.run(
-        [*snakemake, *target, "--forcerun", "evaluate", "-n", "-p"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    dry = snakemake(
+        "--cores", "1", *target, "--forcerun", "evaluate", "-n", "-p", cwd=tmp_path, env=env
     )
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert (
@@ -226,13 +137,10 @@ def test_snakemake_report_renders_in_headless_chromium(tmp_path):
         " --prefix results/miniature/prefix --align results/miniature/align/mmd --distill  --out"
         " results/miniature/evaluate/miniature" in dry.stdout
     )
-    built = subprocess.run(
-        [*snakemake, "results/miniature/table.csv", "--report", "report.html"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    built = snakemake(
+        "--cores", "1", "results/miniature/table.csv", "--report", "report.html",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     html_file = tmp_path / "report.html"
     assert html_file.stat().st_size > 10_000

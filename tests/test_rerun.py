@@ -10,12 +10,13 @@ would; then dry runs after one edit each list the jobs Snakemake would rerun. No
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support.snakemake import SNAKEFILE
+from tests.support.snakemake import snakemake as run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = ["--configfile", str(REPO / "configs" / "ci.yaml"), "base.yaml"]
@@ -24,14 +25,10 @@ AUDIOCAPS = {"csv": "data/audiocaps/test.csv", "media": "data/audiocaps/clips", 
 
 
 def snakemake(workdir: Path, *args: str) -> str:
-    command = [sys.executable, "-m", "snakemake", "--cores", "1", "-s", str(REPO / "Snakefile")]
-    result = subprocess.run(
-        [*command, "-d", str(workdir), *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_snakemake(
+        "--cores", "1", "-s", str(SNAKEFILE), "-d", str(workdir), *args,
+        cwd=workdir, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

@@ -27,35 +27,15 @@ from pathlib import Path
 import pytest
 
 from dalipipe.config import load_config
+from tests.support.slurm import cluster, explain, job_env, job_info, slurm_jobs
+from tests.support.snakemake import snakemake as run_snakemake
+from tests.support.snakemake import snakemake_command
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_DIR = "results/ci"  # configs/ci.yaml: run: ci
 METHOD = "mmd"  # the alignment method the kill/resume tests use
 ALIGN_OUT = f"{RUN_DIR}/align/{METHOD}"
 CKPT = f"{ALIGN_OUT}.ckpt"
-
-
-def _cluster_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        return subprocess.run(["sinfo"], capture_output=True, timeout=15).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-cluster_marks = [
-    pytest.mark.slurm,
-    pytest.mark.slow,
-    pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster: sinfo missing or failing"),
-]
-
-
-def cluster(test):
-    """Marks a test that needs the running cluster (`slurm`, `slow`, skipped without sinfo)."""
-    for mark in cluster_marks:
-        test = mark(test)
-    return test
 
 
 # The CI preset: test config, fast status polling, small jobs on the one test node.
@@ -76,56 +56,9 @@ CI_ENV = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, **CI_ENV)
-    # jobs inherit this environment (--export=ALL): they must find this venv's `dalipipe`
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for name in ("SLURM_PARTITION", "SLURM_GPU_PARTITION", "SLURM_ACCOUNT", "DALIPIPE_SLURM_SITE"):
-        env.pop(name, None)
-    return env
-
-
-def snakemake_cmd(*args: str, limit: int) -> list[str]:
-    return ["timeout", "-k", "10", str(limit), sys.executable, "-m", "snakemake", *CI_ARGS, *args]
-
-
 def snakemake(workdir: Path, *args: str, limit: int = 600) -> subprocess.CompletedProcess:
-    """Run Snakemake with the CI preset; unlock the directory if it had to be killed."""
-    result = subprocess.run(
-        snakemake_cmd(*args, limit=limit),
-        cwd=workdir, env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
-    if result.returncode in (124, 137):
-        unlock(workdir)
-    return result
-
-
-def unlock(workdir: Path) -> None:
-    subprocess.run(
-        ["timeout", "-k", "10", "60", sys.executable, "-m", "snakemake", *CI_ARGS, "--unlock"],
-        cwd=workdir, env=_env(), capture_output=True,
-    )  # fmt: skip
-
-
-def explain(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
-
-
-def slurm_jobs(workdir: Path) -> dict[int, str]:
-    """Slurm job id -> rule, from the per-job logs the profile keeps under logs/slurm/."""
-    jobs = {}
-    for path in (workdir / "logs" / "slurm").rglob("*.log"):
-        rule_dir = path.relative_to(workdir / "logs" / "slurm").parts[0]  # rule_<name>
-        jobs[int(path.stem)] = rule_dir.removeprefix("rule_")
-    return jobs
-
-
-def job_info(job_id: int) -> dict[str, str]:
-    """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge, 1 h here)."""
-    out = subprocess.run(
-        ["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30
-    ).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    """Snakemake with the CI preset, under `limit` (a killed run's directory is unlocked)."""
+    return run_snakemake(*args, cwd=workdir, env=job_env(**CI_ENV), limit=limit, preset=CI_ARGS)
 
 
 def minutes(limit: str) -> int:
@@ -269,8 +202,8 @@ def test_cancelled_training_job_resumes_on_rerun(workdir, ci_run):
     log_path = workdir / "logs" / "ci" / "align" / f"{METHOD}.log"  # logs/<run>/...
     target = ALIGN_OUT
     proc = subprocess.Popen(
-        snakemake_cmd(target, "--forcerun", "align", limit=300),
-        cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        snakemake_command(target, "--forcerun", "align", limit=300, preset=CI_ARGS),
+        cwd=workdir, env=job_env(**CI_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     job_id = wait_for_checkpoint_then_cancel(workdir, proc, limit=240)
     output, _ = proc.communicate(timeout=300)
@@ -295,8 +228,8 @@ def test_retry_resumes_with_more_time(workdir, ci_run):
     before = set(slurm_jobs(workdir))
     target = ALIGN_OUT
     proc = subprocess.Popen(
-        snakemake_cmd(target, "--forcerun", "align", "--retries", "1", limit=400),
-        cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        snakemake_command(target, "--forcerun", "align", "--retries", "1", limit=400, preset=CI_ARGS),
+        cwd=workdir, env=job_env(**CI_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     first = wait_for_checkpoint_then_cancel(workdir, proc, limit=240)
     output, _ = proc.communicate(timeout=400)
@@ -331,7 +264,7 @@ def test_alignment_under_accelerate_with_two_processes(workdir, ci_run, tmp_path
         "--shards", f"{RUN_DIR}/shards/align", "--val-shards", f"{RUN_DIR}/shards/test",
         "--captioner", f"{RUN_DIR}/models/llava", "--out", str(out),
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=workdir, env=job_env(**CI_ENV), capture_output=True, text=True)
     assert result.returncode == 0, explain(result)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
@@ -467,12 +400,10 @@ def test_paper_dry_run_lists_the_full_graph_without_reading_data(tmp_path):
             path.touch()
         else:
             path.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in _env().items() if not k.startswith("DALIPIPE_SLURM_MAX")}
-    result = subprocess.run(
-        ["timeout", "-k", "10", "300", sys.executable, "-m", "snakemake", "--profile", "slurm",
-         "-n", "--quiet", "rules"],
-        cwd=root, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    env = {k: v for k, v in job_env(**CI_ENV).items() if not k.startswith("DALIPIPE_SLURM_MAX")}
+    result = run_snakemake(
+        "-n", "--quiet", "rules", cwd=root, env=env, limit=300, preset=["--profile", "slurm"]
+    )
     assert result.returncode == 0, explain(result)
     text = result.stdout + result.stderr
     counts = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", text, re.M)}

@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from bench import bill, common, readme_table, suite
+from dalipipe.config import load_config, merge
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
-
-import bill  # noqa: E402
-import common  # noqa: E402
-import readme_table  # noqa: E402
-import suite  # noqa: E402
-
-from dalipipe.config import load_config, merge  # noqa: E402
 
 PAPER = REPO / "configs" / "paper.yaml"
 

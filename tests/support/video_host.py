@@ -1,6 +1,6 @@
 """A local stand-in for YouTube: a threaded HTTP server on 127.0.0.1 serving generated MP4s.
 
-    from video_host import make_video, serve_videos
+    from tests.support.video_host import make_video, serve_videos
 
     make_video(path)                                   # 20 s testsrc + tone (440 -> 880 Hz at 10 s)
     with serve_videos(path.read_bytes(), {"missingVid1": "missing"}) as host:
