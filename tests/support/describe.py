@@ -35,8 +35,11 @@ def write_model(out: Path, tiny_models, metadata: dict) -> Path:
     from dalipipe.models.captioner import AudioCaptioner
 
     torch.manual_seed(0)  # the tiny encoder's `proj` is not in its checkpoint: drawn
+    # the options the captions of BEFORE were made with (CaptionerOptions' defaults then; they
+    # are the schema's now), so that a change of defaults does not change the model under test
+    options = {"template": "vicuna_v1", "prompt": "code"}
     captioner = AudioCaptioner.from_base(
-        tiny_models.llava, audio_encoder=tiny_models.audio_encoder()
+        tiny_models.llava, options=options, audio_encoder=tiny_models.audio_encoder()
     )
     captioner.init_prefix(n_tokens=4, std=0.5, seed=0)
     captioner.save_dir(out, metadata=metadata)
