@@ -147,6 +147,7 @@ def test_rule_files_build_the_audioset_and_filter_jobs(tmp_path):
         class_index=str(AS / "class_labels_indices.csv"),
         ontology=str(AS / "ontology.json"),
         split=["eval"],
+        split_names={"eval": "align"},  # a split the shards take (dalipipe/config_checks.py)
         subset=str(tmp_path / "subset.csv"),  # an input of the selection: missing at first
     )
     config["filter"]["captioner"] = "Salesforce/blip2-opt-2.7b"

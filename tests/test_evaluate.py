@@ -261,7 +261,8 @@ def test_evaluate_prompts_with_the_configured_options(run_dir):
     distilled captioner keeps the options it was trained with (its captioner.json)."""
     from dalipipe.models.captioner import AudioCaptioner
 
-    options = {"template": "plain", "prompt": "What sound is it?"}
+    # other than the defaults the run's captioners were trained with (the schema's: plain)
+    options = {"template": "vicuna_v1", "prompt": "What sound is it?"}
     out = run_dir / "evaluate" / "options"
     systems = ["image", "untrained", "audio", "audio_distilled"]
     _evaluate(run_dir, out, models={"options": options}, systems=systems)
@@ -270,7 +271,7 @@ def test_evaluate_prompts_with_the_configured_options(run_dir):
         assert {k: used[k] for k in options} == options, name
     distilled = json.loads((out / "mmd_audio_distilled.json").read_text())["options"]
     assert distilled == AudioCaptioner.from_dir(run_dir / "distill" / "mmd").options.to_dict()
-    assert distilled["template"] == "vicuna_v1"
+    assert distilled["template"] == "plain"
 
 
 def _metas(root: Path) -> list[dict]:
@@ -375,7 +376,12 @@ def test_an_evaluation_of_no_clip_stops_naming_the_set_and_leaves_no_table(tmp_p
     settings = {"datasets": {"clotho": {"csv": str(table), "media": str(tmp_path / "media")}}}
     out = tmp_path / "evaluate" / "clotho"
     with pytest.raises(ValueError) as error:
-        run.evaluate({"evaluate": settings}, "clotho", out, captioner_dir=tmp_path / "none")
+        run.evaluate(
+            {"seed": 0, "device": "cpu", "evaluate": settings},
+            "clotho",
+            out,
+            captioner_dir=tmp_path / "none",
+        )
     assert str(error.value) == (
         "evaluate.datasets.clotho: no readable clip to evaluate, 2 clip(s) failed; the first: "
         f"{tmp_path / 'media'}: no media for rain_on_a_roof"

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dalipipe.caption.pairs import Pair, first_pairs
+from dalipipe.config import section_defaults
 from dalipipe.evaluate import experiments, published, report, tables
 from tests.support.snakemake import SNAKEFILE, snakemake
 
@@ -155,8 +156,9 @@ def test_decoding_setting_reaches_generate(tiny_models):
     system = run.System("mmd_audio", "audio", "mmd", "audio", False, False)
 
     def captions(decoding, temperature=5.0, seed=7):
-        settings = {"batch_size": 2, "max_new_tokens": 8, "decoding": decoding}
-        settings["temperature"] = temperature
+        # the evaluate section as a stage sees it: the schema's defaults under the job's values
+        settings = {**section_defaults("evaluate"), "batch_size": 2, "max_new_tokens": 8}
+        settings.update(decoding=decoding, temperature=temperature)
         return run.caption_all(captioner, system, clips, inputs, settings, seed)
 
     greedy = captions("greedy")

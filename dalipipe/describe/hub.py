@@ -14,7 +14,15 @@ import os
 import re
 from pathlib import Path
 
-from dalipipe.data.hf_cache import HubFetchError, HubModel, default_cache, fetch_model, is_hub_id
+from dalipipe.data.hf_cache import (
+    HubFetchError,
+    HubModel,
+    default_cache,
+    fetch_model,
+    is_hub_id,
+    snapshot_complete,
+    snapshot_folder,
+)
 
 MODEL_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 
@@ -103,6 +111,10 @@ def resolve_model(
     if not base or (folder / base).exists() or Path(base).exists() or not is_hub_id(base):
         return folder, None
     base_model = HubModel(f"the base of {name}", base, str(info.get("revision") or "main"))
+    if snapshot_complete(cache, base_model.repo_id, base_model.revision):
+        # already in the cache (a workflow's fetch rule, `hf download`, an earlier call):
+        # nothing to fetch, so a compute node without internet loads it as it is
+        return folder, snapshot_folder(cache, base_model.repo_id, base_model.revision)
     try:
         with _online():
             base_folder = fetch_model(
