@@ -161,7 +161,7 @@ def caption_of(captioner, tokens: int) -> str:
     """A caption that `caption_loss` scores as ``tokens`` tokens (with its end token), or the
     first length past it."""
     words = CAPTION_WORDS.split()
-    text = ""
+    text = words[0]  # a caption is never empty (training_ids refuses one)
     while captioner.caption_token_count([text]) < tokens:
         text = f"{text} {words[len(text.split()) % len(words)]}".strip()
     return text
