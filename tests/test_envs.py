@@ -64,6 +64,8 @@ def test_constraints_pin_every_dependency_within_its_bounds():
     for line in wanted:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
+        if name == canonicalize_name(pyproject["project"]["name"]):
+            continue  # an extra of this package (test takes serve's), pinned by its own lines
         assert name in pinned, f"constraints.txt has no pin for {name}"
         assert requirement.specifier.contains(pinned[name]), f"{name}=={pinned[name]}: {line}"
 
