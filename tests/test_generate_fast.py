@@ -132,7 +132,8 @@ def test_prefix_in_the_shared_part(tiny_models, frames, fbank, position):
 
 def test_the_batch_forward_skips_the_shared_positions(tiny_models, frames, fbank):
     captioner = make_captioner(tiny_models)
-    before, after = captioner._prompt_ids("vicuna_v1", captioner.options.prompt)
+    template = captioner.options.generate_template or captioner.options.template
+    before, after = captioner._prompt_ids(template, captioner.options.prompt)
     seen = []
     hook = captioner.language_model.register_forward_pre_hook(
         lambda _, args, kw: seen.append(
