@@ -138,7 +138,10 @@ def write_audiocaps(root: Path, video: Path) -> None:
     rows = ["audiocap_id,youtube_id,start_time,caption"]
     for n, vid in enumerate(AUDIOCAPS):
         start = 10 * n
-        rows += [f"{1000 + 5 * n + k},{vid},{start},{CAPTIONS[k]}" for k in range(5)]
+        # configs/paper.yaml de-duplicates references across the test set as the authors did
+        # (first row kept): the second clip repeats one caption of the first and keeps four
+        captions = CAPTIONS if n == 0 else [CAPTIONS[0]] + [f"{c} twice" for c in CAPTIONS[1:]]
+        rows += [f"{1000 + 5 * n + k},{vid},{start},{captions[k]}" for k in range(5)]
         cut(video, audiocaps / "clips" / f"{vid}.mp4", start, 10, "-c", "copy")
     (audiocaps / "test.csv").write_text("\n".join(rows) + "\n")
     header = "audiocap_id,youtube_id,start_time,caption\n"
