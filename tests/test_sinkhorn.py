@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.align import with_high_norm_tokens
 from dalipipe.align.ot import OTSolver, squared_distances, transport_cost, uniform_weights
 from dalipipe.align.sinkhorn import eps_schedule, round_to_marginals, scaled_sinkhorn
 from dalipipe.config import section_defaults
@@ -17,17 +18,6 @@ def problem(batch, n, m, dim, seed=0):
     audio, image = tokens(batch, n, dim, seed=seed), tokens(batch, m, dim, seed=seed + 1)
     cost = squared_distances(audio, image)
     return audio, image, cost, uniform_weights(batch, n, cost), uniform_weights(batch, m, cost)
-
-
-def with_high_norm_tokens(image: torch.Tensor, seed: int, count=4, low=5.0, high=20.0):
-    """image with `count` tokens per clip scaled to low..high times their norm, as CLIP ViT-L's
-    few high-norm tokens are."""
-    gen = torch.Generator().manual_seed(seed)
-    image = image.clone()
-    for clip in image:
-        rows = torch.randperm(clip.shape[0], generator=gen)[:count]
-        clip[rows] *= low + (high - low) * torch.rand(count, 1, generator=gen)
-    return image
 
 
 def gradient_cosine(audio, image, **solver) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
