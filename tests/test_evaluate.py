@@ -14,9 +14,9 @@ import pytest
 
 from dalipipe.config import section_defaults
 from dalipipe.evaluate import datasets, run, tables
-from dalipipe.miniature import world
 from dalipipe.miniature.world_scores import WORLD_METRICS, world_scores
 from tests.support.authors import write_authors_files
+from tests.support.runs import make_world_llava
 from tests.support.shards import FRAMES, MEL, write_test_shard
 
 SHARED = Path("/work/shared/data")
@@ -133,17 +133,11 @@ def run_dir(tmp_path_factory):
     """A tiny run: base captioner, prefix, two aligned encoders, one distilled captioner."""
     import torch
 
-    from dalipipe.miniature.tiny import make_tiny_llava
     from dalipipe.models.captioner import AudioCaptioner
     from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
 
     root = tmp_path_factory.mktemp("run")
-    corpus = [
-        c
-        for cls in world.CLASSES
-        for c in (world.audio_caption([cls.name]), world.visual_caption([cls.name]))
-    ]
-    make_tiny_llava(root / "models" / "llava", corpus=corpus, vocab_size=300)
+    make_world_llava(root / "models" / "llava")
     config = AudioEncoderConfig(
         num_mel_bins=MEL,
         target_length=FRAMES,

@@ -60,19 +60,25 @@ def run_align(world, method, out, **settings):
     return align(params_for(**settings), method, r / "train", r / "val", world["llava"], out)
 
 
-def make_model_run(root: Path) -> Path:
-    """A tiny run: base captioner, test shard, aligned encoders mmd and ot_att (with a scorer)
-    and an ot_att trained before scorers were saved (encoder only)."""
+def make_world_llava(out: Path) -> Path:
+    """A tiny LLaVA whose vocabulary holds the synthetic world's audio and visual captions."""
     from dalipipe.miniature import world as synthetic
     from dalipipe.miniature.tiny import make_tiny_llava
-    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
 
     corpus = [
         c
         for cls in synthetic.CLASSES
         for c in (synthetic.audio_caption([cls.name]), synthetic.visual_caption([cls.name]))
     ]
-    make_tiny_llava(root / "models" / "llava", corpus=corpus, vocab_size=300)
+    return make_tiny_llava(out, corpus=corpus, vocab_size=300)
+
+
+def make_model_run(root: Path) -> Path:
+    """A tiny run: base captioner, test shard, aligned encoders mmd and ot_att (with a scorer)
+    and an ot_att trained before scorers were saved (encoder only)."""
+    from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, save_encoder
+
+    make_world_llava(root / "models" / "llava")
     config = AudioEncoderConfig(
         num_mel_bins=MEL,
         target_length=FRAMES,
