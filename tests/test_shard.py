@@ -8,9 +8,7 @@ filterbank from dalipipe.data.fbank, manifest.csv), so nothing depends on the ex
 
 import csv
 import hashlib
-import io
 import json
-import tarfile
 import wave
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from bench.shards import hand_written_shard  # the tarfile writer before TarWriter: the oracle
 from dalipipe.data import fbank as fbank_module
 from dalipipe.data import shard, shard_reader
 
@@ -138,16 +137,6 @@ def fixed_clips(root: Path) -> list:
         }
         clips.append(shard.Clip(key, key, frames, directory / "fbank.npy", audio, meta))
     return clips
-
-
-def hand_written_shard(path: Path, clips) -> None:
-    """The tarfile writer the shard stage used before webdataset's TarWriter: the oracle."""
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for clip in clips:
-            for field, data in shard.sample_members(clip):
-                info = tarfile.TarInfo(f"{clip.key}.{field}")
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
 
 
 def test_tarwriter_writes_the_hand_written_writers_bytes(tmp_path):
