@@ -7,6 +7,7 @@ filterbank from dalipipe.data.fbank, manifest.csv), so nothing depends on the ex
 """
 
 import csv
+import hashlib
 import json
 import wave
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from bench.shards import hand_written_shard  # the tarfile writer before TarWriter: the oracle
 from dalipipe.data import fbank as fbank_module
 from dalipipe.data import shard, shard_reader
 
@@ -96,19 +98,59 @@ def test_round_trip_keeps_pixels_fbank_and_metadata(tmp_path):
 
 
 def test_webdataset_reads_the_shards(tmp_path):
+    """Other tools read our shards with webdataset's own reader: the same keys and bytes."""
     parts, metadata = align_world(tmp_path, n=3)
     shard.write_split(parts, metadata, "align", tmp_path / "out", samples_per_shard=10)
-    dataset = wds.WebDataset(str(tmp_path / "out" / "align-000000.tar"), shardshuffle=False)
-    samples = list(dataset)
-    assert [s["__key__"] for s in samples] == ["clip00", "clip01", "clip02"]
-    assert sorted(k for k in samples[1] if not k.startswith("__")) == [
-        "fbank.npy",
-        "frame0.jpg",
-        "frame1.jpg",
-        "frame2.jpg",
-        "json",
-    ]
-    assert json.loads(samples[1]["json"])["n_frames"] == 3
+    tar = tmp_path / "out" / "align-000000.tar"
+    theirs = list(wds.WebDataset(str(tar), shardshuffle=False))
+    ours = list(shard_reader.iter_raw_samples(tar))
+    assert (
+        [s["__key__"] for s in theirs] == [key for key, _ in ours] == ["clip00", "clip01", "clip02"]
+    )
+    for sample, (_, fields) in zip(theirs, ours):
+        assert {k: v for k, v in sample.items() if not k.startswith("__")} == fields
+    assert sorted(ours[1][1]) == ["fbank.npy", "frame0.jpg", "frame1.jpg", "frame2.jpg", "json"]
+    assert json.loads(theirs[1]["json"])["n_frames"] == 3
+
+
+def fixed_clips(root: Path) -> list:
+    """Clips of literal bytes (so their shard's sha256 holds on any machine): 12 frames (frame10
+    sorts before frame2 by name), kept audio, a key over tar's 100-character name field, a
+    clip without frames, non-ASCII metadata."""
+    clips = []
+    specs = [("clip-a", 12, True), ("b_" + "x" * 120, 1, False), ("clip-c", 0, False)]
+    for n, (key, n_frames, with_audio) in enumerate(specs):
+        directory = root / key[:20]
+        directory.mkdir(parents=True)
+        frames = [directory / f"frame_{k:02d}.jpg" for k in range(n_frames)]
+        for k, frame in enumerate(frames):
+            frame.write_bytes(b"\xff\xd8" + bytes([n, k]) * (50 + 37 * k))
+        fbank = np.arange(24 * 16, dtype=np.float16).reshape(24, 16) / (n + 7)
+        np.save(directory / "fbank.npy", fbank)
+        audio = directory / "audio.wav" if with_audio else None
+        if audio is not None:
+            audio.write_bytes(b"RIFF" + bytes(range(256)) * 3)
+        meta = {
+            "clip_id": key,
+            "caption": "un chien aboie — près d'une école",
+            "n_frames": n_frames,
+        }
+        clips.append(shard.Clip(key, key, frames, directory / "fbank.npy", audio, meta))
+    return clips
+
+
+def test_tarwriter_writes_the_hand_written_writers_bytes(tmp_path):
+    clips = fixed_clips(tmp_path / "clips")
+    shard.write_shard(tmp_path / "new.tar", clips)
+    hand_written_shard(tmp_path / "old.tar", clips)
+    written = (tmp_path / "new.tar").read_bytes()
+    assert written == (tmp_path / "old.tar").read_bytes()
+    # the sha256 the hand-written writer gave before the change, pinned: a new tarfile or
+    # webdataset that writes other bytes fails here, before the determinism tests do
+    assert len(written) == 30720
+    assert hashlib.sha256(written).hexdigest() == (
+        "590e48a7df5c6e043fe168a9e25d3bc763c9b0033ffa3b24eb0a0e5cd44acab0"
+    )
 
 
 def test_tars_are_reproducible(tmp_path):

@@ -11,8 +11,9 @@ clips skipped and why). Evaluation-id lists (``filter.exclude_id_lists`` in ``--
 of a training split whose YouTube id is listed is dropped and counted
 (``counts.excluded_eval_ids``), whatever the acquire source and whether the filter ran; the
 ``test`` split is never filtered this way. dalipipe/data/shard_reader.py reads them, checking
-each tar against the count, size and sha256 its index entry records. Tars are byte-for-byte
-reproducible: fixed member order, mtimes and owners.
+each tar against the count, size and sha256 its index entry records. webdataset's TarWriter
+writes the tars, byte-for-byte reproducible: fixed member order, mtimes and owners (the bytes
+are the hand-written tarfile writer's before it; docs/design.md, "Shards and webdataset").
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import json
 import logging
 import os
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -209,25 +210,27 @@ def collect_clips(
     return clips, counts, skipped
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
+def sample_members(clip: Clip) -> list[tuple[str, bytes]]:
+    """A clip's (field, bytes) in shard order: frames by index, fbank, audio if kept, metadata."""
+    members = [(f"frame{k}.jpg", frame.read_bytes()) for k, frame in enumerate(clip.frames)]
+    members.append(("fbank.npy", clip.fbank.read_bytes()))
+    if clip.audio is not None:
+        members.append(("audio.wav", clip.audio.read_bytes()))
+    members.append(("json", json.dumps(clip.meta, ensure_ascii=False, sort_keys=True).encode()))
+    return members
 
 
 def write_shard(path: Path, clips: Sequence[Clip]) -> dict:
     """One tar of ``clips``; returns its stats (fbank moments over all values of all clips)."""
     total = total_sq = n_values = 0.0
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    with open(path, "wb") as f, reproducible_tar(f) as tar:
         for clip in clips:
-            for k, frame in enumerate(clip.frames):
-                _add_member(tar, f"{clip.key}.frame{k}.jpg", frame.read_bytes())
-            fbank_bytes = clip.fbank.read_bytes()
-            _add_member(tar, f"{clip.key}.fbank.npy", fbank_bytes)
-            if clip.audio is not None:
-                _add_member(tar, f"{clip.key}.audio.wav", clip.audio.read_bytes())
-            meta = json.dumps(clip.meta, ensure_ascii=False, sort_keys=True).encode()
-            _add_member(tar, f"{clip.key}.json", meta)
+            members = sample_members(clip)
+            # One write per member: TarWriter sorts a sample's fields by name, which would put
+            # audio first and frame10 before frame2, and change every shard's bytes.
+            for field, data in members:
+                tar.write({"__key__": clip.key, field: data})
+            fbank_bytes = dict(members)["fbank.npy"]
             values = np.load(io.BytesIO(fbank_bytes)).astype(np.float64)
             total, total_sq, n_values = (
                 total + values.sum(),
@@ -243,6 +246,13 @@ def write_shard(path: Path, clips: Sequence[Clip]) -> dict:
         "fbank_mean": mean,
         "fbank_std": float(np.sqrt(max(total_sq / n_values - mean**2, 0.0))),
     }
+
+
+def reproducible_tar(f) -> wds.TarWriter:
+    """webdataset's tar writer, set to write the bytes the hand-written writer wrote before it
+    (tests/test_shard.py holds their sha256): no owner names, mode 0644, mtime 0, fields as
+    given (no encoder), and tarfile's default PAX format (TarWriter ignores its ``format``)."""
+    return wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
 
 
 def file_sha256(path: Path) -> str:
