@@ -35,7 +35,7 @@ FIGURE_KEYS = ("name", "shape", "value", "unit", "baseline", "baseline_value")
 MACHINE_KEYS = ("gpu", "cpu", "cpu_cores", "torch", "transformers", "python", "scale", "date")
 TIMESTAMP = "%Y%m%dT%H%M%SZ"  # file names start with it, so they sort by date
 
-# LLaVA-1.5-7B's shapes for dalipipe.miniature.tiny.llava_config: CLIP ViT-L/14-336 and LLaMA-7B
+# LLaVA-1.5-7B's shapes for dalipipe.models.llava_config.llava_config: CLIP ViT-L/14-336 and LLaMA-7B
 # (dalipipe.memory.architectures.PINNED gives each number's source), randomly initialised
 PAPER_LLAVA = dict(
     image_size=336,

@@ -28,7 +28,7 @@ from pathlib import Path
 import extract_authors as authors
 
 from dalipipe.data.extract import extract_all, read_sources
-from dalipipe.miniature import synthetic
+from dalipipe.world import synthetic
 
 
 def cpu_seconds() -> float:

@@ -135,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         name = args.captioner
         if name is None:
-            from dalipipe.miniature.tiny import make_tiny_blip2
+            from dalipipe.testing.checkpoints import make_tiny_blip2
 
             name = str(make_tiny_blip2(f"{tmp}/blip2", image_size=224, patch_size=14, hidden=64))
         captioner = FrameCaptioner(
@@ -149,7 +149,7 @@ def main() -> None:
         elif args.text_encoder == "gpt2":
             gpt2 = args.gpt2
             if gpt2 is None:
-                from dalipipe.miniature.tiny import make_tiny_gpt2
+                from dalipipe.testing.checkpoints import make_tiny_gpt2
 
                 gpt2 = str(make_tiny_gpt2(f"{tmp}/gpt2"))
             bench_text(Gpt2Embedder(gpt2, device=args.device))

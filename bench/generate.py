@@ -70,10 +70,10 @@ SHAPES = {
 def random_captioner(shape: str, device, dtype):
     from transformers import LlavaForConditionalGeneration
 
-    from dalipipe.miniature.tiny import llava_config, llava_processor
-    from dalipipe.miniature.tokenizer import build_tokenizer
     from dalipipe.models.captioner import AudioCaptioner
     from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder
+    from dalipipe.models.llava_config import llava_config, llava_processor
+    from dalipipe.models.tokenizer import build_tokenizer
 
     spec = SHAPES[shape]
     tokenizer = build_tokenizer([], vocab_size=1000)

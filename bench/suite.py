@@ -130,10 +130,10 @@ def build_captioner(s: dict, device, dtype):
     """A random LLaVA of the scale's shape with a random CAV-MAE encoder, on ``device``."""
     from transformers import LlavaForConditionalGeneration
 
-    from dalipipe.miniature.tiny import llava_config, llava_processor
-    from dalipipe.miniature.tokenizer import build_tokenizer
     from dalipipe.models.captioner import AudioCaptioner, CaptionerOptions
     from dalipipe.models.cavmae import build_encoder
+    from dalipipe.models.llava_config import llava_config, llava_processor
+    from dalipipe.models.tokenizer import build_tokenizer
     from dalipipe.prompts import PROMPTS, TEMPLATES
 
     # the prompts in the corpus: their words become single tokens, as in a real tokenizer
@@ -509,7 +509,7 @@ def generate_figures(s, captioner, device) -> list[dict]:
 def make_blip2(scale: str, out: Path, device) -> Path:
     """A random BLIP-2 saved where `FrameCaptioner` loads it: OPT-2.7B's shapes at full depth
     (ViT-g 39 layers, Q-Former 12, OPT 32) at paper scale, built on the device."""
-    from dalipipe.miniature.tiny import make_paper_width_blip2, make_tiny_blip2
+    from dalipipe.testing.checkpoints import make_paper_width_blip2, make_tiny_blip2
 
     if scale == "tiny":
         return make_tiny_blip2(out, image_size=224, patch_size=14, hidden=64)
@@ -567,7 +567,7 @@ def filter_figures(s, scale, device, tmp: Path) -> list[dict]:
 def extract_figures(s, tmp: Path) -> list[dict]:
     """Clips extracted per CPU second (this process and its ffmpeg children), one worker."""
     from dalipipe.data.extract import extract_all, read_sources
-    from dalipipe.miniature import synthetic
+    from dalipipe.world import synthetic
 
     e = s["extract"]
     world = synthetic.world_config(

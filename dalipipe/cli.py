@@ -16,7 +16,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "acquire-synthetic": (
-        "dalipipe.miniature.synthetic",
+        "dalipipe.world.synthetic",
         "generate the synthetic audiovisual world (MP4 clips)",
     ),
     "acquire-local": ("dalipipe.data.local", "list a folder or CSV of local media files as clips"),
@@ -40,12 +40,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "merge filter parts and keep the best-matching clips",
     ),
     "shard": ("dalipipe.data.shard", "write webdataset shards of extracted clips"),
+    # The one way into dalipipe.testing from the package: imported only when a person runs
+    # make-tiny (tests, benchmarks, the rehearsal), never by a stage.
     "make-tiny": (
-        "dalipipe.miniature.tiny",
+        "dalipipe.testing.checkpoints",
         "write tiny LLaVA, BLIP-2, GPT-2 and CAV-MAE checkpoints",
     ),
     "bootstrap": (
-        "dalipipe.miniature.bootstrap",
+        "dalipipe.caption.bootstrap",
         "train the miniature LLaVA-class captioner on frames",
     ),
     "prefix": (
@@ -75,11 +77,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the authors' released DALI weights as a trained-captioner directory",
     ),
     "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),
-    "score": ("dalipipe.evaluate.metrics", "caption metrics for predictions against references"),
+    "score": ("dalipipe.scoring.metrics", "caption metrics for predictions against references"),
     "check-config": ("dalipipe.config", "check presets as the workflow does, before any job"),
     "plan-memory": ("dalipipe.memory.plan", "estimated peak GPU memory of every GPU stage"),
     "fetch-metric-assets": (
-        "dalipipe.evaluate.assets",
+        "dalipipe.scoring.assets",
         "download the Stanford CoreNLP jars SPICE needs",
     ),
     "fetch": ("dalipipe.data.fetch", "download a file: resumable, checksum-verified"),
@@ -91,21 +93,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dalipipe.data.paper_inputs",
         "AudioCaps/prefix clip selections, prefix pairs, archive unpacking (rules/fetch.smk)",
     ),
-    "report": ("dalipipe.evaluate.report", "figures and tables for the Snakemake report"),
+    "report": ("dalipipe.paper.report", "figures and tables for the Snakemake report"),
     "experiments": (
-        "dalipipe.evaluate.experiments",
+        "dalipipe.paper.experiments",
         "Appendix A's prefix-pairs sweep (sweep) and the table across seeds (seeds)",
     ),
     "probe": (
-        "dalipipe.evaluate.probe",
+        "dalipipe.paper.probe",
         "Table 2: ask the captioner what it sees in each encoder's audio tokens",
     ),
     "figure": (
-        "dalipipe.evaluate.figures",
+        "dalipipe.paper.figures",
         "Figure 6 (pca-clip: one clip's tokens) or 7 (attention: ot_att's token weights)",
     ),
     "class-breakdown": (
-        "dalipipe.miniature.class_breakdown",
+        "dalipipe.world.class_breakdown",
         "per-class recall of every system of a synthetic-world run",
     ),
 }

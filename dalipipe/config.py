@@ -64,8 +64,8 @@ def section_defaults(section: str) -> dict:
 
 
 # The keys of section `bootstrap` that size the miniature's LLaVA, keywords of
-# `dalipipe.miniature.tiny.llava_config`: the bootstrap stage builds it with them, plan-memory and
-# bench/generate.py size it before it exists.
+# `dalipipe.models.llava_config.llava_config`: the bootstrap stage builds it with them,
+# plan-memory and bench/generate.py size it before it exists.
 LLAVA_SIZE_KEYS = (
     "image_size",
     "patch_size",

@@ -2,7 +2,7 @@
 # "local"; "audioset" is rules/audioset.smk): one job per part, then the parts of any source are
 # gathered.
 #   snakemake --cores 2 results/miniature/acquire/manifest.csv
-# A clip is the same whatever acquire.parts is (dalipipe/miniature/synthetic.py,
+# A clip is the same whatever acquire.parts is (dalipipe/world/synthetic.py,
 # dalipipe/data/local.py).
 
 ACQUIRE_LOCAL = ACQUIRE.get("local") or {}

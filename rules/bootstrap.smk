@@ -3,7 +3,7 @@
 # Used when models.captioner is "bootstrap"; paper-scale runs use a hub LLaVA instead.
 #   snakemake --cores 2 results/miniature/models/llava
 # It reads the extract output, not shards/align: the caption filter that shards/align waits
-# for uses this captioner. See dalipipe/miniature/bootstrap.py.
+# for uses this captioner. See dalipipe/caption/bootstrap.py.
 
 rule bootstrap:
     input:

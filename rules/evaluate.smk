@@ -1,7 +1,9 @@
 # Evaluation and the report: caption each test set with every system, score it, draw the figures.
 #   snakemake --cores 2 results/miniature/table.csv
 #   snakemake --report report.html        (after a run: tables, examples, curves, modality gap)
-# The commands live in dalipipe/evaluate/; see DEVELOPING.md for the artifacts they read.
+# The commands live in dalipipe/evaluate/ (evaluate; its metrics in dalipipe/scoring/),
+# dalipipe/paper/report.py and dalipipe/world/class_breakdown.py; see DEVELOPING.md for the
+# artifacts they read.
 
 # trained-captioner directories evaluated beside the run's own (e.g. `dalipipe import-authors`)
 EVAL_EXTRA_SYSTEMS = EVAL.get("extra_systems") or {}

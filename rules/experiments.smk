@@ -3,10 +3,10 @@
 #   snakemake --cores 2 results/miniature/report/prefix_pairs.png   Appendix A / Figure 5
 #   snakemake --cores 2 results/miniature/report/seeds.md           the table across seeds
 # Settings: config `experiments` (dalipipe/resources/config.schema.yaml). The commands live in
-# dalipipe/evaluate/experiments.py.
+# dalipipe/paper/experiments.py.
 import sys
 
-from dalipipe.evaluate.experiments import override_params
+from dalipipe.paper.experiments import override_params
 
 EXPERIMENTS = config.get("experiments") or {}
 

@@ -4,7 +4,7 @@
 #   snakemake --cores 2 results/miniature/report/attention.png
 # FIGURE_TARGETS lists them. They read the first evaluated set with video frames (the
 # miniature's test shards, or AudioCaps at paper scale); without one only Table 2 is made, from
-# the first set. The commands live in dalipipe/evaluate/probe.py and figures.py.
+# the first set. The commands live in dalipipe/paper/probe.py and figures.py.
 
 FIGURE_DATASET = next((d for d in EVAL_DATASETS if d != "clotho"), None)
 FIGURE_SET = FIGURE_DATASET or EVAL_DATASETS[0]  # Table 2 needs audio only

@@ -46,7 +46,7 @@ class TinyModels:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
-    from dalipipe.miniature.tiny import make_all
+    from dalipipe.testing.checkpoints import make_all
 
     root = tmp_path_factory.mktemp("tiny-models")
     paths = make_all(root)

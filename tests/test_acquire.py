@@ -15,7 +15,8 @@ from dalipipe.data import local
 from dalipipe.data.ffmpeg import decode_audio, ffmpeg_exe, probe
 from dalipipe.data.gather import gather
 from dalipipe.data.manifest import ACQUIRE_FIELDS
-from dalipipe.miniature import synthetic, world
+from dalipipe.world import classes as world
+from dalipipe.world import synthetic
 
 TINY = {
     "n_classes": 6,

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dalipipe.miniature import synthetic, world
-from dalipipe.miniature.bootstrap import bootstrap, main
+from dalipipe.caption.bootstrap import bootstrap, main
+from dalipipe.world import classes as world
+from dalipipe.world import synthetic
 
 
 def _member(tar, name, data: bytes):
@@ -159,8 +160,8 @@ def test_command_line_reads_the_extract_output(tmp_path):
 
 
 def test_two_templates_are_both_trained(tmp_path):
-    from dalipipe.miniature.bootstrap import Sequences
-    from dalipipe.miniature.tokenizer import build_tokenizer
+    from dalipipe.caption.bootstrap import Sequences
+    from dalipipe.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer([], vocab_size=400)
     seqs = Sequences(tok, ["plain", "vicuna_v1"], ["What can you see?"], n_image_tokens=4)

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from dalipipe.cli import main as cli_main
-from dalipipe.miniature.class_breakdown import per_class_recall
+from dalipipe.world.class_breakdown import per_class_recall
 
 METADATA = {
     "t0": {"clip_id": "t0", "heard": ["dog", "bell"], "seen": ["dog"]},

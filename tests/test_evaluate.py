@@ -14,7 +14,7 @@ import pytest
 
 from dalipipe.config import section_defaults
 from dalipipe.evaluate import datasets, run, tables
-from dalipipe.miniature.world_scores import WORLD_METRICS, world_scores
+from dalipipe.world.scores import WORLD_METRICS, world_scores
 from tests.support.authors import write_authors_files
 from tests.support.runs import make_world_llava
 from tests.support.shards import FRAMES, MEL, write_test_shard

@@ -19,7 +19,8 @@ import yaml
 
 from dalipipe.caption.pairs import Pair, first_pairs
 from dalipipe.config import section_defaults
-from dalipipe.evaluate import experiments, published, report, tables
+from dalipipe.evaluate import tables
+from dalipipe.paper import experiments, published, report
 from tests.support.snakemake import SNAKEFILE, snakemake
 
 REPO = Path(__file__).resolve().parents[1]

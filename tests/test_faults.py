@@ -346,7 +346,7 @@ def test_a_changed_byte_fails_the_checksum(shards):
 
 @pytest.fixture(scope="module")
 def align_world(tmp_path_factory):
-    from dalipipe.miniature.tiny import make_tiny_llava
+    from dalipipe.testing.checkpoints import make_tiny_llava
 
     root = tmp_path_factory.mktemp("align-world")
     return {

@@ -24,7 +24,7 @@ import pytest
 from dalipipe.data import fetch as fetch_mod
 from dalipipe.data import paper_inputs
 from dalipipe.data.fetch import FetchError, fetch, part_path
-from dalipipe.evaluate import assets
+from dalipipe.scoring import assets
 from tests.support.hub import HubServer, tiny_gpt2_files
 from tests.support.snakemake import SNAKEFILE, snakemake, workflow_env
 from tests.support.video_host import serving

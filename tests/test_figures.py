@@ -20,8 +20,8 @@ from dalipipe.align.attentive import (
     load_scorer,
     save_scorer,
 )
-from dalipipe.evaluate import figures
 from dalipipe.evaluate.datasets import miniature_set
+from dalipipe.paper import figures
 from tests.support.runs import make_model_run, run_align
 from tests.support.shards import FRAMES, MEL
 from tests.support.snakemake import snakemake

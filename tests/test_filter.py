@@ -17,7 +17,7 @@ CORPUS = ["a dog on the grass", "a red car in the street", "Dog, Bark", "Car, Ve
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from dalipipe.miniature.tiny import make_tiny_blip2, make_tiny_gpt2, make_tiny_llava
+    from dalipipe.testing.checkpoints import make_tiny_blip2, make_tiny_gpt2, make_tiny_llava
 
     root = tmp_path_factory.mktemp("tiny")
     return {

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from dalipipe.evaluate import assets, fense, metrics
+from dalipipe.scoring import assets, fense, metrics
 
 # Papineni et al. 2002, "BLEU: a Method for Automatic Evaluation of Machine Translation", §2.1:
 # candidate 1 and its three references. The paper gives the unigram precision 17/18; NLTK
@@ -168,7 +168,7 @@ def test_fetch_failure_message_says_what_to_do(tmp_path):
 
 
 def test_minilm_similarity_ranks_a_paraphrase_above_an_unrelated_caption():
-    from dalipipe.evaluate.embedding import caption_similarity
+    from dalipipe.scoring.embedding import caption_similarity
 
     close, far = caption_similarity(
         ["a dog is barking", "a violin plays a melody"],

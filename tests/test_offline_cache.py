@@ -48,7 +48,7 @@ def lay_out_as_hf_download(model_dir: Path, cache: Path, repo_id: str, commit: s
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
-    from dalipipe.miniature.tiny import make_tiny_llava
+    from dalipipe.testing.checkpoints import make_tiny_llava
 
     root = tmp_path_factory.mktemp("offline-cache")
     # the CI preset's widths: 64-wide image tokens (models.audio_encoder.out_dim)

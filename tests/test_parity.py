@@ -38,7 +38,7 @@ def oracle():
 
 @pytest.fixture(scope="module")
 def tokenizers(oracle):
-    from dalipipe.miniature.tokenizer import build_tokenizer
+    from dalipipe.models.tokenizer import build_tokenizer
 
     return {
         "llama-legacy": llava_oracle.llama_tokenizer(oracle, legacy=True),
@@ -118,7 +118,7 @@ def test_llama_caption_ids(oracle):
 
 
 def test_a_prompt_needs_one_slot():
-    from dalipipe.miniature.tokenizer import build_tokenizer
+    from dalipipe.models.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer([], vocab_size=300)
     with pytest.raises(ValueError, match="exactly one <image>, has 2"):
@@ -157,7 +157,7 @@ def tiny_captioners(tokenizers):
     encoder, a prefix of 3 tokens."""
     from transformers import LlavaForConditionalGeneration
 
-    from dalipipe.miniature.tiny import llava_config, llava_processor
+    from dalipipe.models.llava_config import llava_config, llava_processor
 
     captioners = {}
     for kind, tokenizer in tokenizers.items():

@@ -41,8 +41,8 @@ def make_llava(out: Path, vocab: int) -> Path:
     language model's vocabulary set to ``vocab`` (ids past the tokenizer's are never used)."""
     from transformers import LlavaForConditionalGeneration
 
-    from dalipipe.miniature.tiny import llava_config, llava_processor
-    from dalipipe.miniature.tokenizer import build_tokenizer
+    from dalipipe.models.llava_config import llava_config, llava_processor
+    from dalipipe.models.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(CAPTIONS, vocab_size=600)
     config = llava_config(

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from dalipipe.evaluate import probe
+from dalipipe.paper import probe
 from tests.support.runs import make_model_run
 
 METAS = {

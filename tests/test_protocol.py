@@ -117,7 +117,7 @@ def clip_processor():
     centre 336 square, CLIP's mean and std."""
     from transformers import CLIPImageProcessor
 
-    from dalipipe.miniature.tiny import CLIP_MEAN, CLIP_STD
+    from dalipipe.models.llava_config import CLIP_MEAN, CLIP_STD
 
     return CLIPImageProcessor(
         size={"shortest_edge": 336},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dalipipe.evaluate import published
+from dalipipe.paper import published
 
 PAPER = Path("/work/shared/paper/an-eye-for-an-ear.txt")
 METRICS = ["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"]

@@ -535,7 +535,7 @@ def test_paper_width_blip2_sees_the_image(tmp_path):
     from PIL import Image
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    from dalipipe.miniature.tiny import make_paper_width_blip2, paper_width_corpus
+    from dalipipe.testing.checkpoints import make_paper_width_blip2, paper_width_corpus
 
     out = make_paper_width_blip2(tmp_path / "blip2", corpus=paper_width_corpus())
     processor = AutoProcessor.from_pretrained(out)

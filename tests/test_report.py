@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from dalipipe.config import load_config
-from dalipipe.evaluate import report, tables
+from dalipipe.evaluate import tables
+from dalipipe.paper import report
 from tests.support.runs import SHARED_WAV, make_report_run
 from tests.support.snakemake import snakemake, workflow_env
 

@@ -14,9 +14,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from dalipipe.miniature.tiny import main
-from dalipipe.miniature.tokenizer import build_tokenizer
 from dalipipe.models.cavmae import AudioEncoderConfig, CavMaeAudioEncoder, load_cavmae_checkpoint
+from dalipipe.models.tokenizer import build_tokenizer
+from dalipipe.testing.checkpoints import main
 
 
 def test_llava_processor_counts_image_tokens_right(tiny_models):

@@ -6,8 +6,8 @@ pytest tests/test_world.py -q
 import numpy as np
 import pytest
 
-from dalipipe.miniature import world
-from dalipipe.miniature.world import (
+from dalipipe.world import classes as world
+from dalipipe.world.classes import (
     audio_caption,
     classes_named,
     is_well_formed,

@@ -48,9 +48,10 @@ from dalipipe.common import (
     write_json,
 )
 from dalipipe.config import section_defaults
-from dalipipe.evaluate import metrics, tables
+from dalipipe.evaluate import tables
 from dalipipe.evaluate.datasets import EvalSet, load_dataset, stored_square
-from dalipipe.miniature import world_scores
+from dalipipe.scoring import metrics
+from dalipipe.world.scores import world_scores
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,7 @@ def evaluate(
             captions = all_captions[system.name]
             scores, per_clip, notes = scored[system.name]
             if dataset == "miniature":
-                scores.update(world_scores.world_scores(captions, metas))
+                scores.update(world_scores(captions, metas))
             record = {**asdict(system), "dataset": dataset, "captions": captions, "scores": scores}
             record.update(notes=notes, per_clip=per_clip, seconds=seconds[system.name])
             record["options"] = options[system.name]

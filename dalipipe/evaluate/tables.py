@@ -16,7 +16,7 @@ import csv
 from pathlib import Path
 
 from dalipipe.common import atomic_path
-from dalipipe.miniature.world_scores import WORLD_METRICS
+from dalipipe.world.scores import WORLD_METRICS
 
 CAPTION_COLUMNS = [
     *["bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider"],

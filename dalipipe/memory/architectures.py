@@ -214,7 +214,7 @@ def resolve(model_id: str, revision: str | None = None) -> Arch:
 def bootstrap_llava(section: dict) -> Arch:
     """The miniature captioner the workflow trains (config ``bootstrap``), before it exists."""
     from dalipipe.config import llava_sizes
-    from dalipipe.miniature.tiny import llava_config
+    from dalipipe.models.llava_config import llava_config
 
     class _Vocabulary:  # what llava_config reads from a tokenizer
         bos_token_id, eos_token_id, pad_token_id, image_token = 1, 2, 3, "<image>"

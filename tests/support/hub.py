@@ -114,9 +114,9 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
 
 
 def tiny_gpt2_files(out: Path) -> dict[str, bytes]:
-    """A tiny GPT-2 (dalipipe/miniature/tiny.py) as a hub repository's files, plus the kinds
+    """A tiny GPT-2 (dalipipe/testing/checkpoints.py) as a hub repository's files, plus the kinds
     of files the fetch leaves out: Flax weights, and .bin weights beside the safetensors."""
-    from dalipipe.miniature.tiny import make_tiny_gpt2
+    from dalipipe.testing.checkpoints import make_tiny_gpt2
 
     folder = make_tiny_gpt2(out, corpus=["a dog barks"] * 8)
     files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

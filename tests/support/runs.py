@@ -13,8 +13,9 @@ import torch
 
 from dalipipe.align.attentive import AttentiveWeights, save_scorer
 from dalipipe.align.train import align
-from dalipipe.evaluate import report, tables
+from dalipipe.evaluate import tables
 from dalipipe.evaluate.run import System
+from dalipipe.paper import report
 from tests.support.shards import FRAMES, MEL, make_clips, write_shard, write_test_shard
 
 ENCODER = dict(
@@ -25,7 +26,7 @@ ENCODER = dict(
 def make_align_world(root: Path) -> dict:
     """Shards of 24 training and 8 validation clips whose audio follows their colour, and a tiny
     LLaVA: {"root": the shard folders' parent, "llava": the model folder}."""
-    from dalipipe.miniature.tiny import make_tiny_llava
+    from dalipipe.testing.checkpoints import make_tiny_llava
 
     rng = np.random.default_rng(0)
     (root / "train").mkdir()
@@ -62,8 +63,8 @@ def run_align(world, method, out, **settings):
 
 def make_world_llava(out: Path) -> Path:
     """A tiny LLaVA whose vocabulary holds the synthetic world's audio and visual captions."""
-    from dalipipe.miniature import world as synthetic
-    from dalipipe.miniature.tiny import make_tiny_llava
+    from dalipipe.testing.checkpoints import make_tiny_llava
+    from dalipipe.world import classes as synthetic
 
     corpus = [
         c

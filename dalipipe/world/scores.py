@@ -1,6 +1,6 @@
 """Scores that only the synthetic world can give: which sounding classes a caption names.
 
-    from dalipipe.miniature.world_scores import world_scores
+    from dalipipe.world.scores import world_scores
     world_scores({"c1": "a dog barks"}, {"c1": {"heard": ["dog"], "seen": []}})
 
 Each test clip's metadata says which classes are ``heard`` (make sound) and which are ``seen``
@@ -16,7 +16,7 @@ A ratio with nothing to count (no caption named a class) is None, not 0.
 
 from __future__ import annotations
 
-from dalipipe.miniature import world
+from dalipipe.world import classes as world
 
 WORLD_METRICS = ["class_recall", "class_precision", "well_formed", "offscreen_recall"]
 

@@ -1,6 +1,6 @@
 """The paper's published scores (published.yaml), set beside a run's measured ones.
 
-    from dalipipe.evaluate import published
+    from dalipipe.paper import published
     rows = published.with_published(rows, "audiocaps")   # adds paper_<metric> columns
     md = published.markdown(rows, "audiocaps")           # measured | paper, per metric
 

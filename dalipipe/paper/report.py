@@ -314,7 +314,7 @@ def plot_modality_gap(gap_file: Path, out: Path) -> None:
 
 def gather_tables(evaluate_dirs: list[Path], out_csv: Path, out_md: Path) -> None:
     """The run's tables: every set's rows with a leading ``dataset`` column, and the Markdown."""
-    from dalipipe.evaluate import published
+    from dalipipe.paper import published
 
     rows, cols, md = [], ["dataset"], []
     for directory in evaluate_dirs:

@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 from dalipipe.common import atomic_path, read_jsonl
-from dalipipe.miniature import world
-from dalipipe.miniature.world_scores import world_scores
+from dalipipe.world import classes as world
+from dalipipe.world.scores import world_scores
 
 
 def per_class_recall(captions: dict[str, str], metadata: dict[str, dict]) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE and SPIDEr, as in pycocoevalcap;
-Vocab, SPIDEr-FL and FENSE, as in aac-metrics (dalipipe/evaluate/fense.py).
+Vocab, SPIDEr-FL and FENSE, as in aac-metrics (dalipipe/scoring/fense.py).
 
     dalipipe score --predictions P.json --references R.json [--per-clip FILE] [--out FILE]
                    [--embedding] [--no-spice]
@@ -24,8 +24,8 @@ import subprocess
 from pathlib import Path
 
 from dalipipe.common import setup_logging, write_json
-from dalipipe.evaluate import assets
-from dalipipe.evaluate.fense import FenseModels, FluencyScorer, spider_fl, vocab_size
+from dalipipe.scoring import assets
+from dalipipe.scoring.fense import FenseModels, FluencyScorer, spider_fl, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def score_many(
                         per_clip[k][metric] = None
             _add_fluency_metrics(fluency, res, gts, corpus, per_clip, notes)
             if embedding:
-                from dalipipe.evaluate.embedding import caption_similarity
+                from dalipipe.scoring.embedding import caption_similarity
 
                 captions = systems[name]
                 sims = caption_similarity([captions[k] for k in ids], [references[k] for k in ids])

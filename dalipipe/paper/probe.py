@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalipipe.common import atomic_path, read_stage, stage_parser, write_json
-from dalipipe.evaluate.figures import (
+from dalipipe.paper.figures import (
     ENCODER_INPUTS_READ,
     add_encoder_inputs,
     choose_clips,
@@ -59,7 +59,7 @@ PHOTO_FORM = "a photo of"  # how the synthetic world's visual captions begin
 def naming_rates(captions: dict[str, str], metas: dict[str, dict]) -> dict:
     """Pooled naming rates of one system's captions (see the module docstring), or {} when the
     clips carry no world metadata. A rate with nothing to count is None."""
-    from dalipipe.miniature import world
+    from dalipipe.world import classes as world
 
     if not metas or any("heard" not in m or "seen" not in m for m in metas.values()):
         return {}
@@ -188,7 +188,7 @@ def markdown(result: dict) -> str:
 
 
 def html_page(result: dict) -> str:
-    from dalipipe.evaluate.report import _page, markdown_table_to_html
+    from dalipipe.paper.report import _page, markdown_table_to_html
 
     world = result["world"] or {}
     rates = markdown_table_to_html("\n".join(rates_markdown(result)))

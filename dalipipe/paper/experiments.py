@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dalipipe.common import atomic_path, setup_logging
 from dalipipe.evaluate.tables import CAPTION_COLUMNS, LABELS, read_csv
-from dalipipe.miniature.world_scores import WORLD_METRICS
+from dalipipe.world.scores import WORLD_METRICS
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A byte-level BPE tokenizer trained offline on a small corpus, wrapped for `transformers`.
 
-    from dalipipe.miniature.tokenizer import build_tokenizer
+    from dalipipe.models.tokenizer import build_tokenizer
     tok = build_tokenizer(["a dog barks", "a bell rings"], vocab_size=400)
     tok.save_pretrained("out/")     # reloads with AutoTokenizer.from_pretrained("out/")
 

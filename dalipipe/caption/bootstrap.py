@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from dalipipe.common import atomic_path, pick_device, read_stage, seed_everything, stage_parser
 from dalipipe.config import llava_sizes, section_defaults
-from dalipipe.miniature.tiny import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
-from dalipipe.miniature.tokenizer import build_tokenizer
 from dalipipe.models.captioner import TEMPLATES
+from dalipipe.models.llava_config import CLIP_MEAN, CLIP_STD, llava_config, llava_processor
+from dalipipe.models.tokenizer import build_tokenizer
 from dalipipe.training import TrainLoop, write_curve
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 def world_texts() -> list[str]:
     """Every caption form of every world class, so their words become whole tokens."""
-    from dalipipe.miniature import world
+    from dalipipe.world import classes as world
 
     rng = np.random.default_rng(0)
     texts = []
@@ -86,7 +86,7 @@ def normalise(frames_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_entry(clip_id: str, frames: list, meta: dict, image_size: int) -> dict | None:
-    from dalipipe.miniature import world
+    from dalipipe.world import classes as world
 
     visual, seen = meta.get("visual_caption"), meta.get("seen") or []
     if not frames or not visual:

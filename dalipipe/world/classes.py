@@ -1,7 +1,7 @@
 """The synthetic world: sound-making object classes, how they look, how they sound, and how
 captions describe them.
 
-    from dalipipe.miniature.world import world_classes, audio_caption, visual_caption
+    from dalipipe.world.classes import world_classes, audio_caption, visual_caption
     classes = world_classes(12)
     audio_caption(["bell", "dog"])    # 'a bell chimes and a dog barks'
     visual_caption(["bell", "dog"])   # 'a photo of a red bell and an orange dog'
@@ -11,7 +11,7 @@ eight shapes, and a synthesised sound built from a different recipe (struck part
 thumps, chirps, sweeps, pulse trains, clicks, noise bands), so that classes can be told apart
 from the audio alone. Audio captions say what is heard ("a bell chimes"); visual captions say
 what is seen ("a photo of a red bell"): different wording, so that prefix tuning has a style
-to steer towards. Clips are composed and written by `dalipipe.miniature.synthetic`.
+to steer towards. Clips are composed and written by `dalipipe.world.synthetic`.
 """
 
 from __future__ import annotations
