@@ -11,8 +11,7 @@
 #
 # Needs root and Debian/Ubuntu packages; works without systemd. Re-running is safe: with the same
 # configuration and everything up it does nothing, otherwise it restarts the daemons cleanly.
-# Why each slurm.conf line is there: the comments in the configuration below, and docs/cluster.md
-# ("The test cluster", "Status checks").
+# Why each slurm.conf line is there: the comments in the configuration below.
 set -euo pipefail
 
 ACTION="${1:-start}"
