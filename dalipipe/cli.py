@@ -63,7 +63,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "caption the pseudo-label pool from audio+image",
     ),
     "distill": ("dalipipe.caption.distill", "fine-tune the audio projector on the pseudo-labels"),
-    "caption": ("dalipipe.caption.describe", "describe the sound of audio or video files"),
+    "caption": ("dalipipe.describe.caption", "describe the sound of audio or video files"),
     "export": (
         "dalipipe.describe.export",
         "a trained captioner as a self-contained folder with a model card, for the Hub",
@@ -73,7 +73,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "a local web page that captions a dropped or recorded sound",
     ),
     "import-authors": (
-        "dalipipe.models.authors",
+        "dalipipe.describe.import_authors",
         "the authors' released DALI weights as a trained-captioner directory",
     ),
     "evaluate": ("dalipipe.evaluate.run", "caption the test sets and score every system"),

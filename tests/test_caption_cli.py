@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dalipipe.caption.describe import main
+from dalipipe.describe.caption import main
 from dalipipe.describe.inputs import prepare_file
 
 DATA = Path("/work/shared/data/clips")

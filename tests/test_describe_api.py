@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from dalipipe.caption.describe import main
+from dalipipe.describe.caption import main
 from tests.support.describe import (
     BEFORE,
     BEFORE_SAMPLED,

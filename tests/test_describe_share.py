@@ -144,7 +144,7 @@ def test_a_hub_id_is_fetched_at_its_revision_then_loaded_offline(run, tiny_model
 
 
 def test_an_unknown_hub_id_is_one_clear_error(tmp_path, capsys):
-    from dalipipe.caption.describe import main
+    from dalipipe.describe.caption import main
 
     with serving(HubServer({})) as hub:
         os.environ["HF_ENDPOINT"] = hub.endpoint

@@ -320,7 +320,7 @@ def test_a_file_torch_cannot_read_is_named_in_the_imports_words(
 def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, tiny_models, capsys):
     import numpy as np
 
-    from dalipipe.caption import describe
+    from dalipipe.describe import caption
     from dalipipe.models.captioner import AudioCaptioner
 
     out = tmp_path / "models" / "authors"
@@ -363,9 +363,7 @@ def test_small_import_loads_with_from_dir_and_captions(tmp_path, small_files, ti
         assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
     if WAV.exists():  # `dalipipe caption` prepares a real file with the recorded fbank sizes
-        assert (
-            describe.main([str(WAV), "--model", str(out), "--json", "--max-new-tokens", "4"]) == 0
-        )
+        assert caption.main([str(WAV), "--model", str(out), "--json", "--max-new-tokens", "4"]) == 0
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert line["file"] == str(WAV) and isinstance(line["caption"], str)
 

@@ -109,3 +109,10 @@ def test_the_world_is_a_data_source_that_knows_no_captioner():
 
 def test_the_evaluation_imports_no_paper_artifact_and_no_training_stage():
     assert forbidden("evaluate", {"paper", "testing", "caption", "align"}) == []
+
+
+def test_the_user_facing_layer_stands_on_the_models_and_stages_never_under_them():
+    # describe/ (the Captioner API and the commands for people) imports models/ and caption/;
+    # they import nothing of it, not even lazily: the arrow runs one way.
+    assert forbidden("models", {"describe"}) == []
+    assert forbidden("caption", {"describe"}) == []

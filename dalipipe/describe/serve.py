@@ -27,9 +27,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from dalipipe.caption.describe import add_model_arguments, decoding_arguments, load
 from dalipipe.common import setup_logging
 from dalipipe.data.local import MEDIA_EXTENSIONS
+from dalipipe.describe.caption import add_model_arguments, decoding_arguments, load
 from dalipipe.describe.captioner import MODALITIES
 from dalipipe.describe.page import PAGE
 
