@@ -47,6 +47,13 @@ CI_ARGS = [
     "--slurm-init-seconds-before-status-checks", "1",
     "--retries", "0",
 ]  # fmt: skip
+# The cancel tests' alignment. The CI preset's 24 MMD steps take half a second on a 2-core Intel
+# Xeon, less than the tests' polling, so a cancel could miss the job; these tests train 100 epochs
+# (400 steps) instead and compare with an uninterrupted run of the same settings.
+LONG_ALIGN = "long-align.yaml"  # written into the work directory, laid over configs/ci.yaml
+LONG_ALIGN_CONFIG = {"align": {"per_method": {METHOD: {"epochs": 100, "lr_milestones": [4]}}}}
+_AFTER_CI = CI_ARGS.index("configs/ci.yaml") + 1
+LONG_ARGS = [*CI_ARGS[:_AFTER_CI], LONG_ALIGN, *CI_ARGS[_AFTER_CI:]]
 CI_ENV = {
     "DALIPIPE_SLURM_MAX_CPUS": "1",
     "DALIPIPE_SLURM_MAX_MEM_MB": "3000",
@@ -154,6 +161,22 @@ def ci_run(workdir) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def long_align(workdir, ci_run) -> dict:
+    """The cancel tests' alignment run uninterrupted; its weights."""
+    import yaml
+
+    (workdir / LONG_ALIGN).write_text(yaml.safe_dump(LONG_ALIGN_CONFIG))
+    result = run_snakemake(
+        ALIGN_OUT, "--forcerun", "align", cwd=workdir, env=job_env(**CI_ENV), limit=600,
+        preset=LONG_ARGS,
+    )  # fmt: skip
+    assert result.returncode == 0, explain(result)
+    summary = json.loads((workdir / ALIGN_OUT / "summary.json").read_text())
+    assert summary["steps"] == 400, summary  # the preset was laid over configs/ci.yaml
+    return read_encoder(workdir / ALIGN_OUT)
+
+
 @cluster
 def test_every_rule_ran_as_a_completed_slurm_job(workdir, ci_run):
     jobs = ci_run["jobs"]
@@ -198,11 +221,11 @@ def test_forcerun_align_reruns_align_and_downstream_only(workdir, ci_run):
 
 
 @cluster
-def test_cancelled_training_job_resumes_on_rerun(workdir, ci_run):
+def test_cancelled_training_job_resumes_on_rerun(workdir, long_align):
     log_path = workdir / "logs" / "ci" / "align" / f"{METHOD}.log"  # logs/<run>/...
     target = ALIGN_OUT
     proc = subprocess.Popen(
-        snakemake_command(target, "--forcerun", "align", limit=300, preset=CI_ARGS),
+        snakemake_command(target, "--forcerun", "align", limit=300, preset=LONG_ARGS),
         cwd=workdir, env=job_env(**CI_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     job_id = wait_for_checkpoint_then_cancel(workdir, proc, limit=240)
@@ -213,22 +236,22 @@ def test_cancelled_training_job_resumes_on_rerun(workdir, ci_run):
     assert re.search(r"SIGTERM: checkpoint saved at step \d+", killed_log), killed_log[-3000:]
     assert not (workdir / target).exists()  # no half-written output
 
-    result = snakemake(workdir, target, limit=300)
+    result = run_snakemake(target, cwd=workdir, env=job_env(**CI_ENV), limit=300, preset=LONG_ARGS)
     assert result.returncode == 0, explain(result)
     resumed_log = log_path.read_text()
     step = int(re.search(r"checkpoint saved at step (\d+)", killed_log).group(1))
     assert re.search(rf"resuming {METHOD} at .*\(step {step}\)", resumed_log), resumed_log[-3000:]
     assert not (workdir / CKPT).exists()
     # exact resume: the interrupted run ends with the weights of the uninterrupted one
-    assert_same_weights(read_encoder(workdir / target), ci_run["weights"])
+    assert_same_weights(read_encoder(workdir / target), long_align)
 
 
 @cluster
-def test_retry_resumes_with_more_time(workdir, ci_run):
+def test_retry_resumes_with_more_time(workdir, long_align):
     before = set(slurm_jobs(workdir))
     target = ALIGN_OUT
     proc = subprocess.Popen(
-        snakemake_command(target, "--forcerun", "align", "--retries", "1", limit=400, preset=CI_ARGS),
+        snakemake_command(target, "--forcerun", "align", "--retries", "1", limit=400, preset=LONG_ARGS),
         cwd=workdir, env=job_env(**CI_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     first = wait_for_checkpoint_then_cancel(workdir, proc, limit=240)
@@ -241,7 +264,7 @@ def test_retry_resumes_with_more_time(workdir, ci_run):
     # attempt 2 asks for twice the time (the profile's `attempt`-scaled runtime)
     assert minutes(second["TimeLimit"]) == 2 * minutes(job_info(first)["TimeLimit"])
     assert "resuming" in (workdir / "logs" / "ci" / "align" / f"{METHOD}.log").read_text()
-    assert_same_weights(read_encoder(workdir / target), ci_run["weights"])
+    assert_same_weights(read_encoder(workdir / target), long_align)
 
 
 @cluster
