@@ -63,9 +63,11 @@ CI_ENV = {
 }
 
 
-def snakemake(workdir: Path, *args: str, limit: int = 600) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, limit: int = 600, preset: list[str] = CI_ARGS
+) -> subprocess.CompletedProcess:
     """Snakemake with the CI preset, under `limit` (a killed run's directory is unlocked)."""
-    return run_snakemake(*args, cwd=workdir, env=job_env(**CI_ENV), limit=limit, preset=CI_ARGS)
+    return run_snakemake(*args, cwd=workdir, env=job_env(**CI_ENV), limit=limit, preset=preset)
 
 
 def minutes(limit: str) -> int:
@@ -167,10 +169,7 @@ def long_align(workdir, ci_run) -> dict:
     import yaml
 
     (workdir / LONG_ALIGN).write_text(yaml.safe_dump(LONG_ALIGN_CONFIG))
-    result = run_snakemake(
-        ALIGN_OUT, "--forcerun", "align", cwd=workdir, env=job_env(**CI_ENV), limit=600,
-        preset=LONG_ARGS,
-    )  # fmt: skip
+    result = snakemake(workdir, ALIGN_OUT, "--forcerun", "align", preset=LONG_ARGS)
     assert result.returncode == 0, explain(result)
     summary = json.loads((workdir / ALIGN_OUT / "summary.json").read_text())
     assert summary["steps"] == 400, summary  # the preset was laid over configs/ci.yaml
@@ -236,7 +235,7 @@ def test_cancelled_training_job_resumes_on_rerun(workdir, long_align):
     assert re.search(r"SIGTERM: checkpoint saved at step \d+", killed_log), killed_log[-3000:]
     assert not (workdir / target).exists()  # no half-written output
 
-    result = run_snakemake(target, cwd=workdir, env=job_env(**CI_ENV), limit=300, preset=LONG_ARGS)
+    result = snakemake(workdir, target, limit=300, preset=LONG_ARGS)
     assert result.returncode == 0, explain(result)
     resumed_log = log_path.read_text()
     step = int(re.search(r"checkpoint saved at step (\d+)", killed_log).group(1))
