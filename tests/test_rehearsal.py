@@ -38,7 +38,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.slurm import cluster, explain, job_env, job_info, slurm_jobs
+from tests.support.slurm import (
+    SLURM_SNAKEMAKE,
+    cluster,
+    explain,
+    job_env,
+    job_info,
+    slurm_jobs,
+)
 from tests.support.snakemake import snakemake as run_snakemake
 from tests.support.snakemake import workflow_env
 from tests.support.video_host import make_video, serve_videos
@@ -205,7 +212,9 @@ def env_for(hub: Path) -> dict[str, str]:
 
 def snakemake(work: Path, env: dict, *args: str, limit: int) -> subprocess.CompletedProcess:
     """Snakemake with the rehearsal's preset, under `limit` (a killed run is unlocked)."""
-    return run_snakemake(*args, cwd=work, env=env, limit=limit, preset=ARGS)
+    return run_snakemake(
+        *args, cwd=work, env=env, limit=limit, preset=ARGS, program=SLURM_SNAKEMAKE
+    )
 
 
 def planned_rules(work: Path, env: dict) -> dict[str, int]:

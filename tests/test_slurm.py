@@ -27,7 +27,14 @@ from pathlib import Path
 import pytest
 
 from dalipipe.config import load_config
-from tests.support.slurm import cluster, explain, job_env, job_info, slurm_jobs
+from tests.support.slurm import (
+    SLURM_SNAKEMAKE,
+    cluster,
+    explain,
+    job_env,
+    job_info,
+    slurm_jobs,
+)
 from tests.support.snakemake import snakemake as run_snakemake
 from tests.support.snakemake import snakemake_command
 
@@ -67,7 +74,10 @@ def snakemake(
     workdir: Path, *args: str, limit: int = 600, preset: list[str] = CI_ARGS
 ) -> subprocess.CompletedProcess:
     """Snakemake with the CI preset, under `limit` (a killed run's directory is unlocked)."""
-    return run_snakemake(*args, cwd=workdir, env=job_env(**CI_ENV), limit=limit, preset=preset)
+    return run_snakemake(
+        *args, cwd=workdir, env=job_env(**CI_ENV), limit=limit, preset=preset,
+        program=SLURM_SNAKEMAKE,
+    )  # fmt: skip
 
 
 def minutes(limit: str) -> int:
@@ -224,7 +234,9 @@ def test_cancelled_training_job_resumes_on_rerun(workdir, long_align):
     log_path = workdir / "logs" / "ci" / "align" / f"{METHOD}.log"  # logs/<run>/...
     target = ALIGN_OUT
     proc = subprocess.Popen(
-        snakemake_command(target, "--forcerun", "align", limit=300, preset=LONG_ARGS),
+        snakemake_command(
+            target, "--forcerun", "align", limit=300, preset=LONG_ARGS, program=SLURM_SNAKEMAKE
+        ),
         cwd=workdir, env=job_env(**CI_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     job_id = wait_for_checkpoint_then_cancel(workdir, proc, limit=240)
@@ -250,7 +262,10 @@ def test_retry_resumes_with_more_time(workdir, long_align):
     before = set(slurm_jobs(workdir))
     target = ALIGN_OUT
     proc = subprocess.Popen(
-        snakemake_command(target, "--forcerun", "align", "--retries", "1", limit=400, preset=LONG_ARGS),
+        snakemake_command(
+            target, "--forcerun", "align", "--retries", "1",
+            limit=400, preset=LONG_ARGS, program=SLURM_SNAKEMAKE,
+        ),  # fmt: skip
         cwd=workdir, env=job_env(**CI_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     first = wait_for_checkpoint_then_cancel(workdir, proc, limit=240)

@@ -6,11 +6,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.snakemake import workflow_env
+
+# Snakemake as the Slurm tests start it: the plugin's polls capped at 2 s apart (slurm_polls.py)
+SLURM_SNAKEMAKE = (sys.executable, str(Path(__file__).with_name("slurm_polls.py")))
 
 # Site settings a developer's shell may hold; the tests choose their own partition and limits.
 SITE_VARIABLES = ("SLURM_PARTITION", "SLURM_GPU_PARTITION", "SLURM_ACCOUNT", "DALIPIPE_SLURM_SITE")

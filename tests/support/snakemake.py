@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SNAKEFILE = REPO / "Snakefile"
 KILLED = (124, 137)  # exit codes of `timeout`: the command ran past its limit, or ignored TERM
+SNAKEMAKE = (sys.executable, "-m", "snakemake")
 
 
 def workflow_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
@@ -26,10 +27,14 @@ def workflow_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, 
 
 
 def snakemake_command(
-    *args: str, limit: int | None = None, preset: tuple[str, ...] | list[str] = ()
+    *args: str,
+    limit: int | None = None,
+    preset: tuple[str, ...] | list[str] = (),
+    program: tuple[str, ...] = SNAKEMAKE,
 ) -> list[str]:
-    """The command line `snakemake` runs (for a test that starts it with Popen)."""
-    command = [sys.executable, "-m", "snakemake", *preset, *args]
+    """The command line `snakemake` runs (for a test that starts it with Popen); `program`:
+    how Snakemake is started (tests/support/slurm.py `SLURM_SNAKEMAKE` for the Slurm tests)."""
+    command = [*program, *preset, *args]
     return command if limit is None else ["timeout", "-k", "10", str(limit), *command]
 
 
@@ -41,6 +46,7 @@ def snakemake(
     merged: bool = False,
     limit: int | None = None,
     preset: tuple[str, ...] | list[str] = (),
+    program: tuple[str, ...] = SNAKEMAKE,
 ) -> subprocess.CompletedProcess:
     """`snakemake *preset *args` in `cwd`; text output, stderr in stdout when `merged`.
 
@@ -49,7 +55,7 @@ def snakemake(
     arguments that choose the profile and config, which the unlock needs too).
     """
     result = subprocess.run(
-        snakemake_command(*args, limit=limit, preset=preset),
+        snakemake_command(*args, limit=limit, preset=preset, program=program),
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -58,7 +64,7 @@ def snakemake(
         timeout=timeout,
     )
     if limit is not None and result.returncode in KILLED:
-        unlock = snakemake_command("--unlock", limit=60, preset=preset)
+        unlock = snakemake_command("--unlock", limit=60, preset=preset, program=program)
         subprocess.run(unlock, cwd=cwd, env=env, capture_output=True)
     return result
 
