@@ -16,45 +16,30 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# The suite runs on two workers (pytest-xdist, `addopts` in pyproject.toml). Work goes out a file
-# at a time, so that a module's fixtures are built once; the files that use the Slurm cluster go
-# to one worker together, as they share its two job slots and time their polls against it; and
-# the longest files go out first, so that the end-to-end runs start at once and the short files
-# fill the other worker beside them. The order only decides when a file starts.
-SLURM_FILES = ("test_rehearsal.py", "test_slurm.py")
-LONGEST_FIRST = (
-    "test_rehearsal.py",
-    "test_slurm.py",
-    "test_miniature.py",
-    "test_determinism.py",
-    "test_offline_cache.py",
-    "test_figures.py",
-)
 
-
+# Two workers share the suite (tests/support/scheduling.py says how and why).
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
+    from tests.support.scheduling import scope_of
+
     class FilesWithSlurmTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "the Slurm cluster" if Path(path).name in SLURM_FILES else path
+            return scope_of(nodeid)
 
     return FilesWithSlurmTogether(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    from tests.support.scheduling import SLURM_FILES, rank
 
-    items.sort(key=rank)  # stable: a file's tests keep their order
+    items.sort(key=lambda item: rank(item.path.name))  # stable: a file keeps its tests' order
     for item in items:
         if item.get_closest_marker("slurm") and item.path.name not in SLURM_FILES:
             raise pytest.UsageError(
                 f"{item.nodeid} uses the Slurm cluster: add its file to SLURM_FILES in "
-                "tests/conftest.py, so that it runs on the same worker as the other Slurm tests"
+                "tests/support/scheduling.py, so that it runs beside the other Slurm tests"
             )
 
 

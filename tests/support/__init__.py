@@ -11,6 +11,7 @@
 - `slurm`: the `cluster` mark and what the Slurm tests read back from the cluster;
   `slurm_polls` (run by path, not imported) starts their Snakemake with the plugin's status polls
   at most 2 s apart.
+- `scheduling`: how the two test workers share the suite (tests/conftest.py applies it).
 - `describe`: the tiny trained-captioner folder and the captions the describe API must give.
 - `hub`: a local stand-in for the Hugging Face Hub and a tiny GPT-2 as a repository's files.
 - `video_host`: a local stand-in for YouTube serving generated MP4s.
