@@ -451,3 +451,29 @@ def test_paper_dry_run_lists_the_full_graph_without_reading_data(tmp_path):
     assert counts["prefix"] == 1
     assert counts["shard"] == 3  # align, pseudolabel, test (the prefix pairs are a file)
     assert "bootstrap" not in counts and "acquire_synthetic" not in counts
+
+
+def test_the_slurm_tests_snakemake_caps_the_plugins_wait_between_polls():
+    """tests/support/slurm_polls.py: after a poll that sets the plugin's wait to its first 40 s
+    (what it does with no active job), the wait is the cap; and the script starts Snakemake."""
+    script = SLURM_SNAKEMAKE[1]
+    check = f"""
+import asyncio, runpy, types
+polls = runpy.run_path({script!r})
+executor = types.SimpleNamespace(
+    workflow=types.SimpleNamespace(
+        executor_settings=types.SimpleNamespace(init_seconds_before_status_checks=40)
+    ),
+    logger=types.SimpleNamespace(debug=print),
+    next_seconds_between_status_checks=1,
+)
+async def poll():
+    return [job async for job in polls["Executor"].check_active_jobs(executor, [])]
+assert asyncio.run(poll()) == []
+print(executor.next_seconds_between_status_checks, polls["POLL_CAP_S"])
+"""
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["2", "2"], result.stdout
+    version = subprocess.run([*SLURM_SNAKEMAKE, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and re.fullmatch(r"\d+\.\d+\.\d+\s*", version.stdout), version

@@ -11,9 +11,11 @@ plugin as in `python -m snakemake --profile slurm`.
 """
 
 import sys
+from pathlib import Path
 
 # Run by path, this folder comes first on sys.path, where its snakemake.py would hide Snakemake.
-sys.path.pop(0)
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 
 from snakemake.cli import main  # noqa: E402
 from snakemake_executor_plugin_slurm import Executor  # noqa: E402
