@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from dalipipe.models.captioner import AudioCaptioner, CaptionerOptions
+from dalipipe.models.captioner import AudioCaptioner, CaptionerOptions, scored_tail
 from dalipipe.prompts import TEMPLATES
 
 
@@ -75,6 +75,57 @@ def test_caption_loss_equals_llava_loss_on_caption_tokens(tiny_models, frames):
         total, count = total + loss.item() * n, count + n
     # token-level mean over the batch: caption tokens and the end token only
     assert ours.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_caption_loss_runs_the_lm_head_on_the_scored_tail_only(captioner, frames, fbank):
+    """The LM head sees each caption's positions and the one before them, none of the prompt's
+    or the modality's; loss and gradient are those of every position's logits scored on the
+    caption (what caption_loss computed before the head was cut to the tail)."""
+    captioner.init_prefix(4, std=0.5, seed=0)
+    captioner.trainable_parameters("prefix")
+    captions = ["a dog barks", "a bell rings twice and a bird sings", "silence"]
+    pixel_values = captioner.pixel_values(frames)
+    seen = []
+    hook = captioner.llava.lm_head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    loss = captioner.caption_loss(
+        captions=captions,
+        modality="audio+image",
+        pixel_values=pixel_values,
+        fbank=fbank,
+        use_prefix=True,
+    )
+    hook.remove()
+    loss.backward()
+    grad, captioner.prefix.grad = captioner.prefix.grad, None
+
+    options = captioner.options
+    mm = captioner.modality_embeds("audio+image", pixel_values, fbank)
+    seqs = [
+        captioner._sequence(options.template, options.prompt, e, True, caption=c)
+        for e, c in zip(mm, captions)
+    ]
+    embeds, mask, positions, labels = captioner._batch(seqs, left_pad=False)
+    logits = captioner.llava(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+    ).logits
+    every_position = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    )
+    every_position.backward()
+
+    shortest_context = min(sample_labels.count(-100) for _, sample_labels in seqs)
+    tail = labels.shape[1] - shortest_context + 1
+    assert seen == [torch.Size([3, tail, 64])]
+    assert tail < labels.shape[1] // 2  # a tail, not the sequence
+    assert loss.item() == pytest.approx(every_position.item(), rel=1e-6)
+    torch.testing.assert_close(grad, captioner.prefix.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_scored_tail_needs_a_scored_token_in_every_row():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    assert scored_tail(labels) == 4  # from position 0, which predicts row 1's first label
+    with pytest.raises(ValueError, match="no scored token"):
+        scored_tail(torch.tensor([[-100, 5], [-100, -100]]))
 
 
 def test_batched_greedy_equals_one_by_one(captioner, frames, fbank):

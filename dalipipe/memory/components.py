@@ -12,9 +12,10 @@ Components (bytes; ``SOURCES`` says which are measured and which computed):
 - activations: what autograd keeps for backward, measured per position and layer
   (``measure.decoder_layer``) and scaled by layers x micro-batch x positions; with activation
   checkpointing only each layer's input (hidden x dtype bytes) is kept;
-- logits: training: 12 bytes per position and vocabulary entry, the peak around
+- logits: training: 12 bytes per scored position and vocabulary entry, the peak around
   ``caption_loss``'s cross-entropy (model-dtype logits, their shifted copy, the float32 copy,
-  float32 log-softmax; backward: log-softmax output, its gradient and the input gradient);
+  float32 log-softmax; backward: log-softmax output, its gradient and the input gradient); the
+  LM head sees only the caption's positions and the one before them (``scored_tail``);
   generation: the last position only (LLaVA) or every prompt position too (BLIP-2);
 - workspace: training: one layer's backward (with checkpointing: its recompute and backward),
   measured; generation: one layer's forward over the prompt (the prefill), measured;
@@ -40,7 +41,7 @@ from dalipipe.memory.sequences import Layout, image_tokens
 
 GPU_DTYPE = torch.bfloat16  # default_dtype (dalipipe.training) on a GPU
 ADAM_STATE = 12  # float32 master weight + exp_avg + exp_avg_sq
-LOSS_LOGIT_BYTES = 12  # per position x vocabulary entry around caption_loss's cross-entropy
+LOSS_LOGIT_BYTES = 12  # per scored position x vocabulary entry around caption_loss's cross-entropy
 SAMPLE_LOGIT_BYTES = 18  # per vocabulary entry of the last position: bf16, float32 copy,
 # temperature and top-k outputs, probabilities
 
@@ -49,7 +50,7 @@ SOURCES = {
     "optimizer_state": "computed: 12 bytes per trainable parameter (fp32 + Adam moments)",
     "gradients": "computed: 4 bytes per trainable parameter",
     "activations": "measured per position and layer (saved tensors), scaled",
-    "logits": "computed: positions x vocabulary x bytes per entry",
+    "logits": "computed: scored positions x vocabulary x bytes per entry",
     "workspace": "measured per position (one layer's transient peak), scaled",
     "kv_cache": "computed: layers x 2 x kv heads x head dim x positions x batch x bytes",
     "vision": "computed: vision tower hidden states x batch x tokens x width x bytes",
@@ -136,7 +137,7 @@ def llava_training(
         "gradients": trainable * 4,
         "activations": b * n * (text.num_hidden_layers * kept + layer.shared + layer.head)
         + b * input_side,
-        "logits": b * n * text.vocab_size * LOSS_LOGIT_BYTES,
+        "logits": b * (layout.caption + 1) * text.vocab_size * LOSS_LOGIT_BYTES,
         "workspace": b * n * workspace,
     }
 

@@ -103,6 +103,21 @@ def pad_to_square(image: Image.Image, mean: list[float]) -> Image.Image:
     return canvas
 
 
+def scored_tail(labels: torch.Tensor) -> int:
+    """How many last positions of a right-padded batch the LM head must see: from the one
+    before the first scored label (it predicts that label) to the end.
+
+    Only the caption's tokens are scored and they end every sequence, so the head need not see
+    the prompt, image or audio positions: at LLaMA-7B's widths it costs per position about two
+    thirds of a decoder layer, and all positions' logits (12 bytes per vocabulary entry around
+    the cross-entropy) would be a paper micro-batch's largest transient tensor."""
+    scored = labels != -100
+    if not bool(scored.any(dim=1).all()):
+        raise ValueError("caption_loss: a sequence with no scored token")
+    first = max(1, int(scored.int().argmax(dim=1).min()))  # argmax: the first scored one
+    return labels.shape[1] - first + 1
+
+
 class AudioCaptioner(nn.Module):
     def __init__(
         self, llava, processor, *, options=None, audio_encoder=None, base=None, revision=None
@@ -440,12 +455,17 @@ class AudioCaptioner(nn.Module):
             for i, (p, c) in enumerate(zip(prompts, captions))
         ]
         embeds, mask, positions, labels = self._batch(seqs, left_pad=False)
+        keep = scored_tail(labels)
         logits = self.llava(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=keep,
         ).logits
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            labels[:, 1:].reshape(-1),
+            labels[:, labels.shape[1] - keep + 1 :].reshape(-1),
             ignore_index=-100,
             reduction=reduction,
         )
