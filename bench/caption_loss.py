@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import cpu_name  # bench/, on the path when a script here runs
+from common import PAPER_LLAVA, cpu_name  # bench/, on the path when a script here runs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dalipipe.models.captioner import scored_tail
@@ -30,12 +30,12 @@ from dalipipe.models.captioner import scored_tail
 
 def model(layers: int) -> LlamaForCausalLM:
     config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
+        hidden_size=PAPER_LLAVA["text_hidden"],
+        intermediate_size=PAPER_LLAVA["text_intermediate"],
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
+        num_attention_heads=PAPER_LLAVA["text_heads"],
+        num_key_value_heads=PAPER_LLAVA["text_heads"],
+        vocab_size=PAPER_LLAVA["vocab_size"],
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval().requires_grad_(False)
@@ -45,7 +45,8 @@ def inputs(batch: int, context: int, caption: int, vocab: int):
     """Embeddings and labels: every row `context` unscored positions, then a caption of
     `caption` tokens less its row index (unequal lengths, right padding)."""
     generator = torch.Generator().manual_seed(0)
-    embeds = torch.randn(batch, context + caption, 4096, generator=generator) * 0.02
+    width = PAPER_LLAVA["text_hidden"]
+    embeds = torch.randn(batch, context + caption, width, generator=generator) * 0.02
     labels = torch.full((batch, context + caption), -100)
     for row in range(batch):
         n = caption - row
