@@ -21,11 +21,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from common import PAPER_LLAVA, cpu_name  # bench/, on the path when a script here runs
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dalipipe.models.captioner import scored_tail
+from dalipipe.models.captioner import next_token_loss, scored_tail
 
 
 def model(layers: int) -> LlamaForCausalLM:
@@ -58,12 +57,7 @@ def loss_and_gradient(llama, embeds, labels, keep: int):
     """Cross-entropy of the scored labels from the last `keep` positions' logits (0: all)."""
     embeds = embeds.clone().requires_grad_(True)
     logits = llama(inputs_embeds=embeds, use_cache=False, logits_to_keep=keep).logits
-    start = 1 if keep == 0 else labels.shape[1] - keep + 1
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, start:].reshape(-1),
-        ignore_index=-100,
-    )
+    loss = next_token_loss(logits, labels)
     loss.backward()
     return loss.detach(), embeds.grad, logits.numel() * logits.element_size()
 

@@ -118,6 +118,17 @@ def scored_tail(labels: torch.Tensor) -> int:
     return labels.shape[1] - first + 1
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of each position's logits against the next position's label, for logits of
+    the last ``logits.shape[1]`` positions (all, or a `scored_tail`); -100 labels are ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, labels.shape[1] - logits.shape[1] + 1 :].reshape(-1),
+        ignore_index=-100,
+        reduction=reduction,
+    )
+
+
 class AudioCaptioner(nn.Module):
     def __init__(
         self, llava, processor, *, options=None, audio_encoder=None, base=None, revision=None
@@ -463,12 +474,7 @@ class AudioCaptioner(nn.Module):
             use_cache=False,
             logits_to_keep=keep,
         ).logits
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            labels[:, labels.shape[1] - keep + 1 :].reshape(-1),
-            ignore_index=-100,
-            reduction=reduction,
-        )
+        return next_token_loss(logits, labels, reduction)
 
     def caption_token_count(
         self, captions: list[str], prompt: str | list[str] | None = None
